@@ -1,0 +1,57 @@
+"""Checkpoints: plain types only, written atomically, read with weights_only=True."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why."""
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: a crash leaves the old file whole."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load without unpickling arbitrary objects; anything else gets a clear error, and nothing in it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} holds objects other than plain tensors and numbers; refused for safety "
+                              f"(weights_only load): {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {exc}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a carapp checkpoint (no 'model' entry)")
+    return state
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory means its best.pt (or last.pt before the first validation); a file means itself."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} holds no best.pt or last.pt: has a run finished an epoch there?")
+    return path

@@ -1,0 +1,203 @@
+"""Command line: python -m carapp {demo-data,stats,train,evaluate,predict,sweep} --help
+
+Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import PRESETS
+
+log = logging.getLogger("carapp")
+
+# (flag, type, help) for every training option; all default to None so presets and resumes can tell "not given".
+TRAIN_OPTIONS = [
+    ("--format", str, "dataset format: auto | compcars | sv | folder"),
+    ("--backbone", str, "resnet18 | resnet34 | resnet50 | resnet101 (default resnet50)"),
+    ("--weights", str, "imagenet | none | PATH to a torchvision-format .pth (default none)"),
+    ("--epochs", int, "maximum epochs (default 100)"),
+    ("--batch-size", int, "batch size (default 64)"),
+    ("--lr", float, "Adam learning rate (default 1e-3)"),
+    ("--weight-decay", float, "Adam weight decay (default 1e-5)"),
+    ("--dropout", float, "dropout before the classifier (default 0.2)"),
+    ("--gamma", float, "focal loss gamma (default 2)"),
+    ("--alpha", str, "focal loss alpha: inverse | effective | none (default inverse)"),
+    ("--sampler", str, "weighted | none (default weighted)"),
+    ("--image-size", int, "input size in pixels (default 224)"),
+    ("--patience", int, "early stopping: epochs without val-loss improvement (default 3)"),
+    ("--lr-patience", int, "ReduceLROnPlateau patience (default 1)"),
+    ("--lr-factor", float, "ReduceLROnPlateau factor (default 0.1)"),
+    ("--min-images", int, "keep classes with at least N images (default floor(mean); 0 keeps all)"),
+    ("--steps-per-epoch", int, "steps per epoch (default: one pass over the training split)"),
+    ("--seed", int, "seed of the split and the sampler (default 0)"),
+    ("--workers", int, "data loader worker processes (default 2)"),
+    ("--device", str, "auto | cpu | cuda | mps (default auto)"),
+]
+
+
+def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    p.add_argument("--preset", default="paper", choices=list(PRESETS), help="recipe preset (default paper)")
+    for flag, typ, text in TRAIN_OPTIONS:
+        if flag not in skip:
+            p.add_argument(flag, type=typ, default=None, help=text)
+    p.add_argument("--crop-bbox", action="store_true", default=None, help="crop images to the labelled car box")
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
+
+
+def config_from_args(args) -> "TrainConfig":
+    from .config import make_config
+    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp"]
+    return make_config(args.preset, data=args.data, **{n: getattr(args, n, None) for n in names})
+
+
+def train_args(cfg: "TrainConfig") -> list[str]:
+    """The command-line options that reproduce cfg (the inverse of config_from_args)."""
+    args = ["--data", cfg.data, "--preset", cfg.preset]
+    for flag, _, _ in TRAIN_OPTIONS:
+        value = getattr(cfg, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            args += [flag, str(value)]
+    return args + (["--crop-bbox"] if cfg.crop_bbox else []) + ([] if cfg.amp else ["--no-amp"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m carapp", description="Car make/model classification "
+                                     "with ResNet and focal loss (CompCars).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the synthetic demo dataset (CompCars layout)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the per-class image counts")
+
+    p = sub.add_parser("stats", help="dataset statistics")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--min-images", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", action="store_true", help="also open every image to find unreadable ones")
+
+    p = sub.add_parser("train", help="train a run, or resume one")
+    p.add_argument("--data", help="dataset root")
+    p.add_argument("--run-dir", help="run directory to create (e.g. checkpoints/run1)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    add_train_options(p)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
+    p.add_argument("--run", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("predict", help="classify images")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--run", required=True, help="run directory or checkpoint file")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--cam", metavar="OUT_DIR", help="write one Grad-CAM heatmap PNG per image here")
+    p.add_argument("--cam-method", default="gradcam")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("sweep", help="the paper's lr x dropout grid (Table 7)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--lr", required=True, help="comma-separated learning rates, e.g. 1e-4,1e-3,1e-2")
+    p.add_argument("--dropout", required=True, help="comma-separated dropout rates, e.g. 0.2,0.3,0.4")
+    add_train_options(p, skip=("--lr", "--dropout"))
+
+    for p in sub.choices.values():
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        result, code = COMMANDS[args.command](args)
+    except Exception as exc:  # known failures carry their own message: show it without a traceback
+        from .train import TrainingError
+        if not isinstance(exc, (ValueError, OSError, TrainingError)):
+            raise
+        log.error("error: %s", exc)
+        result, code = {"error": str(exc)}, 2
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    elif result is not None and args.command in ("stats", "evaluate", "sweep"):
+        print(json.dumps(result, indent=2, default=str))
+    return code
+
+
+def cmd_demo_data(args):
+    from .demo import make_demo_dataset
+    summary = make_demo_dataset(args.out, seed=args.seed, scale=args.scale)
+    log.info("wrote a synthetic demo dataset: %d images of %d models to %s", summary["num_images"],
+             summary["num_models"], args.out)
+    return summary, 0
+
+
+def cmd_stats(args):
+    from .data import dataset_stats, index_dataset
+    index = index_dataset(args.data, args.format)
+    stats = dataset_stats(index, args.min_images, seed=args.seed)
+    if args.verify:
+        from .images import find_unreadable
+        bad = find_unreadable(index)
+        stats["unreadable"] = {"count": len(bad), "examples": bad[:5]}
+    return stats, 0
+
+
+def cmd_train(args):
+    from .config import TrainConfig
+    from .train import train
+    if args.resume:
+        result = train(TrainConfig(), args.resume, resume=True, epochs=args.epochs)
+    elif args.data and args.run_dir:
+        result = train(config_from_args(args), args.run_dir)
+    else:
+        raise SystemExit("train needs --data ROOT --run-dir DIR, or --resume DIR")
+    return result, 0
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate_run
+    return evaluate_run(args.run, args.split, workers=args.workers, device=args.device), 0
+
+
+def cmd_predict(args):
+    from .images import ImageError
+    from .predict import Predictor
+    predictor = Predictor.load(args.run, device=args.device)
+    if args.cam:
+        Path(args.cam).mkdir(parents=True, exist_ok=True)
+    results, failed = [], 0
+    for i, path in enumerate(args.images):
+        try:
+            pred = predictor.predict(path, top_k=args.top_k, cam=bool(args.cam), method=args.cam_method)
+        except (ImageError, OSError) as exc:
+            failed += 1
+            log.error("%s", exc)
+            results.append({"image": path, "error": str(exc)})
+            continue
+        entry = {"image": path, "top": [{"label": label, "prob": prob} for label, prob in pred.top]}
+        if pred.cam is not None:
+            entry["cam"] = str(Path(args.cam) / f"{i:04d}_{Path(path).stem}_cam.png")
+            pred.cam.save(entry["cam"])
+        if not args.json:
+            log.info("%s: %s", path, ", ".join(f"{label} {prob:.3f}" for label, prob in pred.top))
+        results.append(entry)
+    return results, 1 if failed else 0
+
+
+def cmd_sweep(args):
+    from .sweep import sweep
+    lrs = [float(v) for v in args.lr.split(",")]
+    dropouts = [float(v) for v in args.dropout.split(",")]
+    return sweep(config_from_args(args), args.out, lrs, dropouts), 0
+
+
+COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "train": cmd_train, "evaluate": cmd_evaluate,
+            "predict": cmd_predict, "sweep": cmd_sweep}

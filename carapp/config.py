@@ -1,0 +1,72 @@
+"""The training configuration: one small dataclass, the paper's recipe as defaults, and named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, asdict
+
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""                  # dataset root (CompCars root, its data/ folder, sv_data, or class-per-folder)
+    format: str = "auto"            # auto | compcars | sv | folder
+    min_images: int | None = None   # None: floor(mean images per class), as in the paper; 0 keeps every class
+    crop_bbox: bool = False         # crop to the labelled car box (CompCars labels)
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+    image_size: int = 224
+    # model
+    backbone: str = "resnet50"
+    weights: str = "none"           # imagenet | none | path to a torchvision-format .pth
+    dropout: float = 0.2
+    # imbalance
+    sampler: str = "weighted"       # weighted | none
+    alpha: str = "inverse"          # inverse | effective | none
+    gamma: float = 2.0
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    lr_factor: float = 0.1          # ReduceLROnPlateau
+    lr_patience: int = 1
+    patience: int = 3               # early stopping: epochs in a row without val-loss improvement
+    steps_per_epoch: int | None = None  # None: one pass over the training split's size
+    # runtime
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"            # auto | cpu | cuda | mps
+    amp: bool = True                # mixed precision on CUDA (ignored on CPU)
+    channels_last: bool = True      # on CUDA (ignored on CPU)
+    jitter: float = 0.2             # colour jitter strength (brightness/contrast/saturation)
+    preset: str = "paper"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Presets only set what differs from the paper's recipe; explicit options override them.
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    # Synthetic demo set on a 2-core CPU in minutes: small images, small batches, a short schedule.
+    "demo": dict(image_size=64, batch_size=32, epochs=12, lr=1e-3, lr_patience=1, patience=4,
+                 alpha="none", workers=1, jitter=0.1),
+    # Fine-tuning from ImageNet weights: a smaller learning rate keeps the pretrained trunk.
+    "finetune": dict(weights="imagenet", lr=1e-4, epochs=30),
+}
+
+
+def make_config(preset: str = "paper", **overrides) -> TrainConfig:
+    """The paper's recipe, then the preset, then explicit overrides (None means 'not given')."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainConfig(preset=preset, **values)

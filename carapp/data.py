@@ -1,0 +1,397 @@
+"""Datasets on disk: format detection, a cached index of the tree, class names, the class filter and the split.
+
+Formats (see DESIGN.md): CompCars web-nature (`data/image/<make>/<model>/<year>/*.jpg` + labels + misc/*.mat),
+CompCars surveillance-nature (`sv_data/image/<sv_model>/*.jpg`), and a plain class-per-folder tree.
+The index is a JSON file in the user cache, keyed by the root and checked against the mtimes of the image folders,
+so a second scan of 136k images only stats a few thousand folders.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
+INDEX_VERSION = 1
+VIEWPOINTS = {-1: "uncertain", 1: "front", 2: "rear", 3: "side", 4: "front-side", 5: "rear-side"}
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used, with a message meant for the user."""
+
+
+@dataclass
+class DatasetIndex:
+    root: str                       # the root as the user gave it; paths are relative to it
+    format: str
+    paths: list[str]                # posix paths relative to root
+    keys: list[str]                 # class key per image (CompCars model id, sv model id, or folder name)
+    classes: dict[str, dict]        # key -> {"name", "make", "model"}
+    viewpoints: list[int | None] = field(default_factory=list)
+    bboxes: list[list[int] | None] = field(default_factory=list)  # x1 y1 x2 y2, 1-based
+    attributes: dict[str, dict] = field(default_factory=dict)     # CompCars model id -> attributes
+
+    def class_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for k in self.keys:
+            counts[k] = counts.get(k, 0) + 1
+        return counts
+
+
+# ----------------------------------------------------------------------------------------------- format detection
+
+def detect_format(root: str | os.PathLike) -> tuple[str, Path]:
+    """Return (format, base) where base is the folder holding image/ (CompCars) or the class folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    for base in (root / "data", root):
+        if (base / "image").is_dir() and ((base / "label").is_dir() or (base / "misc").is_dir()):
+            return "compcars", base
+    for base in (root / "sv_data", root):
+        if (base / "image").is_dir() and (base / "sv_make_model_name.mat").is_file():
+            return "sv", base
+    if any(d.is_dir() and _has_images(d) for d in _subdirs(root)):
+        return "folder", root
+    raise DatasetError(f"{root} is not a dataset: expected CompCars (data/image/<make>/<model>/<year>/*.jpg), "
+                       f"sv_data/image/<model>/*.jpg, or one folder of images per class")
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _has_images(folder: Path) -> bool:
+    with os.scandir(folder) as it:
+        return any(e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS for e in it)
+
+
+def _base_for(root: Path, fmt: str) -> Path:
+    for base in {"compcars": (root / "data", root), "sv": (root / "sv_data", root)}.get(fmt, (root,)):
+        if (base / "image").is_dir() or fmt == "folder":
+            return base
+    raise DatasetError(f"{root} has no image/ folder for format {fmt!r}")
+
+
+# ------------------------------------------------------------------------------------------------------- indexing
+
+def _leaf_dirs(base: Path, fmt: str) -> list[Path]:
+    """The folders that hold the images: listed without listing the images themselves."""
+    depth = {"compcars": 3, "sv": 1, "folder": 1}[fmt]
+    top = base if fmt == "folder" else base / "image"
+    level = [top]
+    for _ in range(depth):
+        level = [d for parent in level for d in _subdirs(parent)]
+    return level
+
+
+def _signature(base: Path, fmt: str, leaves: list[Path]) -> str:
+    h = hashlib.sha1()
+    extra = [base / "misc" / "make_model_name.mat", base / "misc" / "attributes.txt", base / "sv_make_model_name.mat"]
+    for p in leaves + [p for p in extra if p.exists()]:
+        h.update(f"{p.relative_to(base)}:{p.stat().st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _cache_file(root: Path, fmt: str) -> Path:
+    cache_dir = Path(os.environ.get("CARAPP_CACHE", Path.home() / ".cache" / "carapp")) / "index"
+    key = hashlib.sha1(f"{root.resolve()}|{fmt}".encode()).hexdigest()[:16]
+    return cache_dir / f"{key}.json"
+
+
+def index_dataset(root: str | os.PathLike, fmt: str = "auto", use_cache: bool = True) -> DatasetIndex:
+    """Index a dataset tree; cached by root, invalidated when an image folder or the name files change."""
+    root_path = Path(root)
+    if fmt == "auto":
+        fmt, base = detect_format(root_path)
+    elif fmt in ("compcars", "sv", "folder"):
+        base = _base_for(root_path, fmt)
+    else:
+        raise DatasetError(f"unknown dataset format {fmt!r}: use auto, compcars, sv or folder")
+    leaves = _leaf_dirs(base, fmt)
+    signature = _signature(base, fmt, leaves)
+    cache = _cache_file(root_path, fmt)
+    if use_cache and cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("version") == INDEX_VERSION and cached.get("signature") == signature:
+                return DatasetIndex(root=str(root), **cached["index"])
+        except (OSError, ValueError, TypeError):
+            log.warning("index cache %s unreadable; rescanning", cache)
+    index = _SCANNERS[fmt](root_path, base, leaves)
+    if not index.paths:
+        raise DatasetError(f"no images found under {root_path} (format {fmt})")
+    if use_cache:
+        _write_cache(cache, signature, index)
+    return index
+
+
+def _write_cache(cache: Path, signature: str, index: DatasetIndex) -> None:
+    payload = {k: v for k, v in index.__dict__.items() if k != "root"}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": INDEX_VERSION, "signature": signature, "index": payload}))
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only home must not stop anyone from training
+        log.warning("could not write the index cache %s: %s", cache, exc)
+
+
+def _images_in(folder: Path) -> list[str]:
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _scan_compcars(root: Path, base: Path, leaves: list[Path]) -> DatasetIndex:
+    make_names, model_names = read_make_model_names(base / "misc" / "make_model_name.mat")
+    index = DatasetIndex(root=str(root), format="compcars", paths=[], keys=[], classes={})
+    for year_dir in leaves:
+        model_id, make_id = year_dir.parent.name, year_dir.parent.parent.name
+        for name in _images_in(year_dir):
+            index.paths.append(_rel(year_dir / name, root))
+            index.keys.append(model_id)
+            label = base / "label" / make_id / model_id / year_dir.name / (os.path.splitext(name)[0] + ".txt")
+            viewpoint, bbox = read_label(label)
+            index.viewpoints.append(viewpoint)
+            index.bboxes.append(bbox)
+        if model_id not in index.classes:
+            index.classes[model_id] = _compcars_name(make_id, model_id, make_names, model_names)
+    index.attributes = read_attributes(base / "misc" / "attributes.txt")
+    _dedupe_names(index.classes)
+    return index
+
+
+def _compcars_name(make_id: str, model_id: str, make_names: dict, model_names: dict) -> dict:
+    make = make_names.get(make_id) or f"Make {make_id}"
+    model = model_names.get(model_id) or f"model {model_id}"
+    return {"name": f"{make} {model}", "make": make, "model": model}
+
+
+def _scan_sv(root: Path, base: Path, leaves: list[Path]) -> DatasetIndex:
+    names = read_sv_names(base / "sv_make_model_name.mat")
+    index = DatasetIndex(root=str(root), format="sv", paths=[], keys=[], classes={})
+    for folder in leaves:
+        files = _images_in(folder)
+        index.paths += [_rel(folder / f, root) for f in files]
+        index.keys += [folder.name] * len(files)
+        index.viewpoints += [None] * len(files)
+        index.bboxes += [None] * len(files)
+        make, model = names.get(folder.name, ("", ""))
+        make, model = make or f"Make ? (sv {folder.name})", model or f"model {folder.name}"
+        index.classes[folder.name] = {"name": f"{make} {model}", "make": make, "model": model}
+    _dedupe_names(index.classes)
+    return index
+
+
+def _scan_folder(root: Path, base: Path, leaves: list[Path]) -> DatasetIndex:
+    index = DatasetIndex(root=str(root), format="folder", paths=[], keys=[], classes={})
+    for folder in leaves:
+        files = _images_in(folder)
+        if not files:
+            continue
+        index.paths += [_rel(folder / f, root) for f in files]
+        index.keys += [folder.name] * len(files)
+        index.viewpoints += [None] * len(files)
+        index.bboxes += [None] * len(files)
+        index.classes[folder.name] = {"name": folder.name, "make": folder.name.split()[0], "model": folder.name}
+    return index
+
+
+_SCANNERS = {"compcars": _scan_compcars, "sv": _scan_sv, "folder": _scan_folder}
+
+
+def _dedupe_names(classes: dict[str, dict]) -> None:
+    """Two model ids with one name would be indistinguishable in the UI: suffix the id."""
+    seen: dict[str, int] = {}
+    for c in classes.values():
+        seen[c["name"]] = seen.get(c["name"], 0) + 1
+    for key, c in classes.items():
+        if seen[c["name"]] > 1:
+            c["name"] = f"{c['name']} (#{key})"
+
+
+# --------------------------------------------------------------------------------------------- CompCars metadata
+
+def _mat_strings(arr) -> list[str]:
+    """MATLAB cell array (N, 1) of strings → list; empty cells → ''."""
+    out = []
+    for cell in np.asarray(arr, dtype=object).reshape(-1):
+        value = cell
+        while isinstance(value, np.ndarray):
+            value = value.reshape(-1)[0] if value.size else ""
+        out.append(str(value).strip())
+    return out
+
+
+def read_make_model_names(mat_path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """make id → name and model id → name (ids as strings, 1-based); missing file → generated names later."""
+    if not mat_path.is_file():
+        log.warning("%s not found: classes get generated names", mat_path)
+        return {}, {}
+    from scipy.io import loadmat
+    try:
+        mat = loadmat(str(mat_path))
+        makes, models = _mat_strings(mat["make_names"]), _mat_strings(mat["model_names"])
+    except Exception as exc:  # scipy raises many types for a damaged file
+        log.warning("cannot read %s (%s: %s): classes get generated names", mat_path, type(exc).__name__, exc)
+        return {}, {}
+    return ({str(i + 1): n for i, n in enumerate(makes) if n}, {str(i + 1): n for i, n in enumerate(models) if n})
+
+
+def read_sv_names(mat_path: Path) -> dict[str, tuple[str, str]]:
+    from scipy.io import loadmat
+    try:
+        cells = np.asarray(loadmat(str(mat_path))["sv_make_model_name"], dtype=object)
+        return {str(i + 1): tuple(_mat_strings(cells[i, :2])) for i in range(cells.shape[0])}
+    except Exception as exc:
+        log.warning("cannot read %s (%s: %s): classes get generated names", mat_path, type(exc).__name__, exc)
+        return {}
+
+
+def read_label(path: Path) -> tuple[int | None, list[int] | None]:
+    """(viewpoint, [x1, y1, x2, y2]) from a CompCars label file; (None, None) when missing or malformed."""
+    try:
+        lines = path.read_text().split("\n")
+        viewpoint = int(lines[0])
+        box = [int(float(v)) for v in lines[2].split()[:4]]
+        return viewpoint, (box if len(box) == 4 else None)
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def read_attributes(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    rows = path.read_text().split("\n")
+    header = rows[0].split()
+    out = {}
+    for row in rows[1:]:
+        values = row.split()
+        if len(values) == len(header):
+            out[values[0]] = {h: float(v) for h, v in zip(header[1:], values[1:])}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- filter and split
+
+def default_min_images(counts: dict[str, int]) -> int:
+    """floor(mean images per class over the classes that have images): 79 on CompCars web-nature."""
+    return math.floor(sum(counts.values()) / len(counts)) if counts else 0
+
+
+def kept_classes(index: DatasetIndex, min_images: int | None = None) -> tuple[list[str], int]:
+    """Class keys with at least min_images images (None: floor of the mean), in a stable order, and the threshold."""
+    counts = index.class_counts()
+    threshold = default_min_images(counts) if min_images is None else int(min_images)
+    keys = [k for k, n in counts.items() if n >= threshold]
+    return sorted(keys, key=_natural_key), threshold
+
+
+def _natural_key(key: str):
+    return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+
+def stratified_split(labels: list[int], val_frac: float = 0.15, test_frac: float = 0.15,
+                     seed: int = 0) -> list[str]:
+    """train/val/test per image, split class by class so every split keeps the class proportions.
+
+    A class with at least 3 images gets at least one val and one test image; smaller classes stay in train.
+    """
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+    split = np.full(len(labels_arr), "train", dtype=object)
+    small = []
+    for c in np.unique(labels_arr):
+        idx = rng.permutation(np.flatnonzero(labels_arr == c))
+        if len(idx) < 3:
+            small.append(int(c))
+            continue
+        n_val = max(1, round(val_frac * len(idx)))
+        n_test = max(1, round(test_frac * len(idx)))
+        split[idx[:n_val]] = "val"
+        split[idx[n_val:n_val + n_test]] = "test"
+    if small:
+        log.warning("%d classes have fewer than 3 images: all their images go to train", len(small))
+    return split.tolist()
+
+
+@dataclass
+class Split:
+    """The kept images of a dataset with their class index and split: what a run directory freezes."""
+    paths: list[str]
+    labels: list[int]
+    splits: list[str]
+    bboxes: list[list[int] | None]
+    class_info: list[dict]          # index → {"key", "name", "make", "model", "count"}
+
+    def subset(self, which: str) -> tuple[list[str], list[int], list]:
+        keep = [i for i, s in enumerate(self.splits) if s == which]
+        return [self.paths[i] for i in keep], [self.labels[i] for i in keep], [self.bboxes[i] for i in keep]
+
+    def counts(self, which: str = "train") -> list[int]:
+        counts = [0] * len(self.class_info)
+        for label, s in zip(self.labels, self.splits):
+            if s == which:
+                counts[label] += 1
+        return counts
+
+
+def make_split(index: DatasetIndex, min_images: int | None = None, val_frac: float = 0.15,
+               test_frac: float = 0.15, seed: int = 0) -> Split:
+    keys, _ = kept_classes(index, min_images)
+    if not keys:
+        raise DatasetError("no class has enough images: lower --min-images")
+    position = {k: i for i, k in enumerate(keys)}
+    chosen = [i for i, k in enumerate(index.keys) if k in position]
+    labels = [position[index.keys[i]] for i in chosen]
+    counts = index.class_counts()
+    class_info = [{"key": k, **index.classes[k], "count": counts[k]} for k in keys]
+    return Split(paths=[index.paths[i] for i in chosen], labels=labels,
+                 splits=stratified_split(labels, val_frac, test_frac, seed),
+                 bboxes=[index.bboxes[i] for i in chosen], class_info=class_info)
+
+
+def dataset_stats(index: DatasetIndex, min_images: int | None = None, val_frac: float = 0.15,
+                  test_frac: float = 0.15, seed: int = 0) -> dict:
+    """The figures `carapp stats` prints and the Dataset tab shows."""
+    counts = index.class_counts()
+    keys, threshold = kept_classes(index, min_images)
+    split = make_split(index, min_images, val_frac, test_frac, seed) if keys else None
+    kept_counts = sorted((counts[k] for k in keys), reverse=True)
+    viewpoints: dict[str, int] = {}
+    for v in index.viewpoints:
+        if v is not None:
+            name = VIEWPOINTS.get(v, str(v))
+            viewpoints[name] = viewpoints.get(name, 0) + 1
+    return {
+        "root": index.root,
+        "format": index.format,
+        "num_images": len(index.paths),
+        "num_classes": len(counts),
+        "num_makes": len({c["make"] for c in index.classes.values()}),
+        "min_images": threshold,
+        "num_classes_kept": len(keys),
+        "num_images_kept": sum(kept_counts),
+        "splits": {s: split.splits.count(s) if split else 0 for s in ("train", "val", "test")},
+        "imbalance": {
+            "largest_class": kept_counts[0] if kept_counts else 0,
+            "smallest_class": kept_counts[-1] if kept_counts else 0,
+            "ratio": round(kept_counts[0] / kept_counts[-1], 2) if kept_counts else 0,
+        },
+        "viewpoints": viewpoints,
+    }

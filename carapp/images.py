@@ -1,0 +1,93 @@
+"""Opening photos: one place that turns any file into an RGB PIL image, or raises ImageError with a clear reason."""
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Refuse decompression bombs with our own message instead of PIL's warning-then-error.
+MAX_PIXELS = 80_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageError(ValueError):
+    """A file that is not a usable photo; `reason` names the problem, the message adds the file's name."""
+
+    def __init__(self, name, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.reason = reason
+
+
+def open_image(source: str | os.PathLike | BinaryIO, bbox: list[int] | None = None,
+               draft_size: int | None = None) -> Image.Image:
+    """Decode `source` to RGB with EXIF orientation applied, optionally cropped to a 1-based x1 y1 x2 y2 box.
+
+    `draft_size` lets JPEG decoding skip detail at decode time (PIL draft mode) when the target is much smaller.
+    """
+    name = getattr(source, "name", source)
+    try:
+        img = Image.open(source)
+        full_size = img.size
+        if draft_size and img.format == "JPEG":
+            # draft picks a scale >= the requested size, so the result never drops below draft_size
+            img.draft("RGB", (draft_size, draft_size))
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(name, f"image too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image file (or a format Pillow cannot read)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(name, f"damaged or truncated image ({exc})") from None
+    if min(img.size) < 1:
+        raise ImageError(name, "image has no pixels")
+    if bbox is not None:
+        img = _crop(img, bbox, scale=img.size[0] / full_size[0] if full_size[0] else 1.0)
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        img.load()
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits first
+        img = img.point(lambda v: v / 256).convert("L")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def _crop(img: Image.Image, bbox: list[int], scale: float) -> Image.Image:
+    x1, y1, x2, y2 = [v * scale for v in bbox]
+    box = (max(0, int(x1 - scale)), max(0, int(y1 - scale)), min(img.width, int(x2)), min(img.height, int(y2)))
+    if box[2] - box[0] < 2 or box[3] - box[1] < 2:
+        return img  # a degenerate box is a label slip, not a reason to lose the image
+    return img.crop(box)
+
+
+def find_unreadable(index) -> list[str]:
+    """Paths (relative to the dataset root) of images that fail to decode."""
+    bad = []
+    for rel in index.paths:
+        try:
+            with Image.open(os.path.join(index.root, rel)) as img:
+                img.load()
+        except Exception:  # any decoder failure means unreadable; the path is what the user needs
+            bad.append(rel)
+    return bad
+
+
+def sample_sizes(root: str, paths: list[str], n: int = 300, seed: int = 0) -> list[tuple[int, int]]:
+    """(width, height) of up to n images, read from the headers only: quick even on full-size photos."""
+    import random
+    sizes = []
+    for rel in random.Random(seed).sample(paths, min(n, len(paths))):
+        try:
+            with Image.open(os.path.join(root, rel)) as img:
+                sizes.append(img.size)
+        except Exception:  # an unreadable file has no size; stats --verify reports it
+            continue
+    return sizes

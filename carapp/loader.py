@@ -1,0 +1,113 @@
+"""From a split to batches: transforms, a dataset that survives bad files, and a resumable epoch sampler."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from .images import ImageError, open_image
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_size(image_size: int) -> int:
+    """Eval resize before the centre crop, in ImageNet's 256/224 proportion."""
+    return round(image_size * 256 / 224)
+
+
+def build_transform(image_size: int, train: bool, jitter: float = 0.2) -> v2.Compose:
+    if train:
+        steps = [v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        if jitter:
+            steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    else:
+        steps = [v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class CarImages(Dataset):
+    """Images of a split; an unreadable file yields None so the batch goes on without it."""
+
+    def __init__(self, root: str, paths: list[str], labels: list[int], bboxes: list | None = None,
+                 transform=None, crop_bbox: bool = False, image_size: int = 224):
+        self.root, self.paths, self.labels = root, paths, labels
+        self.bboxes = bboxes if (bboxes is not None and crop_bbox) else [None] * len(paths)
+        self.transform = transform
+        self.draft_size = resize_size(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = open_image(os.path.join(self.root, self.paths[i]), self.bboxes[i], draft_size=self.draft_size)
+        except (ImageError, OSError) as exc:
+            log.debug("skipping %s: %s", self.paths[i], exc)
+            return i, None
+        return i, (self.transform(img), self.labels[i])
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor | None     # None when every file of the batch was unreadable
+    labels: torch.Tensor | None
+    indices: list[int]              # dataset indices of the images, in order
+    bad: list[int]                  # dataset indices of unreadable files
+
+
+def collate_skip_bad(items) -> Batch:
+    """Stack the good samples; report the indices of the bad ones so the trainer can list them."""
+    good = [(i, s) for i, s in items if s is not None]
+    bad = [i for i, s in items if s is None]
+    if not good:
+        return Batch(None, None, [], bad)
+    return Batch(torch.stack([s[0] for _, s in good]), torch.tensor([s[1] for _, s in good]),
+                 [i for i, _ in good], bad)
+
+
+class EpochSampler(Sampler[int]):
+    """Indices for one epoch, fixed by (seed, epoch): weighted with replacement or a plain shuffle.
+
+    Because the order is a function of the epoch, a run stopped at step k resumes at step k of the same order.
+    Under torch.distributed each rank takes every world-th index of the same order.
+    """
+
+    def __init__(self, labels: list[int], weighted: bool, num_samples: int, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.weighted, self.num_samples, self.seed = weighted, num_samples, seed
+        self.rank, self.world = rank, world
+        counts = torch.bincount(torch.tensor(labels))
+        self.weights = (1.0 / counts.clamp(min=1).double())[torch.tensor(labels)]
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch number and how many of this rank's samples were already consumed."""
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weighted:
+            idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g)
+        else:
+            idx = torch.randperm(len(self.weights), generator=g)
+            idx = idx.repeat(self.num_samples // len(idx) + 1)[: self.num_samples]
+        return idx[self.rank:: self.world].tolist()
+
+    def __iter__(self):
+        return iter(self.order()[self.start:])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world)) - self.start
+
+
+def make_loader(dataset: CarImages, batch_size: int, workers: int, sampler=None, pin: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      collate_fn=collate_skip_bad, pin_memory=pin, persistent_workers=False,
+                      prefetch_factor=4 if workers else None)

@@ -1,0 +1,77 @@
+"""Plotly figures for the app: class counts, training curves, confusion matrices. No Gradio here."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=40, b=40), height=360)
+
+
+def class_counts_figure(names: list[str], counts: list[int], threshold: int | None = None,
+                        log_scale: bool = False) -> go.Figure:
+    """Images per class, largest first; the filter threshold as a line."""
+    order = np.argsort(counts)[::-1]
+    fig = go.Figure(go.Bar(x=[names[i] for i in order], y=[counts[i] for i in order],
+                           hovertemplate="%{x}: %{y} images<extra></extra>"))
+    if threshold:
+        fig.add_hline(y=threshold, line_dash="dash", line_color="firebrick",
+                      annotation_text=f"kept: ≥ {threshold} images", annotation_position="top right")
+    fig.update_layout(title="Images per class", yaxis_type="log" if log_scale else "linear",
+                      xaxis=dict(showticklabels=len(names) <= 60), **LAYOUT)
+    return fig
+
+
+def bar_figure(values: dict[str, int], title: str) -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(values), y=list(values.values())))
+    fig.update_layout(title=title, **LAYOUT)
+    return fig
+
+
+def histogram_figure(values: list[float], title: str, xlabel: str) -> go.Figure:
+    fig = go.Figure(go.Histogram(x=values, nbinsx=30))
+    fig.update_layout(title=title, xaxis_title=xlabel, **LAYOUT)
+    return fig
+
+
+def curves_figure(metrics: list[dict]) -> go.Figure:
+    """Train/val loss and accuracy per epoch, side by side."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"))
+    epochs = [m["epoch"] for m in metrics]
+    for col, key in ((1, "loss"), (2, "acc")):
+        for split, dash in (("train", "solid"), ("val", "dash")):
+            fig.add_trace(go.Scatter(x=epochs, y=[m[f"{split}_{key}"] for m in metrics], mode="lines+markers",
+                                     name=f"{split} {key}", line=dict(dash=dash)), row=1, col=col)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_layout(**LAYOUT)
+    return fig
+
+
+def confusion_figure(cm: np.ndarray, names: list[str], title: str) -> go.Figure:
+    """Row-normalised confusion matrix as a heatmap; counts on hover. Readable at hundreds of classes."""
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    fig = go.Figure(go.Heatmap(z=norm, x=names, y=names, customdata=cm, colorscale="Blues", zmin=0, zmax=1,
+                               hovertemplate="true %{y}<br>predicted %{x}<br>%{customdata} images "
+                                             "(%{z:.0%} of the row)<extra></extra>"))
+    small = len(names) <= 40
+    fig.update_layout(title=title, xaxis=dict(title="predicted", showticklabels=small),
+                      yaxis=dict(title="true", showticklabels=small, autorange="reversed"),
+                      **{**LAYOUT, "height": 560})
+    return fig
+
+
+def most_confused(cm: np.ndarray, k: int = 10) -> list[tuple[int, int, int]]:
+    """The k largest off-diagonal cells as (true, predicted, count), largest first."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(off, axis=None)[::-1][:k]
+    return [(int(i), int(j), int(off[i, j])) for i, j in zip(*np.unravel_index(flat, off.shape)) if off[i, j] > 0]
+
+
+def confused_classes(cm: np.ndarray, k: int = 15) -> list[int]:
+    """The classes involved in the most confusions: the rows/columns of a readable sub-matrix."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    weight = off.sum(0) + off.sum(1)
+    return [int(i) for i in np.argsort(weight)[::-1][:k] if weight[i] > 0]

@@ -1,0 +1,101 @@
+"""The run directory: the only contract between the trainer and everything that watches it (CLI, app, tests).
+
+config.json, labels.json, split.csv, metrics.jsonl, progress.json (live status), last.pt / best.pt,
+<split>_metrics.json / _per_class.csv / _confusion.csv / _predictions.csv (after training: test), bad_images.txt,
+train.log; a STOP file asks a running trainer to stop.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+from .data import Split
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic, so a reader polling the file never sees half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def write_split(run: Path, split: Split) -> None:
+    tmp = run / ".split.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows(zip(split.paths, split.labels, split.splits))
+    os.replace(tmp, run / "split.csv")
+    labels = [{"index": i, **info} for i, info in enumerate(split.class_info)]
+    write_json(run / "labels.json", labels)
+
+
+def read_split(run: Path, bboxes_by_path: dict | None = None) -> Split:
+    """The frozen split of a run; boxes come from the dataset index (they are not part of the contract)."""
+    with open(run / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = read_json(run / "labels.json")
+    bboxes_by_path = bboxes_by_path or {}
+    return Split(paths=[r["path"] for r in rows], labels=[int(r["label"]) for r in rows],
+                 splits=[r["split"] for r in rows], bboxes=[bboxes_by_path.get(r["path"]) for r in rows],
+                 class_info=[{k: v for k, v in c.items() if k != "index"} for c in labels])
+
+
+def label_names(run: Path) -> list[str]:
+    return [c["name"] for c in read_json(Path(run) / "labels.json", [])]
+
+
+def append_metrics(run: Path, row: dict) -> None:
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """Finished epochs; a torn last line (a crash mid-write) is ignored."""
+    rows = []
+    try:
+        lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def truncate_metrics(run: Path, epochs_done: int) -> None:
+    """On resume, keep only the epochs the checkpoint knows, so no epoch is listed twice."""
+    rows = [r for r in read_metrics(run) if r["epoch"] <= epochs_done]
+    tmp = run / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, run / "metrics.jsonl")
+
+
+def write_progress(run: Path, **fields) -> None:
+    write_json(run / "progress.json", {**fields, "updated": time.time(), "pid": os.getpid()})
+
+
+def read_progress(run: Path) -> dict:
+    return read_json(Path(run) / "progress.json", {})
+
+
+def stop_requested(run: Path) -> bool:
+    return (run / "STOP").exists()
+
+
+def request_stop(run: str | os.PathLike) -> None:
+    (Path(run) / "STOP").touch()

@@ -1,0 +1,33 @@
+"""Assemble the tabs into one Blocks app and launch it with the settings' safety rules."""
+from __future__ import annotations
+
+import gradio as gr
+
+from . import dataset_tab, evaluate_tab, predict_tab, train_tab
+from .settings import REPO, AppSettings
+
+MAX_UPLOAD = "10mb"
+INTRO = ("# carapp — what car is that?\n"
+         "A ResNet-50 trained with focal loss on CompCars names the make and model of a car, and Grad-CAM shows "
+         "what it looked at.  \nDrop a photo on **Predict**; look at the data, train, and evaluate in the other tabs.")
+
+
+def build_app(settings: AppSettings) -> gr.Blocks:
+    with gr.Blocks(title="carapp — car make and model") as demo:
+        gr.Markdown(INTRO, elem_id="intro")
+        if settings.is_demo_data:
+            gr.Markdown("Running on the built-in **synthetic** demo dataset (drawn cars, not photos). "
+                        "Point `--data` or `CARAPP_DATA` at CompCars for the real thing.", elem_id="demo-note")
+        predict_tab.build(settings, demo)
+        dataset_tab.build(settings, demo)
+        train_tab.build(settings, demo)
+        evaluate_tab.build(settings, demo)
+    demo.queue(default_concurrency_limit=4)
+    return demo
+
+
+def launch(demo: gr.Blocks, settings: AppSettings, share: bool = False, **kwargs):
+    """Uploads are capped; files are served only from the assets folder (examples) and Gradio's own cache."""
+    return demo.launch(share=share, auth=settings.auth, max_file_size=MAX_UPLOAD,
+                       allowed_paths=[str(REPO / "assets")], theme=gr.themes.Soft(),
+                       css_paths=[str(REPO / "assets" / "style.css")], footer_links=["api"], **kwargs)

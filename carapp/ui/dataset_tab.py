@@ -1,0 +1,100 @@
+"""Dataset tab: what is in the dataset — classes before/after the filter, split sizes, imbalance, makes, viewpoints,
+image sizes, and sample images of a class."""
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from .. import plots
+from ..data import DatasetError, dataset_stats, index_dataset, kept_classes
+from ..images import ImageError, open_image, sample_sizes
+from .settings import AppSettings, ensure_data
+
+
+def _index(root: str, settings: AppSettings):
+    if not settings.paths_editable:
+        root = settings.data  # public mode: only the configured dataset
+    if root == settings.data:
+        ensure_data(settings)
+    try:
+        return index_dataset(root)
+    except DatasetError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
+def scan(root: str, log_scale: bool, settings: AppSettings):
+    index = _index(root, settings)
+    stats = dataset_stats(index)
+    counts = index.class_counts()
+    keys = list(counts)
+    names = [index.classes[k]["name"] for k in keys]
+    makes: dict[str, int] = {}
+    for k, n in counts.items():
+        makes[index.classes[k]["make"]] = makes.get(index.classes[k]["make"], 0) + n
+    top_makes = dict(sorted(makes.items(), key=lambda kv: -kv[1])[:30])
+    sizes = sample_sizes(index.root, index.paths)
+    kept, _ = kept_classes(index)
+    choices = [(f"{index.classes[k]['name']} ({counts[k]})", k) for k in kept]
+    return (summary_markdown(stats),
+            plots.class_counts_figure(names, [counts[k] for k in keys], stats["min_images"], log_scale),
+            plots.bar_figure(top_makes, "Images per make" + (" (top 30)" if len(makes) > 30 else "")),
+            plots.bar_figure(stats["viewpoints"], "Viewpoints (CompCars labels)") if stats["viewpoints"] else None,
+            plots.histogram_figure([w for w, _ in sizes], f"Image widths (sample of {len(sizes)})", "pixels"),
+            gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
+
+
+def summary_markdown(s: dict) -> str:
+    imb = s["imbalance"]
+    return (f"**{s['format']}** dataset at `{s['root']}`  \n"
+            f"**{s['num_images']:,}** images in **{s['num_classes']:,}** classes of **{s['num_makes']}** makes. "
+            f"Classes with at least **{s['min_images']}** images (the mean, as in the paper) are kept: "
+            f"**{s['num_classes_kept']:,}** classes, **{s['num_images_kept']:,}** images.  \n"
+            f"Split 70/15/15: train **{s['splits']['train']:,}**, val **{s['splits']['val']:,}**, "
+            f"test **{s['splits']['test']:,}**.  \n"
+            f"Imbalance among kept classes: largest {imb['largest_class']}, smallest {imb['smallest_class']} "
+            f"(ratio {imb['ratio']}).")
+
+
+def samples(root: str, key: str | None, settings: AppSettings, n: int = 12):
+    if not key:
+        return []
+    index = _index(root, settings)
+    images = []
+    for rel, k in zip(index.paths, index.keys):
+        if k != key:
+            continue
+        try:
+            img = open_image(os.path.join(index.root, rel))
+        except ImageError:
+            continue
+        img.thumbnail((256, 256))
+        images.append((img, os.path.basename(rel)))
+        if len(images) >= n:
+            break
+    return images
+
+
+def build(settings: AppSettings, demo: gr.Blocks) -> None:
+    """Lay out the tab and wire it; the dataset is scanned when the page opens."""
+    with gr.Tab("Dataset"):
+        with gr.Row():
+            root = gr.Textbox(settings.data, label="Dataset folder", scale=4, interactive=settings.paths_editable,
+                              info="CompCars root (or its data/), sv_data, or one folder per class")
+            scan_btn = gr.Button("Scan", variant="primary", scale=1)
+        summary = gr.Markdown()
+        log_scale = gr.Checkbox(label="Log scale", value=False)
+        counts_plot = gr.Plot(label="Class counts")
+        with gr.Row():
+            makes_plot = gr.Plot(label="Makes")
+            views_plot = gr.Plot(label="Viewpoints")
+        sizes_plot = gr.Plot(label="Image sizes")
+        with gr.Row():
+            cls = gr.Dropdown(label="Sample images of class", choices=[], scale=2)
+        gallery = gr.Gallery(label="Samples", columns=6, height=300)
+    outputs = [summary, counts_plot, makes_plot, views_plot, sizes_plot, cls]
+    scan_fn = lambda r, log: scan(r, log, settings)
+    scan_btn.click(scan_fn, [root, log_scale], outputs, api_visibility="private")
+    log_scale.change(scan_fn, [root, log_scale], outputs, api_visibility="private")
+    cls.change(lambda r, k: samples(r, k, settings), [root, cls], gallery, api_visibility="private")
+    demo.load(scan_fn, [root, log_scale], outputs, api_visibility="private")

@@ -1,0 +1,54 @@
+"""What the app serves: from flags, then the environment, then defaults (the demo dataset, the newest run)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_DATA = REPO / "data" / "demo"
+
+
+@dataclass
+class AppSettings:
+    data: str                   # dataset root
+    checkpoint: str | None      # run directory, checkpoint file, or None (the newest run with a best.pt)
+    runs_dir: str
+    public: bool                # a Hugging Face Space or a --share link: strangers can reach it
+    allow_training: bool        # the owner's override for public mode (CARAPP_ALLOW_TRAINING=1)
+    auth: tuple[str, str] | None = None
+
+    @property
+    def training_enabled(self) -> bool:
+        return not self.public or self.allow_training
+
+    @property
+    def paths_editable(self) -> bool:
+        """Free-form server paths only for a private app."""
+        return not self.public
+
+    @property
+    def is_demo_data(self) -> bool:
+        return Path(self.data).resolve() == DEMO_DATA.resolve()
+
+
+def resolve_settings(data: str | None = None, checkpoint: str | None = None, runs_dir: str | None = None,
+                     share: bool = False) -> AppSettings:
+    auth = os.environ.get("CARAPP_AUTH")
+    user, _, password = auth.partition(":") if auth else ("", "", "")
+    return AppSettings(
+        data=data or os.environ.get("CARAPP_DATA") or str(DEMO_DATA),
+        checkpoint=checkpoint or os.environ.get("CARAPP_CHECKPOINT") or None,
+        runs_dir=runs_dir or os.environ.get("CARAPP_RUNS_DIR") or str(REPO / "checkpoints"),
+        public=share or bool(os.environ.get("SPACE_ID")),
+        allow_training=os.environ.get("CARAPP_ALLOW_TRAINING") == "1",
+        auth=(user, password) if user and password else None,
+    )
+
+
+def ensure_data(settings: AppSettings) -> str:
+    """The built-in demo dataset is generated on first use (a few seconds), so start-up stays quick."""
+    if settings.is_demo_data and not (DEMO_DATA / "data" / "image").is_dir():
+        from ..demo import make_demo_dataset
+        make_demo_dataset(DEMO_DATA)
+    return settings.data

@@ -1,0 +1,168 @@
+"""Train tab: the recipe's settings and presets, Start / Stop / Resume of a background job, and a live view of
+whichever run is training (or the one chosen), refreshed by a timer from the run directory alone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from .. import jobs, plots, rundir
+from ..config import BACKBONES, PRESETS, make_config
+from .settings import AppSettings, ensure_data
+
+FIELDS = ["backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "dropout", "gamma", "image_size",
+          "patience", "workers"]
+TABLE_COLUMNS = {"epoch": "Epoch", "train_loss": "Train Loss", "train_acc": "Train Accuracy",
+                 "val_loss": "Validation Loss", "val_acc": "Validation Accuracy", "lr": "LR", "seconds": "Seconds"}
+
+
+def preset_values(preset: str) -> list:
+    cfg = make_config(preset)
+    return [getattr(cfg, f) for f in FIELDS]
+
+
+def start(root: str, preset: str, *values, settings: AppSettings) -> str:
+    if not settings.training_enabled:
+        raise gr.Error("Training is turned off on this public app.", print_exception=False)
+    if not settings.paths_editable or not root:
+        root = settings.data
+    if root == settings.data:
+        ensure_data(settings)
+    fields = dict(zip(FIELDS, values))
+    for key in ("epochs", "batch_size", "image_size", "patience", "workers"):
+        fields[key] = int(fields[key])
+    try:
+        run = jobs.start_training(make_config(preset, data=root, **fields), settings.runs_dir)
+    except (jobs.JobError, ValueError) as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    return f"Started **{run.name}**."
+
+
+def stop(settings: AppSettings) -> str:
+    active = jobs.active_run(settings.runs_dir)
+    if active is None:
+        return "No run is training."
+    jobs.stop_training(active.path)
+    return f"Stopping **{active.name}** after its current step…"
+
+
+def resume(name: str | None, epochs: float | None, settings: AppSettings) -> str:
+    if not settings.training_enabled:
+        raise gr.Error("Training is turned off on this public app.", print_exception=False)
+    run = jobs.find_run(settings.runs_dir, name)
+    if run is None:
+        raise gr.Error("Choose a run to resume.", print_exception=False)
+    try:
+        run = jobs.resume_training(run, settings.runs_dir, int(epochs) if epochs else None)
+    except (jobs.JobError, ValueError) as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    return f"Resumed **{run.name}**."
+
+
+def watched_run(name: str | None, settings: AppSettings) -> Path | None:
+    """The training run if there is one, else the chosen run, else the newest."""
+    active = jobs.active_run(settings.runs_dir)
+    if active:
+        return active.path
+    runs = jobs.list_runs(settings.runs_dir)
+    return jobs.find_run(settings.runs_dir, name) or (runs[0].path if runs else None)
+
+
+def status(name: str | None, settings: AppSettings):
+    run = watched_run(name, settings)
+    if run is None:
+        return "No runs yet: choose a preset and press Start.", None, None, "", "", {}
+    progress = rundir.read_progress(run)
+    metrics = rundir.read_metrics(run)
+    table = pd.DataFrame(metrics, columns=list(TABLE_COLUMNS)).rename(columns=TABLE_COLUMNS).round(4)
+    test = progress.get("test") or rundir.read_json(run / "test_metrics.json")
+    test_md = (f"**Test (best.pt):** top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%}, macro-F1 "
+               f"{test['macro_f1']:.3f} on {test['num_images']} images" if test else "")
+    return (status_markdown(run, progress), plots.curves_figure(metrics) if metrics else None, table,
+            log_tail(run), test_md, {**progress, "run": run.name, "status": jobs.run_status(run)})
+
+
+def status_markdown(run: Path, p: dict) -> str:
+    state = jobs.run_status(run)
+    line = f"**{run.name}** — {state}"
+    if p.get("epoch"):
+        line += f", epoch {p['epoch']}/{p.get('epochs', '?')}"
+    if state == "running" and p.get("steps"):
+        line += (f", step {p['step']}/{p['steps']} — loss {p['running_loss']:.4f}, acc {p['running_acc']:.3f}, "
+                 f"{p['images_per_sec']:.1f} img/s, ETA {p['eta_seconds']:.0f} s")
+    if state == "failed":
+        line += f"  \n**Error:** {p.get('error', 'see the log')}"
+    if state in ("stopped", "interrupted"):
+        line += " — resumable"
+    return line
+
+
+def log_tail(run: Path, lines: int = 25) -> str:
+    for name in ("train.log", "console.log"):
+        try:
+            return "\n".join((run / name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            continue
+    return ""
+
+
+def run_choices(settings: AppSettings):
+    runs = jobs.list_runs(settings.runs_dir)
+    return gr.Dropdown(choices=[(f"{r.name} ({r.status}, {r.epochs_done} epochs)", r.name) for r in runs])
+
+
+def build(settings: AppSettings, demo: gr.Blocks) -> None:
+    with gr.Tab("Train"):
+        device = gr.Markdown("Device: …")
+        if not settings.training_enabled:
+            gr.Markdown("Training is turned off in this public app. Its owner can allow it with "
+                        "`CARAPP_ALLOW_TRAINING=1` (and `CARAPP_AUTH=user:password`).")
+        with gr.Group(visible=settings.training_enabled):
+            with gr.Row():
+                preset = gr.Dropdown(list(PRESETS), value="demo", label="Preset",
+                                     info="paper: the paper's recipe · demo: CPU in minutes · finetune: ImageNet start")
+                root = gr.Textbox(settings.data, label="Dataset folder", interactive=settings.paths_editable)
+            with gr.Row():
+                inputs = [gr.Dropdown(list(BACKBONES), label="Backbone"),
+                          gr.Textbox(label="Weights", info="imagenet | none | path to .pth"),
+                          gr.Number(label="Max epochs", precision=0), gr.Number(label="Batch size", precision=0),
+                          gr.Number(label="Learning rate"), gr.Number(label="Weight decay"),
+                          gr.Number(label="Dropout"), gr.Number(label="Focal gamma"),
+                          gr.Number(label="Image size", precision=0), gr.Number(label="Early-stop patience", precision=0),
+                          gr.Number(label="Loader workers", precision=0)]
+            with gr.Row():
+                start_btn = gr.Button("Start", variant="primary")
+                stop_btn = gr.Button("Stop", variant="stop")
+                run_pick = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, scale=2)  # filled on load
+                more_epochs = gr.Number(label="Max epochs on resume (blank: keep)", precision=0)
+                resume_btn = gr.Button("Resume")
+        message = gr.Markdown()
+        live = gr.Markdown()
+        curves = gr.Plot(label="Loss and accuracy per epoch")
+        table = gr.Dataframe(label="Per epoch (as the paper's Table 6)", interactive=False)
+        test = gr.Markdown()
+        with gr.Accordion("Log", open=False):
+            log = gr.Textbox(lines=14, max_lines=14, show_label=False, autoscroll=True)
+        with gr.Accordion("Raw progress", open=False):
+            raw = gr.JSON()
+        timer = gr.Timer(1.5)
+
+    view = [live, curves, table, log, test, raw]
+    demo.load(lambda: preset_values("demo"), None, inputs, api_visibility="private")
+    demo.load(lambda: run_choices(settings), None, run_pick, api_visibility="private")
+    demo.load(_device_markdown, None, device, api_visibility="private")
+    preset.change(preset_values, preset, inputs, api_visibility="private")
+    start_btn.click(lambda r, p, *v: start(r, p, *v, settings=settings), [root, preset, *inputs], message,
+                    api_name="start_training").then(lambda: run_choices(settings), None, run_pick,
+                                                    api_visibility="private")
+    stop_btn.click(lambda: stop(settings), None, message, api_name="stop_training")
+    resume_btn.click(lambda n, e: resume(n, e, settings), [run_pick, more_epochs], message, api_name="resume_training")
+    status_fn = lambda n: status(n, settings)
+    timer.tick(status_fn, run_pick, view, api_visibility="private")
+    run_pick.change(status_fn, run_pick, view, api_name="training_status")
+
+
+def _device_markdown() -> str:
+    from ..runtime import describe_device  # imports torch: on page load, not at start-up
+    return f"**Device:** {describe_device()}"

@@ -1,0 +1,79 @@
+"""Shared fixtures: small datasets the tests make themselves, and an isolated index cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CARAPP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def mat_cells(names: list[str]) -> np.ndarray:
+    """A MATLAB cell array (N, 1) as scipy writes it; '' makes an empty cell."""
+    cells = np.empty((len(names), 1), dtype=object)
+    for i, n in enumerate(names):
+        cells[i, 0] = np.array([n]) if n else np.zeros((0, 0))
+    return cells
+
+
+def write_jpeg(path: Path, color, size=(40, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, "JPEG")
+
+
+def build_compcars(root: Path, layout: dict[tuple[int, int], dict[str, int]], make_names: list[str],
+                   model_names: list[str]) -> Path:
+    """layout: (make_id, model_id) -> {year: count}; writes images, labels and misc/ like CompCars."""
+    from scipy.io import savemat
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    for (make, model), years in layout.items():
+        for year, count in years.items():
+            for k in range(count):
+                name = f"{make}{model}{year}{k:03d}"
+                write_jpeg(data / "image" / str(make) / str(model) / year / f"{name}.jpg",
+                           tuple(int(v) for v in rng.integers(0, 255, 3)))
+                label = data / "label" / str(make) / str(model) / year / f"{name}.txt"
+                label.parent.mkdir(parents=True, exist_ok=True)
+                label.write_text(f"{(k % 5) + 1}\n1\n5 4 36 28\n")
+    (data / "misc").mkdir(parents=True, exist_ok=True)
+    savemat(data / "misc" / "make_model_name.mat",
+            {"make_names": mat_cells(make_names), "model_names": mat_cells(model_names)})
+    (data / "misc" / "attributes.txt").write_text(
+        "model_id maximum_speed displacement door_number seat_number type\n"
+        + "".join(f"{m} 200 2.0 4 5 3\n" for (_, m) in layout))
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """The built-in synthetic demo dataset at a fifth of its size: quick to train on."""
+    from carapp.demo import make_demo_dataset
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, seed=0, scale=0.25)
+    return root
+
+
+def run_cli(*args, check=True, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+    """python -m carapp ... as a user runs it; returns the completed process (stdout, stderr as text)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "carapp", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"carapp {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def cli_json(*args, **kwargs):
+    return json.loads(run_cli(*args, "--json", **kwargs).stdout)

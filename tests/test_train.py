@@ -1,0 +1,149 @@
+"""Training end to end through the CLI, as a GPU server would run it (tiny images, ResNet-18, CPU)."""
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from carapp.checkpoint import load_checkpoint
+from carapp.predict import Predictor
+from carapp.rundir import read_metrics, read_progress
+from conftest import ROOT, cli_json, run_cli
+
+FAST = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0"]
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+
+
+def read_split_csv(run: Path) -> list[dict]:
+    with open(run / "split.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_root, tmp_path_factory):
+    """A run trained for 2 epochs, then resumed to 3."""
+    run = tmp_path_factory.mktemp("runs") / "r1"
+    first = cli_json("train", "--data", demo_root, "--run-dir", run, "--epochs", "2", *FAST)
+    assert first["status"] == "finished" and first["epochs"] == 2
+    split_before = (run / "split.csv").read_text()
+    metrics_before = read_metrics(run)
+    second = cli_json("train", "--resume", run, "--epochs", "3")
+    return run, first, second, split_before, metrics_before
+
+
+def test_run_directory_contract(trained_run):
+    run, first, *_ = trained_run
+    for name in ("config.json", "labels.json", "split.csv", "metrics.jsonl", "progress.json", "last.pt", "best.pt",
+                 "test_metrics.json", "test_per_class.csv", "test_confusion.csv", "train.log"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["backbone"] == "resnet18" and config["gamma"] == 2.0 and config["lr"] == 1e-3
+    labels = json.loads((run / "labels.json").read_text())
+    rows = read_split_csv(run)
+    assert set(rows[0]) == {"path", "label", "split"}
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    assert {int(r["label"]) for r in rows} == set(range(len(labels)))
+    assert all((Path(config["data"]) / r["path"]).is_file() for r in rows)
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(run / name, weights_only=True)  # plain types only
+        assert state["labels"] == [c["name"] for c in labels]
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert {"top1", "top5", "macro_f1", "num_images"} <= set(test)
+    assert test["num_images"] == sum(r["split"] == "test" for r in rows)
+
+
+def test_resume_continues_with_same_split_and_metrics(trained_run):
+    run, first, second, split_before, metrics_before = trained_run
+    assert second["status"] == "finished" and second["epochs"] == 3
+    assert (run / "split.csv").read_text() == split_before
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[:2] == metrics_before
+    assert all(set(m) == METRIC_KEYS for m in metrics)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+
+
+def test_evaluate_and_predict_json_and_cam(trained_run, tmp_path):
+    run = trained_run[0]
+    result = cli_json("evaluate", "--run", run, "--workers", "0")
+    assert {"top1", "top5", "num_images"} <= set(result) and 0 <= result["top1"] <= result["top5"] <= 1
+    labels = [c["name"] for c in json.loads((run / "labels.json").read_text())]
+    config = json.loads((run / "config.json").read_text())
+    images = [Path(config["data"]) / r["path"] for r in read_split_csv(run)[:2]]
+    out = cli_json("predict", *images, "--run", run, "--top-k", "3", "--cam", tmp_path / "cams")
+    assert [e["image"] for e in out] == [str(p) for p in images]
+    for entry in out:
+        assert len(entry["top"]) == 3 and all(t["label"] in labels for t in entry["top"])
+        probs = [t["prob"] for t in entry["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    pngs = sorted((tmp_path / "cams").glob("*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).mode == "RGB" and min(Image.open(pngs[0]).size) >= 32
+
+
+def test_predict_api_and_bad_file_in_batch(trained_run, tmp_path):
+    run = trained_run[0]
+    predictor = Predictor.load(run)
+    photo = Image.new("RGB", (120, 90), (200, 30, 30))
+    result = predictor.predict(photo, top_k=2, cam=True)
+    assert len(result.top) == 2 and result.top[0][1] >= result.top[1][1]
+    assert isinstance(result.cam, Image.Image) and result.explained == result.top[0][0]
+    assert predictor.predict(photo, cam=False).cam is None
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not a photo")
+    good = tmp_path / "car.png"
+    photo.save(good)
+    proc = run_cli("predict", good, bad, "--run", run, "--json", check=False)
+    assert proc.returncode == 1
+    entries = json.loads(proc.stdout)
+    assert "top" in entries[0] and "not an image" in entries[1]["error"]
+
+
+def test_early_stopping_fires(demo_root, tmp_path):
+    # lr 0: the validation loss never improves after epoch 1, so patience 2 stops after epoch 3 of 10.
+    result = cli_json("train", "--data", demo_root, "--run-dir", tmp_path / "es", "--epochs", "10", "--lr", "0",
+                      "--patience", "2", "--steps-per-epoch", "1", *FAST)
+    assert result["status"] == "finished" and result["epochs"] == 3
+    assert len(read_metrics(tmp_path / "es")) == 3
+
+
+def _start_training(demo_root, run: Path) -> subprocess.Popen:
+    args = ["train", "--data", demo_root, "--run-dir", run, "--epochs", "2", "--steps-per-epoch", "40", *FAST]
+    return subprocess.Popen([sys.executable, "-m", "carapp", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while read_progress(run).get("step", 0) < step:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "training made no progress"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["stop-file", "sigterm"])
+def test_graceful_stop_then_resume(demo_root, tmp_path, how):
+    run = tmp_path / "stop"
+    proc = _start_training(demo_root, run)
+    _wait_for_step(run, 3, proc)
+    if how == "stop-file":
+        (run / "STOP").touch()
+    else:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    progress = read_progress(run)
+    assert progress["status"] == "stopped"
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 0 and 3 <= state["step"] < 40
+    assert not (run / "STOP").exists() or how == "stop-file"
+    # resume picks up mid-epoch at the saved step, with the same split
+    result = cli_json("train", "--resume", run, "--epochs", "1")
+    assert result["status"] == "finished" and [m["epoch"] for m in read_metrics(run)] == [1]
