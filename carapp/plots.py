@@ -28,9 +28,17 @@ def bar_figure(values: dict[str, int], title: str) -> go.Figure:
     return fig
 
 
-def histogram_figure(values: list[float], title: str, xlabel: str) -> go.Figure:
-    fig = go.Figure(go.Histogram(x=values, nbinsx=30))
-    fig.update_layout(title=title, xaxis_title=xlabel, **LAYOUT)
+def sizes_figure(sizes: list[tuple[int, int]]) -> go.Figure:
+    """Width against height of a sample of images; repeated sizes stack into bigger markers."""
+    counts: dict[tuple[int, int], int] = {}
+    for size in sizes:
+        counts[size] = counts.get(size, 0) + 1
+    fig = go.Figure(go.Scatter(x=[w for w, _ in counts], y=[h for _, h in counts], mode="markers",
+                               marker=dict(size=[6 + 24 * (n / max(counts.values())) ** 0.5 for n in counts.values()]),
+                               customdata=list(counts.values()),
+                               hovertemplate="%{x}×%{y} px: %{customdata} images<extra></extra>"))
+    fig.update_layout(title=f"Image sizes (sample of {len(sizes)})", xaxis_title="width (px)",
+                      yaxis_title="height (px)", **LAYOUT)
     return fig
 
 

@@ -77,3 +77,49 @@ def run_cli(*args, check=True, timeout=600, **kwargs) -> subprocess.CompletedPro
 
 def cli_json(*args, **kwargs):
     return json.loads(run_cli(*args, "--json", **kwargs).stdout)
+
+
+FAST_TRAIN = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(demo_root, tmp_path_factory) -> Path:
+    """A one-epoch ResNet-18 run on the small demo set: a model for the app to serve."""
+    run = tmp_path_factory.mktemp("seed-runs") / "tiny"
+    run_cli("train", "--data", demo_root, "--run-dir", run, "--epochs", "1", *FAST_TRAIN)
+    return run
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(data: Path, runs_dir: Path, public: bool = False):
+    """The app as `python app.py` builds it, served on a free port; returns (demo, url)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from carapp.ui.app import build_app, launch
+    from carapp.ui.settings import resolve_settings
+    settings = resolve_settings(str(data), None, str(runs_dir), share=False)
+    settings.public = public
+    demo = build_app(settings)
+    _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
+                       server_port=free_port())
+    return demo, url
+
+
+def stop_all_jobs(runs_dir: Path, timeout: float = 60) -> None:
+    """Teardown: no training subprocess outlives a test."""
+    import time
+    from carapp import jobs
+    for run in jobs.list_runs(runs_dir):
+        if run.status == "running":
+            jobs.stop_training(run.path)
+    deadline = time.time() + timeout
+    while jobs.active_run(runs_dir) and time.time() < deadline:
+        time.sleep(0.5)
+    for run in jobs.list_runs(runs_dir):
+        if run.status == "running":
+            os.kill(json.loads((run.path / "progress.json").read_text())["pid"], 9)

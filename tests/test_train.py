@@ -147,3 +147,17 @@ def test_graceful_stop_then_resume(demo_root, tmp_path, how):
     # resume picks up mid-epoch at the saved step, with the same split
     result = cli_json("train", "--resume", run, "--epochs", "1")
     assert result["status"] == "finished" and [m["epoch"] for m in read_metrics(run)] == [1]
+
+
+@pytest.mark.slow
+def test_sweep_grid_on_one_split(demo_root, tmp_path):
+    rows = cli_json("sweep", "--data", demo_root, "--out", tmp_path / "grid", "--lr", "1e-3,1e-2", "--dropout", "0.3",
+                    "--epochs", "1", "--steps-per-epoch", "2", *FAST)
+    assert {r["run"] for r in rows} == {"lr0.001_dropout0.3", "lr0.01_dropout0.3"}
+    splits = {(tmp_path / "grid" / r["run"] / "split.csv").read_text() for r in rows}
+    assert splits == {(tmp_path / "grid" / "split.csv").read_text()}      # one shared split
+    table = (tmp_path / "grid" / "results.csv").read_text().splitlines()
+    assert table[0].startswith("run,lr,dropout,weight_decay,status,epochs,best_val_acc")
+    accs = [float(line.split(",")[6]) for line in table[1:]]
+    assert accs == sorted(accs, reverse=True) and len(accs) == 2
+    assert (tmp_path / "grid" / "results.md").read_text().count("\n") == 4

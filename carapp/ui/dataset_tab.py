@@ -40,7 +40,7 @@ def scan(root: str, log_scale: bool, settings: AppSettings):
             plots.class_counts_figure(names, [counts[k] for k in keys], stats["min_images"], log_scale),
             plots.bar_figure(top_makes, "Images per make" + (" (top 30)" if len(makes) > 30 else "")),
             plots.bar_figure(stats["viewpoints"], "Viewpoints (CompCars labels)") if stats["viewpoints"] else None,
-            plots.histogram_figure([w for w, _ in sizes], f"Image widths (sample of {len(sizes)})", "pixels"),
+            plots.sizes_figure(sizes),
             gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
 
 

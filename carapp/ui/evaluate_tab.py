@@ -35,7 +35,7 @@ def render(report: dict):
     m, names, cm = report["metrics"], report["names"], report["confusion"]
     summary = (f"**top-1** {m['top1']:.2%} · **top-5** {m['top5']:.2%} · **macro-F1** {m['macro_f1']:.3f} "
                f"on {m['num_images']:,} test images")
-    per_class = pd.DataFrame([{"class": r["name"], "accuracy": float(r["accuracy"]) if r["accuracy"] else None,
+    per_class = pd.DataFrame([{"class": r["name"], "accuracy": round(float(r["accuracy"]), 3) if r["accuracy"] else None,
                                "support": int(r["support"])} for r in report["per_class"]])
     per_class = per_class.sort_values("accuracy", na_position="last")
     focus = plots.confused_classes(cm)

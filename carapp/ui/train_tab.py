@@ -109,7 +109,8 @@ def log_tail(run: Path, lines: int = 25) -> str:
 
 def run_choices(settings: AppSettings):
     runs = jobs.list_runs(settings.runs_dir)
-    return gr.Dropdown(choices=[(f"{r.name} ({r.status}, {r.epochs_done} epochs)", r.name) for r in runs])
+    return gr.Dropdown(choices=[(f"{r.name} ({r.status}, {r.epochs_done} epochs)", r.name) for r in runs],
+                       value=runs[0].name if runs else None)
 
 
 def build(settings: AppSettings, demo: gr.Blocks) -> None:
@@ -135,11 +136,11 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                 start_btn = gr.Button("Start", variant="primary")
                 stop_btn = gr.Button("Stop", variant="stop")
                 run_pick = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, scale=2)  # filled on load
-                more_epochs = gr.Number(label="Max epochs on resume (blank: keep)", precision=0)
+                more_epochs = gr.Number(None, label="Max epochs on resume (blank: keep)", precision=0)
                 resume_btn = gr.Button("Resume")
         message = gr.Markdown()
-        live = gr.Markdown()
-        curves = gr.Plot(label="Loss and accuracy per epoch")
+        live = gr.Markdown(elem_id="live")
+        curves = gr.Plot(label="Loss and accuracy per epoch", elem_id="curves")
         table = gr.Dataframe(label="Per epoch (as the paper's Table 6)", interactive=False)
         test = gr.Markdown()
         with gr.Accordion("Log", open=False):

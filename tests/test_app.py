@@ -1,0 +1,119 @@
+"""The Gradio app through its API, as gradio_client users and the browser reach it."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from conftest import ROOT, start_app, stop_all_jobs
+
+START_TINY = dict(preset="demo", backbone="resnet18", weights="none", epochs=50, batch_size=8, lr=1e-3,
+                  weight_decay=1e-5, dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0)
+
+
+@pytest.fixture(scope="module")
+def app(demo_root, tiny_run, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("app-runs")
+    shutil.copytree(tiny_run, runs / "tiny")
+    demo, url = start_app(demo_root, runs)
+    yield url, runs, demo_root
+    stop_all_jobs(runs)
+    demo.close()
+
+
+def client(url: str) -> Client:
+    return Client(url, verbose=False, analytics_enabled=False)
+
+
+def test_predict_endpoint_returns_labels_and_heatmap(app):
+    url, runs, _ = app
+    names = [c["name"] for c in json.loads((runs / "tiny" / "labels.json").read_text())]
+    label, cam = client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")),
+                                     api_name="/predict")
+    confidences = label["confidences"]
+    assert len(confidences) == 5 and label["label"] == confidences[0]["label"]
+    assert all(c["label"] in names for c in confidences)
+    assert [c["confidence"] for c in confidences] == sorted((c["confidence"] for c in confidences), reverse=True)
+    heat = Image.open(cam)
+    assert heat.size[0] >= 256 and heat.mode == "RGB"
+
+
+def test_predict_endpoint_with_every_option(app):
+    url, runs, _ = app
+    names = [c["name"] for c in json.loads((runs / "tiny" / "labels.json").read_text())]
+    label, cam = client(url).predict(handle_file(str(ROOT / "assets/examples/dunmore_haulmark.jpg")), "tiny",
+                                     "eigencam", names[1], api_name="/predict")
+    assert label["confidences"] and Image.open(cam).size[0] >= 256
+    label, cam = client(url).predict(handle_file(str(ROOT / "assets/examples/dunmore_haulmark.jpg")), "tiny",
+                                     "none", api_name="/predict")
+    assert label["confidences"] and cam is None
+
+
+def test_bad_upload_gets_a_clear_message_and_server_keeps_serving(app, tmp_path):
+    url, *_ = app
+    bad = tmp_path / "holiday.jpg"
+    bad.write_text("not a photo at all")
+    with pytest.raises(AppError, match="holiday.jpg: not an image file"):
+        client(url).predict(handle_file(str(bad)), api_name="/predict")
+    with pytest.raises(AppError, match="Cannot load the model: .* holds no best.pt"):
+        client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), "/etc",
+                            api_name="/predict")
+    label, _ = client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
+    assert label["confidences"]
+
+
+def _status(c: Client, run: str | None = None) -> dict:
+    return c.predict(run, api_name="/training_status")[-1]
+
+
+@pytest.mark.slow
+def test_training_job_through_the_api(app):
+    url, runs, data = app
+    c = client(url)
+    message = c.predict(str(data), *START_TINY.values(), api_name="/start_training")
+    assert message.startswith("Started")
+    deadline = time.time() + 120
+    while (s := _status(c)).get("step", 0) < 2:
+        assert s["status"] == "running", s
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert s["steps"] > 0 and s["images_per_sec"] > 0
+    with pytest.raises(AppError, match="one job at a time"):
+        c.predict(str(data), *START_TINY.values(), api_name="/start_training")
+    other = client(url)  # a new visitor sees the same job
+    assert _status(other)["run"] == s["run"]
+    assert "Stopping" in other.predict(api_name="/stop_training")
+    deadline = time.time() + 60
+    while _status(c, s["run"])["status"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert _status(c, s["run"])["status"] == "stopped"
+    assert (runs / s["run"] / "last.pt").is_file()
+
+
+def test_evaluate_endpoint(app):
+    url, *_ = app
+    summary, per_class, *_ = client(url).predict("tiny", False, api_name="/evaluate")
+    assert "top-1" in summary and "top-5" in summary and "macro-F1" in summary
+    assert per_class["headers"] == ["class", "accuracy", "support"]
+
+
+def test_public_mode_turns_training_off(demo_root, tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "tiny")
+    demo, url = start_app(demo_root, tmp_path, public=True)
+    try:
+        c = client(url)
+        with pytest.raises(AppError, match="turned off"):
+            c.predict(str(demo_root), *START_TINY.values(), api_name="/start_training")
+        label, _ = c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
+        assert label["confidences"]
+        with pytest.raises(AppError, match="Unknown model"):  # no free-form server paths for strangers
+            c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), str(tmp_path / "tiny"),
+                      api_name="/predict")
+    finally:
+        demo.close()

@@ -1,0 +1,70 @@
+"""The app in a real browser: Debian's chromium driven by playwright (never playwright's own browser download)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, start_app, stop_all_jobs
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-quic", "--no-first-run"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+if not Path(CHROMIUM).exists() and not os.environ.get("CI"):  # CI installs it: there the test must run
+    pytestmark.append(pytest.mark.skip(reason="apt-get install chromium to run browser tests"))
+
+
+@pytest.fixture(scope="module")
+def app(demo_root, tiny_run, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("browser-runs")
+    shutil.copytree(tiny_run, runs / "tiny")
+    demo, url = start_app(demo_root, runs)
+    yield url, runs
+    stop_all_jobs(runs)
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(app[0])
+        yield page
+        browser.close()
+
+
+def test_four_tabs(page, tmp_path):
+    for name in ("Predict", "Dataset", "Train", "Evaluate"):
+        page.get_by_role("tab", name=name).wait_for(state="visible")
+    page.screenshot(path=str(tmp_path / "home.png"), full_page=True)
+
+
+def test_upload_shows_classes_and_heatmap(app, page, tmp_path):
+    names = [c["name"] for c in json.loads((app[1] / "tiny" / "labels.json").read_text())]
+    page.get_by_role("tab", name="Predict").click()
+    page.set_input_files("#input-image input[type=file]", str(ROOT / "assets/examples/elsmere_caravel.jpg"))
+    page.get_by_role("button", name="Classify").click()
+    page.locator("#cam img").wait_for(state="visible", timeout=90_000)
+    page.wait_for_function("names => names.some(n => document.querySelector('#top5').innerText.includes(n))",
+                           arg=names, timeout=30_000)
+    shown = page.locator("#top5").inner_text()
+    assert sum(n in shown for n in names) >= 2     # the top class and its runners-up, by name
+    page.screenshot(path=str(tmp_path / "predict.png"), full_page=True)
+
+
+def test_demo_training_updates_the_plot(page, tmp_path):
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_role("button", name="Start").click()
+    page.wait_for_function("document.querySelector('#live').innerText.includes('running')", timeout=120_000)
+    page.locator("#curves .js-plotly-plot").wait_for(state="visible", timeout=240_000)
+    page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
+    page.get_by_role("button", name="Stop").click()
+    page.wait_for_function("document.querySelector('#live').innerText.match(/stopped|finished/)", timeout=120_000)
