@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory or checkpoint file")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--cam", metavar="OUT_DIR", help="write one Grad-CAM heatmap PNG per image here")
-    p.add_argument("--cam-method", default="gradcam")
+    p.add_argument("--cam-method", default="gradcam", help="gradcam (one forward pass) | gradcam++ | scorecam | "
+                   "eigencam | layercam")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("sweep", help="the paper's lr x dropout grid (Table 7)")
@@ -168,28 +170,32 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    from .images import ImageError
+    from .images import ImageError, open_image
     from .predict import Predictor
     predictor = Predictor.load(args.run, device=args.device)
     if args.cam:
         Path(args.cam).mkdir(parents=True, exist_ok=True)
-    results, failed = [], 0
-    for i, path in enumerate(args.images):
-        try:
-            pred = predictor.predict(path, top_k=args.top_k, cam=bool(args.cam), method=args.cam_method)
-        except (ImageError, OSError) as exc:
-            failed += 1
-            log.error("%s", exc)
-            results.append({"image": path, "error": str(exc)})
+    results: list[dict] = []
+    for start in range(0, len(args.images), args.batch_size):
+        batch = []  # (position in results, path, image): a bad file gets its error entry, the rest go on
+        for path in args.images[start:start + args.batch_size]:
+            try:
+                batch.append((len(results), path, open_image(path)))
+                results.append({"image": path})
+            except (ImageError, OSError) as exc:
+                log.error("%s", exc)
+                results.append({"image": path, "error": str(exc)})
+        if not batch:
             continue
-        entry = {"image": path, "top": [{"label": label, "prob": prob} for label, prob in pred.top]}
-        if pred.cam is not None:
-            entry["cam"] = str(Path(args.cam) / f"{i:04d}_{Path(path).stem}_cam.png")
-            pred.cam.save(entry["cam"])
-        if not args.json:
-            log.info("%s: %s", path, ", ".join(f"{label} {prob:.3f}" for label, prob in pred.top))
-        results.append(entry)
-    return results, 1 if failed else 0
+        preds = predictor.predict_many([im for _, _, im in batch], args.top_k, bool(args.cam), args.cam_method)
+        for (i, path, _), pred in zip(batch, preds):
+            results[i]["top"] = [{"label": label, "prob": prob} for label, prob in pred.top]
+            if pred.cam is not None:
+                results[i]["cam"] = str(Path(args.cam) / f"{i:04d}_{Path(path).stem}_cam.png")
+                pred.cam.save(results[i]["cam"])
+            if not args.json:
+                log.info("%s: %s", path, ", ".join(f"{label} {prob:.3f}" for label, prob in pred.top))
+    return results, 1 if any("error" in r for r in results) else 0
 
 
 def cmd_sweep(args):

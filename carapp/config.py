@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, asdict
 
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "layercam")  # gradcam: one forward pass
 
 
 @dataclass

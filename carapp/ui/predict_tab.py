@@ -12,7 +12,7 @@ import gradio as gr
 
 from .. import jobs, rundir
 from ..images import ImageError, open_image
-from ..predict import CAM_METHODS
+from ..config import CAM_METHODS
 from .settings import REPO, AppSettings
 
 TOP1 = "top-1 prediction"
@@ -95,8 +95,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                 with gr.Row():
                     # choices are filled on page load; values are checked by resolve_model
                     model = gr.Dropdown(label="Model (run or checkpoint)", choices=[], allow_custom_value=True)
-                    method = gr.Dropdown(["gradcam", "gradcam++", "scorecam", "eigencam", "layercam", "none"],
-                                         value="gradcam", label="Heatmap method")
+                    method = gr.Dropdown([*CAM_METHODS, "none"], value="gradcam", label="Heatmap method")
                     target = gr.Dropdown([TOP1], value=TOP1, label="Explain class", allow_custom_value=True)
                 button = gr.Button("Classify", variant="primary")
                 examples = sorted(EXAMPLES.glob("*.jpg"))

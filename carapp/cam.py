@@ -1,0 +1,67 @@
+"""Class activation maps.
+
+The default, Grad-CAM at layer4 under global-average-pool + linear, needs no backward pass: the class score is
+y_c = w_c · mean_hw(A) + b_c, so dy_c/dA_k,h,w = w_c,k / (H W) and Grad-CAM's channel weights are w_c / (H W).
+The heatmap therefore comes from the activations of the very forward pass that made the prediction, and equals
+pytorch-grad-cam's GradCAM (same ReLU, min-max scaling and bilinear resize). Other methods use pytorch-grad-cam,
+imported only when chosen.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import CAM_METHODS as METHODS
+
+# method name -> pytorch-grad-cam class; "gradcam" itself is computed here in one forward pass
+PACKAGE_METHODS = dict(zip(METHODS, ("GradCAM", "GradCAMPlusPlus", "ScoreCAM", "EigenCAM", "LayerCAM")))
+
+
+def trunk(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision ResNet up to layer4: the activations Grad-CAM explains."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+
+def head(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    return model.fc(torch.flatten(model.avgpool(features), 1))
+
+
+def _min_max(cam: torch.Tensor) -> torch.Tensor:
+    cam = cam - cam.amin(dim=(-2, -1), keepdim=True)
+    return cam / (1e-7 + cam.amax(dim=(-2, -1), keepdim=True))
+
+
+def gradcam_from_features(features: torch.Tensor, fc_weight: torch.Tensor, targets: list[int],
+                          size: tuple[int, int]) -> np.ndarray:
+    """(B, H, W) heatmaps in [0, 1] for one target class per image, from layer4 activations (B, C, h, w)."""
+    a = features.detach().float()
+    weights = fc_weight.detach().float()[targets] / (a.shape[-2] * a.shape[-1])     # (B, C)
+    cam = torch.einsum("bc,bchw->bhw", weights, a).clamp(min=0)
+    cam = F.interpolate(_min_max(cam)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return _min_max(cam.clamp(min=0)).cpu().numpy()
+
+
+def package_cam(model: torch.nn.Module, x: torch.Tensor, target: int, method: str) -> np.ndarray:
+    """A heatmap from pytorch-grad-cam (forward + backward of its own)."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    cam_class = getattr(pytorch_grad_cam, PACKAGE_METHODS[method])
+    with cam_class(model=model, target_layers=[model.layer4[-1]]) as cam:
+        result = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])
+    return result[0]
+
+
+def jet(mask: np.ndarray) -> np.ndarray:
+    """The JET colour map (blue → red) as floats in [0, 1], without OpenCV."""
+    x = mask[..., None]
+    return np.clip(1.5 - np.abs(4 * x - np.array([3.0, 2.0, 1.0])), 0, 1)
+
+
+def overlay(photo: Image.Image, heat: np.ndarray, image_weight: float = 0.5) -> Image.Image:
+    """Blend the coloured heatmap over the photo (resized to the photo), as grad-cam's show_cam_on_image does."""
+    mask = np.asarray(Image.fromarray(np.uint8(np.clip(heat, 0, 1) * 255)).resize(photo.size, Image.BILINEAR))
+    blend = (1 - image_weight) * jet(mask / 255.0) + image_weight * np.asarray(photo, dtype=np.float32) / 255.0
+    return Image.fromarray(np.uint8(255 * blend / blend.max()))
