@@ -1,4 +1,4 @@
-"""Command line: python -m carapp {demo-data,stats,train,evaluate,predict,sweep} --help
+"""Command line: python -m carapp {demo-data,stats,train,evaluate,predict,cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,11 +47,12 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
             p.add_argument(flag, type=typ, default=None, help=text)
     p.add_argument("--crop-bbox", action="store_true", default=None, help="crop images to the labelled car box")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
 
 
 def config_from_args(args) -> "TrainConfig":
     from .config import make_config
-    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp"]
+    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile"]
     return make_config(args.preset, data=args.data, **{n: getattr(args, n, None) for n in names})
 
 
@@ -61,7 +63,8 @@ def train_args(cfg: "TrainConfig") -> list[str]:
         value = getattr(cfg, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             args += [flag, str(value)]
-    return args + (["--crop-bbox"] if cfg.crop_bbox else []) + ([] if cfg.amp else ["--no-amp"])
+    return args + (["--crop-bbox"] if cfg.crop_bbox else []) + ([] if cfg.amp else ["--no-amp"]) + \
+        (["--compile"] if cfg.compile else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto")
 
+    p = sub.add_parser("cache", help="write a pre-resized copy of a dataset that training then reads")
+    p.add_argument("--data", required=True)
+    p.add_argument("--short-side", type=int, default=256, help="short side of the copies in pixels (default 256)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+
     p = sub.add_parser("sweep", help="the paper's lr x dropout grid (Table 7)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         log.error("error: %s", exc)
         result, code = {"error": str(exc)}, 2
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return code
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     elif result is not None and args.command in ("stats", "evaluate", "sweep"):
@@ -198,6 +208,13 @@ def cmd_predict(args):
     return results, 1 if any("error" in r for r in results) else 0
 
 
+def cmd_cache(args):
+    from .resized import build_resized_cache
+    summary = build_resized_cache(args.data, args.short_side, args.workers)
+    log.info("wrote %d resized images to %s", summary["images"], summary["cache"])
+    return summary, 0
+
+
 def cmd_sweep(args):
     from .sweep import sweep
     lrs = [float(v) for v in args.lr.split(",")]
@@ -206,4 +223,4 @@ def cmd_sweep(args):
 
 
 COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "train": cmd_train, "evaluate": cmd_evaluate,
-            "predict": cmd_predict, "sweep": cmd_sweep}
+            "predict": cmd_predict, "cache": cmd_cache, "sweep": cmd_sweep}

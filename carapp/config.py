@@ -42,6 +42,7 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda | mps
     amp: bool = True                # mixed precision on CUDA (ignored on CPU)
     channels_last: bool = True      # on CUDA (ignored on CPU)
+    compile: bool = False           # torch.compile the model (worth it for long GPU runs)
     jitter: float = 0.2             # colour jitter strength (brightness/contrast/saturation)
     preset: str = "paper"
 

@@ -16,8 +16,9 @@ from . import rundir
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import TrainConfig
 from .data import index_dataset
-from .loader import CarImages, build_transform, make_loader
+from .loader import CarImages, build_transform, make_loader, to_input
 from .model import model_from_checkpoint
+from .resized import ResizedCache
 from .runtime import autocast, pick_device
 
 
@@ -29,7 +30,7 @@ def predict_probs(model, loader, device, amp: bool = True) -> tuple[np.ndarray, 
         if batch.images is None:
             continue
         with autocast(device, amp):
-            logits = model(batch.images.to(device, non_blocking=True))
+            logits = model(to_input(batch.images, device, channels_last=True))
         probs.append(logits.float().softmax(1).cpu().numpy())
         labels.append(batch.labels.numpy())
         kept += batch.indices
@@ -73,8 +74,9 @@ def evaluate_run(run: str | Path, split: str = "test", workers: int = 2, batch_s
         raise ValueError(f"the {split} split of {run} is empty")
     dev = pick_device(device)
     dataset = CarImages(cfg.data, paths, labels, bboxes, build_transform(cfg.image_size, False), cfg.crop_bbox,
-                        cfg.image_size)
-    probs, y, kept = predict_probs(model.to(dev), make_loader(dataset, batch_size, workers), dev, cfg.amp)
+                        cfg.image_size, ResizedCache.find(cfg.data, cfg.image_size))
+    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
+    probs, y, kept = predict_probs(model, make_loader(dataset, batch_size, workers), dev, cfg.amp)
     metrics = compute_metrics(probs, y, len(names))
     _save(run, split, metrics, names, [paths[i] for i in kept], probs, y)
     return {k: v for k, v in metrics.items() if k not in ("confusion", "per_class_accuracy", "support")} | {

@@ -17,7 +17,7 @@ from PIL import Image
 from .cam import METHODS, gradcam_from_features, head, overlay, package_cam, trunk
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .images import open_image
-from .loader import build_transform, resize_size
+from .loader import build_transform, resize_size, to_input
 from .model import model_from_checkpoint
 from .runtime import pick_device
 
@@ -79,8 +79,7 @@ class Predictor:
                 for im, top, heat, t in zip(images, tops, heats, targets)]
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:
-        x = torch.stack([self.transform(im) for im in images]).to(self.device)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+        return to_input(torch.stack([self.transform(im) for im in images]), self.device, channels_last=True)
 
     def _class_index(self, target: int | str) -> int:
         if isinstance(target, str):

@@ -2,6 +2,7 @@
 
     python -m carapp train --data ROOT --run-dir checkpoints/run1 [--preset demo] [--epochs N] ...
     python -m carapp train --resume checkpoints/run1 [--epochs N]
+    torchrun --nproc_per_node=4 -m carapp train --data ROOT --run-dir checkpoints/run1   # DistributedDataParallel
 
 A STOP file in the run directory, SIGINT or SIGTERM finishes the current step, saves last.pt and exits cleanly.
 """
@@ -21,10 +22,11 @@ from . import rundir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Split, index_dataset, make_split
-from .loader import CarImages, EpochSampler, build_transform, make_loader
+from .loader import CarImages, EpochSampler, build_transform, make_loader, to_input
 from .losses import FocalLoss, class_alpha
 from .model import build_model
-from .runtime import autocast, describe_device, needs_grad_scaler, pick_device
+from .resized import ResizedCache
+from .runtime import Dist, autocast, describe_device, init_distributed, needs_grad_scaler, pick_device
 
 log = logging.getLogger("carapp")
 
@@ -55,34 +57,40 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
     """Train (or resume) the run in run_dir; returns {"status", "epochs", "best_val_loss", "test": ...}.
 
     `split` freezes a given split into a fresh run (the sweep shares one); by default the run makes its own.
+    Under torchrun every rank calls this; rank 0 alone writes the run directory.
     """
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    handler = _log_to(run / "train.log")
+    dist = init_distributed()
+    handler = None
     try:
-        cfg, split, ckpt = _prepare(cfg, run, resume, epochs, split)
-        return _fit(cfg, run, split, ckpt)
+        if dist.main:
+            run.mkdir(parents=True, exist_ok=True)
+            handler = _log_to(run / "train.log")
+            prepared = _prepare(cfg, run, resume, epochs, split)
+        else:
+            log.setLevel(logging.WARNING)
+        dist.barrier()  # the other ranks read what rank 0 froze: one config, one split
+        cfg, split, ckpt = prepared if dist.main else _read_prepared(run)
+        return _fit(cfg, run, split, ckpt, dist)
     except Exception as exc:
-        rundir.write_progress(run, status="failed", error=str(exc))
+        if dist.main:
+            rundir.write_progress(run, status="failed", error=str(exc))
         raise
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if handler:
+            log.removeHandler(handler)
+            handler.close()
+        dist.close()
 
 
 def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, split: Split | None):
     """Fresh run: index, split and freeze. Resume: read back config, split and last.pt."""
     (run / "STOP").unlink(missing_ok=True)
     if resume:
-        saved = rundir.read_json(run / "config.json")
-        if saved is None or not (run / "last.pt").is_file():
+        if rundir.read_json(run / "config.json") is None or not (run / "last.pt").is_file():
             raise TrainingError(f"{run} has no config.json and last.pt to resume from")
-        cfg = TrainConfig.from_dict(saved)
-        if epochs:
-            cfg.epochs = epochs
-        index = index_dataset(cfg.data, cfg.format)
-        split = rundir.read_split(run, dict(zip(index.paths, index.bboxes)))
-        ckpt = load_checkpoint(run / "last.pt")
+        cfg, split, ckpt = _read_prepared(run)
+        cfg.epochs = epochs or cfg.epochs
         rundir.truncate_metrics(run, ckpt["epoch"])
     else:
         if (run / "last.pt").exists():
@@ -96,153 +104,200 @@ def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, spli
     return cfg, split, ckpt
 
 
-def _fit(cfg: TrainConfig, run: Path, split: Split, ckpt: dict | None) -> dict:
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    num_classes = len(split.class_info)
-    model = build_model(cfg.backbone, num_classes, cfg.dropout, None if ckpt else cfg.weights).to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    criterion = FocalLoss(class_alpha(split.counts("train"), cfg.alpha), cfg.gamma).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.lr_factor, patience=cfg.lr_patience)
-    scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, cfg.amp))
-    state = {"epoch": 0, "step": 0, "partial": None, "best_val_loss": math.inf, "bad_epochs": 0}
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state.update({k: ckpt[k] for k in state})
-        torch.set_rng_state(ckpt["rng"])
+def _read_prepared(run: Path):
+    cfg = TrainConfig.from_dict(rundir.read_json(run / "config.json"))
+    boxes = None
+    if cfg.crop_bbox:
+        index = index_dataset(cfg.data, cfg.format)
+        boxes = dict(zip(index.paths, index.bboxes))
+    ckpt = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
+    return cfg, rundir.read_split(run, boxes), ckpt
 
-    train_paths, train_labels, train_boxes = split.subset("train")
-    val_paths, val_labels, val_boxes = split.subset("val")
-    num_samples = cfg.steps_per_epoch * cfg.batch_size if cfg.steps_per_epoch else len(train_paths)
-    sampler = EpochSampler(train_labels, cfg.sampler == "weighted", num_samples, cfg.seed)
-    train_set = CarImages(cfg.data, train_paths, train_labels, train_boxes,
-                          build_transform(cfg.image_size, True, cfg.jitter), cfg.crop_bbox, cfg.image_size)
-    val_set = CarImages(cfg.data, val_paths, val_labels, val_boxes,
-                        build_transform(cfg.image_size, False), cfg.crop_bbox, cfg.image_size)
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, sampler, pin)
-    val_loader = make_loader(val_set, cfg.batch_size, cfg.workers, None, pin)
-    stop = StopSignal(run)
-    bad_paths: set[str] = set()
-    log.info("run %s: %d classes, %d train / %d val images, %s, %s", run, num_classes, len(train_paths),
-             len(val_paths), cfg.backbone, describe_device(device))
 
+class Job:
+    """Everything a run trains with, built from its config (and last.pt when resuming)."""
+
+    def __init__(self, cfg: TrainConfig, split: Split, ckpt: dict | None, dist: Dist):
+        self.device = pick_device(cfg.device)
+        if self.device.type == "cuda" and dist.world > 1:
+            self.device = torch.device("cuda", dist.local_rank)
+        torch.manual_seed(cfg.seed)
+        self.net = build_model(cfg.backbone, len(split.class_info), cfg.dropout, None if ckpt else cfg.weights)
+        self.net.to(self.device)
+        if cfg.channels_last and self.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.criterion = FocalLoss(class_alpha(split.counts("train"), cfg.alpha), cfg.gamma).to(self.device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=cfg.lr_factor,
+                                                                    patience=cfg.lr_patience)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, cfg.amp))
+        self.state = {"epoch": 0, "step": 0, "partial": None, "best_val_loss": math.inf, "bad_epochs": 0}
+        if ckpt:
+            self.net.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.state.update({k: ckpt[k] for k in self.state})
+            torch.set_rng_state(ckpt["rng"])
+        self.model = self.net  # what the forward pass goes through: maybe DDP, maybe compiled
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(self.net, device_ids=[self.device.index] if
+                                                 self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self._loaders(cfg, split, dist)
+
+    def _loaders(self, cfg: TrainConfig, split: Split, dist: Dist) -> None:
+        paths, labels, boxes = split.subset("train")
+        num_samples = cfg.steps_per_epoch * cfg.batch_size * dist.world if cfg.steps_per_epoch else len(paths)
+        self.sampler = EpochSampler(labels, cfg.sampler == "weighted", num_samples, cfg.seed, dist.rank, dist.world)
+        cache = ResizedCache.find(cfg.data, cfg.image_size)
+        if cache:
+            log.info("reading pre-resized images from %s", cache.folder)
+        pin = self.device.type == "cuda"
+        train_set = CarImages(cfg.data, paths, labels, boxes, build_transform(cfg.image_size, True, cfg.jitter),
+                              cfg.crop_bbox, cfg.image_size, cache)
+        self.train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, self.sampler, pin)
+        paths, labels, boxes = split.subset("val")
+        val_set = CarImages(cfg.data, paths, labels, boxes, build_transform(cfg.image_size, False), cfg.crop_bbox,
+                            cfg.image_size, cache)
+        shard = list(range(dist.rank, len(val_set), dist.world)) if dist.world > 1 else None
+        self.val_loader = make_loader(val_set, cfg.batch_size, cfg.workers, shard, pin)
+        log.info("%d classes, %d train / %d val images, %s, %s%s", len(split.class_info), len(train_set),
+                 len(val_set), cfg.backbone, describe_device(self.device),
+                 f", {dist.world} processes" if dist.world > 1 else "")
+
+
+def _fit(cfg: TrainConfig, run: Path, split: Split, ckpt: dict | None, dist: Dist) -> dict:
+    job = Job(cfg, split, ckpt, dist)
+    state, stop, bad_paths = job.state, StopSignal(run), set()
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
-        sampler.set_epoch(epoch, state["step"] * cfg.batch_size)
+        job.sampler.set_epoch(epoch, state["step"] * cfg.batch_size)
         if state["step"] == 0:  # augmentation and dropout seeds follow the epoch; mid-epoch, last.pt's RNG goes on
-            torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-        result = train_one_epoch(model, train_loader, criterion, optimizer, scaler, device, cfg, run, stop, epoch,
-                                 state, bad_paths)
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * dist.rank)
+        result = train_one_epoch(job, cfg, run, stop, epoch, bad_paths, dist)
         if result is None:  # stopped mid-epoch: everything needed to continue is in last.pt
-            save_last(run, model, optimizer, scheduler, state, cfg)
-            rundir.write_progress(run, status="stopped", epoch=epoch, epochs=cfg.epochs)
-            log.info("stopped at epoch %d step %d; resume with: python -m carapp train --resume %s",
-                     epoch, state["step"], run)
-            return {"status": "stopped", "epochs": state["epoch"], "best_val_loss": state["best_val_loss"]}
-        val_loss, val_acc = validate(model, val_loader, criterion, device, cfg)
-        scheduler.step(val_loss)
+            return _stopped(job, cfg, run, dist, epoch)
+        val_loss, val_acc = validate(job, cfg, dist)
+        job.scheduler.step(val_loss)  # the same all-reduced figure on every rank: the same decisions
         row = {"epoch": epoch, **result, "val_loss": val_loss, "val_acc": val_acc,
-               "lr": optimizer.param_groups[0]["lr"]}
-        rundir.append_metrics(run, row)
-        log.info("epoch %3d/%d | train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.1e | %.1f s",
-                 epoch, cfg.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, row["lr"],
-                 row["seconds"])
+               "lr": job.optimizer.param_groups[0]["lr"]}
         improved = val_loss < state["best_val_loss"]
         state.update(epoch=epoch, step=0, partial=None, bad_epochs=0 if improved else state["bad_epochs"] + 1,
                      best_val_loss=min(val_loss, state["best_val_loss"]))
-        if improved:
-            save_best(run, model, cfg, split, row)
-        save_last(run, model, optimizer, scheduler, state, cfg)
-        _report_bad_images(run, bad_paths)
+        if dist.main:
+            rundir.append_metrics(run, row)
+            log.info("epoch %3d/%d | train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.1e | %.1f s",
+                     epoch, cfg.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, row["lr"],
+                     row["seconds"])
+            if improved:
+                save_best(run, job.net, cfg, split, row)
+            save_last(run, job, cfg)
+            _report_bad_images(run, bad_paths)
         if state["bad_epochs"] >= cfg.patience:
             log.info("early stopping: val loss has not improved for %d epochs", cfg.patience)
             break
-        if stop:
-            rundir.write_progress(run, status="stopped", epoch=epoch, epochs=cfg.epochs)
-            return {"status": "stopped", "epochs": state["epoch"], "best_val_loss": state["best_val_loss"]}
+        if dist.max([float(bool(stop))], job.device)[0]:
+            return _stopped(job, cfg, run, dist, epoch, saved=True)
 
-    from .evaluate import evaluate_run  # after training: best.pt on the test split
-    test = evaluate_run(run, "test", workers=cfg.workers)
-    log.info("test (best.pt): top-1 %.4f top-5 %.4f macro-F1 %.4f on %d images", test["top1"], test["top5"],
-             test["macro_f1"], test["num_images"])
-    rundir.write_progress(run, status="finished", epoch=state["epoch"], epochs=cfg.epochs, test=test)
+    test = None
+    if dist.main:  # after training: best.pt on the test split, on one process
+        from .evaluate import evaluate_run
+        test = evaluate_run(run, "test", workers=cfg.workers)
+        log.info("test (best.pt): top-1 %.4f top-5 %.4f macro-F1 %.4f on %d images", test["top1"], test["top5"],
+                 test["macro_f1"], test["num_images"])
+        rundir.write_progress(run, status="finished", epoch=state["epoch"], epochs=cfg.epochs, test=test)
+    dist.barrier()
     return {"status": "finished", "epochs": state["epoch"], "best_val_loss": state["best_val_loss"], "test": test}
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scaler, device, cfg, run, stop, epoch, state, bad_paths):
-    """One pass of the sampler; returns the epoch's figures, or None if asked to stop (state then holds the step)."""
-    model.train()
+def _stopped(job: Job, cfg: TrainConfig, run: Path, dist: Dist, epoch: int, saved: bool = False) -> dict:
+    if dist.main:
+        if not saved:
+            save_last(run, job, cfg)
+        rundir.write_progress(run, status="stopped", epoch=epoch, epochs=cfg.epochs)
+        log.info("stopped at epoch %d step %d; resume with: python -m carapp train --resume %s", epoch,
+                 job.state["step"], run)
+    return {"status": "stopped", "epochs": job.state["epoch"], "best_val_loss": job.state["best_val_loss"]}
+
+
+def train_one_epoch(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epoch: int, bad_paths: set[str],
+                    dist: Dist) -> dict | None:
+    """One pass of the sampler; returns the epoch's figures, or None if asked to stop (job.state holds the step)."""
+    job.model.train()
+    state, loader, device = job.state, job.train_loader, job.device
     p = state["partial"] or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     steps = len(loader) + state["step"]
     started, last_write = time.time() - p["seconds"], 0.0
-    bar = tqdm(loader, total=steps, initial=state["step"], desc=f"epoch {epoch}/{cfg.epochs}", disable=None,
-               leave=False)
+    bar = tqdm(loader, total=steps, initial=state["step"], desc=f"epoch {epoch}/{cfg.epochs}",
+               disable=None if dist.main else True, leave=False)
     for images, labels, _, bad in bar:
         bad_paths.update(loader.dataset.paths[i] for i in bad)
-        if images is not None:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if cfg.channels_last and device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, cfg.amp):
-                logits = model(images)
-            loss = criterion(logits, labels)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at epoch {epoch} step {state['step'] + 1}; "
-                                    f"last.pt keeps the last good state. Try a smaller --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        weight = 1.0
+        if images is None:  # a batch of unreadable files: a zero-weight step keeps every rank in lockstep
+            images, labels, weight = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), \
+                torch.zeros(1, dtype=torch.long), 0.0
+        images, labels = to_input(images, device, cfg.channels_last), labels.to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            logits = job.model(images)
+        loss = job.criterion(logits, labels) * weight
+        stop_now, nonfinite = dist.max([float(bool(stop)), float(not torch.isfinite(loss))], device)
+        if nonfinite:
+            raise TrainingError(f"loss became {loss.item()} at epoch {epoch} step {state['step'] + 1}; "
+                                f"last.pt keeps the last good state. Try a smaller --lr.")
+        job.optimizer.zero_grad(set_to_none=True)
+        job.scaler.scale(loss).backward()
+        job.scaler.step(job.optimizer)
+        job.scaler.update()
+        if weight:
             p["loss_sum"] += loss.item() * len(labels)
             p["correct"] += (logits.argmax(1) == labels).sum().item()
             p["seen"] += len(labels)
         state["step"] += 1
         p["seconds"] = time.time() - started
-        rate = p["seen"] / max(p["seconds"], 1e-9)
+        rate = p["seen"] * dist.world / max(p["seconds"], 1e-9)
         running_loss, running_acc = p["loss_sum"] / max(p["seen"], 1), p["correct"] / max(p["seen"], 1)
         bar.set_postfix(loss=f"{running_loss:.4f}", acc=f"{running_acc:.3f}", img_s=f"{rate:.1f}")
-        if time.time() - last_write >= 1.0 or state["step"] == steps:
+        if dist.main and (time.time() - last_write >= 1.0 or state["step"] == steps):
             last_write = time.time()
             eta = (steps - state["step"]) * p["seconds"] / max(state["step"], 1)
             rundir.write_progress(run, status="running", epoch=epoch, epochs=cfg.epochs, step=state["step"],
                                   steps=steps, running_loss=running_loss, running_acc=running_acc,
                                   images_per_sec=rate, eta_seconds=eta)
-        if stop and state["step"] < steps:
+        if stop_now and state["step"] < steps:
             state["partial"] = p
             bar.close()
             return None
     bar.close()
-    return {"train_loss": p["loss_sum"] / max(p["seen"], 1), "train_acc": p["correct"] / max(p["seen"], 1),
+    loss_sum, correct, seen = dist.sum([p["loss_sum"], p["correct"], p["seen"]], device)
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "seconds": round(p["seconds"], 2)}
 
 
 @torch.no_grad()
-def validate(model, loader, criterion, device, cfg) -> tuple[float, float]:
-    """Mean focal loss and top-1 accuracy over a split."""
-    model.eval()
+def validate(job: Job, cfg: TrainConfig, dist: Dist) -> tuple[float, float]:
+    """Mean focal loss and top-1 accuracy over the validation split (summed over ranks)."""
+    job.model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels, _, _ in loader:
+    for images, labels, _, _ in job.val_loader:
         if images is None:
             continue
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, cfg.amp):
-            logits = model(images)
-        loss_sum += criterion(logits, labels).item() * len(labels)
+        images = to_input(images, job.device, cfg.channels_last)
+        labels = labels.to(job.device, non_blocking=True)
+        with autocast(job.device, cfg.amp):
+            logits = job.net(images)  # no DDP here: ranks see different numbers of batches
+        loss_sum += job.criterion(logits, labels).item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
+    loss_sum, correct, seen = dist.sum([loss_sum, correct, seen], job.device)
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
-def save_last(run: Path, model, optimizer, scheduler, state: dict, cfg: TrainConfig) -> None:
-    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                     "config": cfg.to_dict(), "labels": rundir.label_names(run), **state}, run / "last.pt")
+def save_last(run: Path, job: Job, cfg: TrainConfig) -> None:
+    save_checkpoint({"model": job.net.state_dict(), "optimizer": job.optimizer.state_dict(),
+                     "scheduler": job.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                     "config": cfg.to_dict(), "labels": rundir.label_names(run), **job.state}, run / "last.pt")
 
 
 def save_best(run: Path, model, cfg: TrainConfig, split: Split, row: dict) -> None:

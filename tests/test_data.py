@@ -140,3 +140,24 @@ def test_bbox_crop_uses_label_box(compcars):
                    crop_bbox=True, image_size=32)
     _, (img, _) = ds[0]
     assert img.size == (32, 25)                  # x 5..36, y 4..28, 1-based inclusive
+
+
+def test_resized_cache_is_used_with_boxes_scaled(compcars):
+    from carapp.resized import ResizedCache, build_resized_cache
+    big = compcars / "data/image/1/1/2010/112010001.jpg"
+    Image.new("RGB", (400, 300), (0, 0, 255)).save(big)
+    index = index_dataset(compcars)
+    summary = build_resized_cache(str(compcars), short_side=30, workers=1)
+    assert summary["images"] == 60 and summary["unreadable"] == 0
+    assert ResizedCache.find(str(compcars), 64) is None          # too small for 64 px training
+    cache = ResizedCache.find(str(compcars), 24)
+    rel = "data/image/1/1/2010/112010001.jpg"
+    path, scale = cache.lookup(rel)
+    width, height = Image.open(path).size
+    assert height == 30 and scale == width / 400 and 0.09 < scale < 0.11
+    box = index.bboxes[index.paths.index(rel)]                   # 5 4 36 28 in original pixels
+    ds = CarImages(str(compcars), [rel], [0], [[50, 40, 360, 280]], transform=lambda im: im, crop_bbox=True,
+                   image_size=24, cache=cache)
+    _, (img, _) = ds[0]                                          # the box, in the copy's pixels
+    assert abs(img.width - 310 * scale) <= 2 and abs(img.height - 240 * scale) <= 2
+    assert box == [5, 4, 36, 28]
