@@ -30,17 +30,18 @@ from carapp.resized import ResizedCache, build_resized_cache  # noqa: E402
 GOAL = 2.0
 
 
-def make_photos(folder: Path, n: int) -> list[str]:
-    """800x600 JPEGs with photo-like content (gradients, shapes, noise) in a class-per-folder tree."""
+def make_photos(folder: Path, n: int, size: tuple[int, int] = (800, 600)) -> list[str]:
+    """JPEGs with photo-like content (gradients, shapes, noise) in a class-per-folder tree."""
     rng = np.random.default_rng(0)
+    w, h = size
     paths = []
     for i in range(n):
-        base = np.linspace(rng.integers(0, 255, 3), rng.integers(0, 255, 3), 600)[:, None, :].repeat(800, 1)
-        img = Image.fromarray(np.uint8(np.clip(base + rng.normal(0, 12, (600, 800, 3)), 0, 255)))
+        base = np.linspace(rng.integers(0, 255, 3), rng.integers(0, 255, 3), h)[:, None, :].repeat(w, 1)
+        img = Image.fromarray(np.uint8(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255)))
         draw = ImageDraw.Draw(img)
         for _ in range(6):
-            x, y = rng.integers(0, 700), rng.integers(0, 500)
-            draw.rectangle([x, y, x + rng.integers(40, 300), y + rng.integers(30, 200)],
+            x, y = rng.integers(0, w - 100), rng.integers(0, h - 100)
+            draw.rectangle([x, y, x + rng.integers(40, w // 3), y + rng.integers(30, h // 3)],
                            fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
         rel = f"class{i % 4}/{i:04d}.jpg"
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)

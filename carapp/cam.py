@@ -54,14 +54,17 @@ def package_cam(model: torch.nn.Module, x: torch.Tensor, target: int, method: st
     return result[0]
 
 
-def jet(mask: np.ndarray) -> np.ndarray:
-    """The JET colour map (blue → red) as floats in [0, 1], without OpenCV."""
-    x = mask[..., None]
-    return np.clip(1.5 - np.abs(4 * x - np.array([3.0, 2.0, 1.0])), 0, 1)
+def _jet_palette() -> list[int]:
+    """The JET colour map (blue → red) for the 256 mask levels, as a flat PIL palette, without OpenCV."""
+    x = np.linspace(0, 1, 256)[:, None]
+    return np.uint8(255 * np.clip(1.5 - np.abs(4 * x - np.array([3, 2, 1])), 0, 1)).ravel().tolist()
+
+
+JET_PALETTE = _jet_palette()
 
 
 def overlay(photo: Image.Image, heat: np.ndarray, image_weight: float = 0.5) -> Image.Image:
-    """Blend the coloured heatmap over the photo (resized to the photo), as grad-cam's show_cam_on_image does."""
-    mask = np.asarray(Image.fromarray(np.uint8(np.clip(heat, 0, 1) * 255)).resize(photo.size, Image.BILINEAR))
-    blend = (1 - image_weight) * jet(mask / 255.0) + image_weight * np.asarray(photo, dtype=np.float32) / 255.0
-    return Image.fromarray(np.uint8(255 * blend / blend.max()))
+    """Blend the coloured heatmap over the photo, like grad-cam's show_cam_on_image, in PIL's C code."""
+    mask = Image.fromarray(np.uint8(np.clip(heat, 0, 1) * 255)).resize(photo.size, Image.BILINEAR)
+    mask.putpalette(JET_PALETTE)
+    return Image.blend(mask.convert("RGB"), photo, image_weight)

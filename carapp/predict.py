@@ -97,7 +97,7 @@ def display_crop(image: Image.Image, image_size: int) -> Image.Image:
     left, top = (image.width - side) / 2, (image.height - side) / 2
     display = min(CAM_DISPLAY_SIZE[1], max(CAM_DISPLAY_SIZE[0], round(side)))
     return image.crop((round(left), round(top), round(left + side), round(top + side))).resize(
-        (display, display), Image.BICUBIC)
+        (display, display), Image.BILINEAR)
 
 
 _CACHE: dict[tuple[str, float], Predictor] = {}
