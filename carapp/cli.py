@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result, code = COMMANDS[args.command](args)
     except Exception as exc:  # known failures carry their own message: show it without a traceback
+        from .rundir import RunLocked
         from .train import TrainingError
-        if not isinstance(exc, (ValueError, OSError, TrainingError)):
+        if not isinstance(exc, (ValueError, OSError, TrainingError, RunLocked)):
             raise
         log.error("error: %s", exc)
         result, code = {"error": str(exc)}, 2
@@ -190,7 +191,7 @@ def cmd_predict(args):
         batch = []  # (position in results, path, image): a bad file gets its error entry, the rest go on
         for path in args.images[start:start + args.batch_size]:
             try:
-                batch.append((len(results), path, open_image(path)))
+                batch.append((len(results), path, open_image(path, draft_size=1024)))
                 results.append({"image": path})
             except (ImageError, OSError) as exc:
                 log.error("%s", exc)

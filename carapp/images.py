@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Refuse decompression bombs with our own message instead of PIL's warning-then-error.
+# Refuse decompression bombs with our own message (PIL only warns between 1x and 2x its limit).
 MAX_PIXELS = 80_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+MAX_SIDE = 4096  # larger photos are reduced after decoding: nothing downstream needs more
 
 
 class ImageError(ValueError):
@@ -26,15 +28,19 @@ def open_image(source: str | os.PathLike | BinaryIO, bbox: list[int] | None = No
     `draft_size` lets JPEG decoding skip detail at decode time (PIL draft mode) when the target is much smaller.
     """
     name = getattr(source, "name", source)
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source) and os.path.getsize(source) == 0:
+        raise ImageError(name, "empty file (0 bytes)")
     try:
-        img = Image.open(source)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source)
         full_size = img.size
         if draft_size and img.format == "JPEG":
             # draft picks a scale >= the requested size, so the result never drops below draft_size
             img.draft("RGB", (draft_size, draft_size))
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(name, f"image too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
         raise ImageError(name, "not an image file (or a format Pillow cannot read)") from None
@@ -44,6 +50,8 @@ def open_image(source: str | os.PathLike | BinaryIO, bbox: list[int] | None = No
         raise ImageError(name, "image has no pixels")
     if bbox is not None:
         img = _crop(img, bbox, scale=img.size[0] / full_size[0] if full_size[0] else 1.0)
+    if max(img.size) > MAX_SIDE:
+        img.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
     return img
 
 

@@ -32,27 +32,11 @@ class RunInfo:
     updated: float
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child (finished, not yet reaped) is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
-
-
 def run_status(run: Path) -> str:
     """'running' only while the trainer's process lives; a dead 'running' run was interrupted (resumable)."""
     progress = rundir.read_progress(run)
     status = progress.get("status", "new")
-    if status == "running" and not pid_alive(progress.get("pid")):
+    if status == "running" and not (progress.get("pid") and rundir.pid_alive(progress["pid"])):
         return "interrupted"
     return status
 

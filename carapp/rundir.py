@@ -99,3 +99,47 @@ def stop_requested(run: Path) -> bool:
 
 def request_stop(run: str | os.PathLike) -> None:
     (Path(run) / "STOP").touch()
+
+
+class RunLocked(RuntimeError):
+    """Another live process is training this run."""
+
+
+def acquire_lock(run: Path) -> Path:
+    """train.lock holds the trainer's PID; a lock whose process is gone is stale and taken over."""
+    lock = run / "train.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and pid_alive(pid):
+                raise RunLocked(f"{run} is being trained by process {pid}; stop it first (touch {run}/STOP)") from None
+            lock.unlink(missing_ok=True)  # stale: its trainer died without cleaning up
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) holds nothing
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def remove_stale_temp_files(run: Path) -> None:
+    """Half-written checkpoints of a killed trainer (the real files were never touched)."""
+    for tmp in run.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -39,10 +39,15 @@ class StopSignal:
     """True once SIGINT/SIGTERM arrived or a STOP file appeared in the run directory."""
 
     def __init__(self, run: Path):
-        self.run, self.signalled = run, False
+        self.run, self.signalled, self.previous = run, False, {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self._on_signal)
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+
+    def restore(self) -> None:
+        """Give the signals back (an in-process caller keeps its Ctrl-C)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame):
         log.info("signal %s: stopping after this step", signal.Signals(signum).name)
@@ -61,10 +66,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
     """
     run = Path(run_dir)
     dist = init_distributed()
-    handler = None
+    handler = lock = None
     try:
         if dist.main:
             run.mkdir(parents=True, exist_ok=True)
+            lock = rundir.acquire_lock(run)  # before anything is written: a second trainer is refused
             handler = _log_to(run / "train.log")
             prepared = _prepare(cfg, run, resume, epochs, split)
         else:
@@ -72,26 +78,35 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
         dist.barrier()  # the other ranks read what rank 0 froze: one config, one split
         cfg, split, ckpt = prepared if dist.main else _read_prepared(run)
         return _fit(cfg, run, split, ckpt, dist)
-    except Exception as exc:
+    except torch.cuda.OutOfMemoryError:
+        message = (f"GPU out of memory at batch size {cfg.batch_size}: resume with a smaller batch, e.g. "
+                   f"--batch-size {max(1, cfg.batch_size // 2)} (last.pt keeps the last finished epoch)")
         if dist.main:
+            rundir.write_progress(run, status="failed", error=message)
+        raise TrainingError(message) from None
+    except Exception as exc:
+        if dist.main and not isinstance(exc, rundir.RunLocked):
             rundir.write_progress(run, status="failed", error=str(exc))
         raise
     finally:
         if handler:
             log.removeHandler(handler)
             handler.close()
+        if lock:
+            lock.unlink(missing_ok=True)
         dist.close()
 
 
 def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, split: Split | None):
     """Fresh run: index, split and freeze. Resume: read back config, split and last.pt."""
     (run / "STOP").unlink(missing_ok=True)
+    rundir.remove_stale_temp_files(run)
     if resume:
-        if rundir.read_json(run / "config.json") is None or not (run / "last.pt").is_file():
-            raise TrainingError(f"{run} has no config.json and last.pt to resume from")
-        cfg, split, ckpt = _read_prepared(run)
+        if rundir.read_json(run / "config.json") is None or not (run / "split.csv").is_file():
+            raise TrainingError(f"{run} has no config.json and split.csv to resume from")
+        cfg, split, ckpt = _read_prepared(run)  # no last.pt yet (killed in epoch 1): start over on the same split
         cfg.epochs = epochs or cfg.epochs
-        rundir.truncate_metrics(run, ckpt["epoch"])
+        rundir.truncate_metrics(run, ckpt["epoch"] if ckpt else 0)
     else:
         if (run / "last.pt").exists():
             raise TrainingError(f"{run} already holds a run: resume it with --resume, or pick a new --run-dir")
@@ -170,7 +185,15 @@ class Job:
 
 def _fit(cfg: TrainConfig, run: Path, split: Split, ckpt: dict | None, dist: Dist) -> dict:
     job = Job(cfg, split, ckpt, dist)
-    state, stop, bad_paths = job.state, StopSignal(run), set()
+    stop = StopSignal(run)
+    try:
+        return _loop(job, cfg, run, split, dist, stop)
+    finally:
+        stop.restore()
+
+
+def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop: StopSignal) -> dict:
+    state, bad_paths = job.state, set()
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
         job.sampler.set_epoch(epoch, state["step"] * cfg.batch_size)

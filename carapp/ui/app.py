@@ -13,7 +13,8 @@ INTRO = ("# carapp — what car is that?\n"
 
 
 def build_app(settings: AppSettings) -> gr.Blocks:
-    with gr.Blocks(title="carapp — car make and model") as demo:
+    # delete_cache: uploads and answers older than two hours go, so a public Space's disk does not fill up
+    with gr.Blocks(title="carapp — car make and model", delete_cache=(3600, 7200)) as demo:
         gr.Markdown(INTRO, elem_id="intro")
         if settings.is_demo_data:
             gr.Markdown("Running on the built-in **synthetic** demo dataset (drawn cars, not photos). "

@@ -6,6 +6,7 @@ gets a message that names the problem.
 """
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -55,7 +56,7 @@ def predict(image, model: str | None = None, method: str = "gradcam", target: st
         raise gr.Error("Drop a photo of a car first.", print_exception=False)
     name = image.get("orig_name") if isinstance(image, dict) else None
     try:
-        photo = open_image(path)
+        photo = open_image(path, draft_size=1024)  # a 48-megapixel JPEG decodes at a fraction of its size
     except ImageError as exc:
         raise gr.Error(f"{name or 'This file'}: {exc.reason}", print_exception=False) from None
     try:
@@ -68,6 +69,11 @@ def predict(image, model: str | None = None, method: str = "gradcam", target: st
         result = predictor.predict(photo, top_k=5, cam=method != "none", method=method, target=explain)
     except ValueError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
+    if result.cam is not None:
+        # Gradio caches output images by content and rewrites the file each time: two visitors getting the same
+        # heatmap at once (the same example) would share a file that is rewritten while it is sent. A per-answer
+        # id in the PNG's text makes each answer its own file.
+        result.cam.info["carapp-answer"] = uuid.uuid4().hex
     return {label: prob for label, prob in result.top}, result.cam
 
 
