@@ -1,4 +1,4 @@
-"""Command line: python -m carapp {demo-data,stats,train,evaluate,predict,cache,sweep} --help
+"""Command line: python -m carapp {demo-data,stats,train,evaluate,predict,export,push,cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """
@@ -98,13 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--run", required=True, help="run directory or checkpoint file")
+    p.add_argument("--run", required=True, help="run directory, checkpoint file, exported folder, or hf://owner/name")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--cam", metavar="OUT_DIR", help="write one Grad-CAM heatmap PNG per image here")
     p.add_argument("--cam-method", default="gradcam", help="gradcam (one forward pass) | gradcam++ | scorecam | "
                    "eigencam | layercam")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("export", help="export a run as safetensors or ONNX with config, labels and a model card")
+    p.add_argument("--run", required=True)
+    p.add_argument("--format", required=True, choices=["safetensors", "onnx"])
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("push", help="export a run and upload it to the Hugging Face Hub (HF_TOKEN)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--repo", required=True, help="owner/name")
+    p.add_argument("--private", action="store_true")
 
     p = sub.add_parser("cache", help="write a pre-resized copy of a dataset that training then reads")
     p.add_argument("--data", required=True)
@@ -209,6 +219,17 @@ def cmd_predict(args):
     return results, 1 if any("error" in r for r in results) else 0
 
 
+def cmd_export(args):
+    from .export import export_run
+    out = export_run(args.run, args.format, args.out)
+    return {"out": str(out), "files": sorted(p.name for p in out.iterdir())}, 0
+
+
+def cmd_push(args):
+    from .export import push
+    return {"repo": args.repo, "url": push(args.run, args.repo, args.private)}, 0
+
+
 def cmd_cache(args):
     from .resized import build_resized_cache
     summary = build_resized_cache(args.data, args.short_side, args.workers)
@@ -224,4 +245,4 @@ def cmd_sweep(args):
 
 
 COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "train": cmd_train, "evaluate": cmd_evaluate,
-            "predict": cmd_predict, "cache": cmd_cache, "sweep": cmd_sweep}
+            "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep}

@@ -43,8 +43,9 @@ class Predictor:
         self._lock = threading.Lock()  # pytorch-grad-cam hooks the model: one package CAM at a time
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> "Predictor":
-        model, config, labels = model_from_checkpoint(load_checkpoint(resolve_checkpoint(path)))
+    def load(cls, source: str | Path, device: str = "auto") -> "Predictor":
+        """A run directory, a checkpoint file, an exported folder, or hf://owner/name[@revision]."""
+        model, config, labels = load_source(source)
         return cls(model, labels, config, device)
 
     def predict(self, image: Image.Image | str | Path, top_k: int = 5, cam: bool = True,
@@ -100,15 +101,29 @@ def display_crop(image: Image.Image, image_size: int) -> Image.Image:
         (display, display), Image.BILINEAR)
 
 
+def load_source(source: str | Path) -> tuple[torch.nn.Module, dict, list[str]]:
+    from .export import hub_snapshot, load_exported
+    if str(source).startswith("hf://"):
+        return load_exported(hub_snapshot(str(source)))
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "split.csv").is_file():
+        return load_exported(path)  # an exported folder (a run directory has a split.csv)
+    return model_from_checkpoint(load_checkpoint(resolve_checkpoint(path)))
+
+
 _CACHE: dict[tuple[str, float], Predictor] = {}
 
 
 def cached_predictor(source: str | Path) -> Predictor:
-    """One Predictor per checkpoint file and version: loaded once, reloaded when best.pt is rewritten."""
-    path = resolve_checkpoint(source)
-    key = (str(path.resolve()), path.stat().st_mtime)
+    """One Predictor per model and version: loaded once, reloaded when its weights file is rewritten."""
+    if str(source).startswith("hf://"):
+        key = (str(source), 0.0)  # a Hub revision does not change under us within a session
+    else:
+        path = Path(source)
+        weights = path / "model.safetensors" if (path / "model.safetensors").is_file() else resolve_checkpoint(path)
+        key = (str(weights.resolve()), weights.stat().st_mtime)
     if key not in _CACHE:
         if len(_CACHE) >= 4:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = Predictor.load(path)
+        _CACHE[key] = Predictor.load(source)
     return _CACHE[key]

@@ -65,9 +65,9 @@ def demo_root(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(*args, check=True, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(*args, check=True, timeout=600, env=None, **kwargs) -> subprocess.CompletedProcess:
     """python -m carapp ... as a user runs it; returns the completed process (stdout, stderr as text)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "carapp", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and proc.returncode != 0:

@@ -185,14 +185,19 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
-    evil = tmp_path / "evil.pt"
-    with open(evil, "wb") as f:
-        pickle.dump({"model": {}, "config": {}, "labels": [], "x": Payload()}, f)
+    evil = tmp_path / "evil.pt"  # a real torch.save archive whose pickle calls open() when loaded unsafely
+    torch.save({"model": {}, "config": {}, "labels": [], "x": Payload()}, evil)
+    raw = tmp_path / "raw.pkl"    # and a bare pickle with the same payload
+    with open(raw, "wb") as f:
+        pickle.dump({"model": {}, "x": Payload()}, f)
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="refused for safety"):
         load_checkpoint(evil)
-    with pytest.raises(CheckpointError):
-        Predictor.load(evil)
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(raw)
+    for path in (evil, raw):
+        with pytest.raises(CheckpointError):
+            Predictor.load(path)
     assert not marker.exists()
 
 
@@ -203,5 +208,5 @@ def test_checkpoint_whose_classes_do_not_match_its_labels(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="do not match its labels"):
         Predictor.load(tmp_path / "odd.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         Predictor.load(tmp_path / "junk.pt")

@@ -37,7 +37,7 @@ def resolve_model(source: str | None, settings: AppSettings) -> str:
     if not source:
         raise gr.Error("No trained model yet: train one in the Train tab (the demo preset takes ~5 minutes on a "
                        "CPU) or start the app with --checkpoint.", print_exception=False)
-    if source == settings.checkpoint:
+    if source == settings.checkpoint or (source.startswith("hf://") and settings.paths_editable):
         return source
     run = jobs.find_run(settings.runs_dir, source)
     if run is not None:
@@ -100,7 +100,8 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                                  label="Photo of a car", elem_id="input-image", height=360)
                 with gr.Row():
                     # choices are filled on page load; values are checked by resolve_model
-                    model = gr.Dropdown(label="Model (run or checkpoint)", choices=[], allow_custom_value=True)
+                    model = gr.Dropdown(label="Model (run, checkpoint, export or hf://owner/name)", choices=[],
+                                        allow_custom_value=True)
                     method = gr.Dropdown([*CAM_METHODS, "none"], value="gradcam", label="Heatmap method")
                     target = gr.Dropdown([TOP1], value=TOP1, label="Explain class", allow_custom_value=True)
                 button = gr.Button("Classify", variant="primary")

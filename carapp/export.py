@@ -1,0 +1,174 @@
+"""Sharing trained models: safetensors or ONNX with config, labels and a model card; the Hugging Face Hub.
+
+    python -m carapp export --run checkpoints/run1 --format safetensors --out exported/run1
+    python -m carapp export --run checkpoints/run1 --format onnx --out exported/run1-onnx
+    python -m carapp push --run checkpoints/run1 --repo owner/name [--private]      # HF_TOKEN for credentials
+
+An exported folder, or a Hub repo as hf://owner/name[@revision], loads with Predictor.load like a run directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import rundir
+from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from .loader import IMAGENET_MEAN, IMAGENET_STD, resize_size
+from .model import model_from_checkpoint
+
+FORMAT_TAG = "carapp-export"
+ONNX_OPSET = 18
+
+
+def preprocessing(image_size: int) -> dict:
+    """What an exported model expects, so other runtimes can feed it without carapp."""
+    return {"input": "float32 NCHW, RGB, batch of any size", "resize_short_side": resize_size(image_size),
+            "center_crop": image_size, "scale": "pixel / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "output": "logits, one per class in labels.json order (softmax for probabilities)"}
+
+
+def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
+    """Write model weights (safetensors) or graph (onnx), config.json, labels.json and README.md to out."""
+    if fmt not in ("safetensors", "onnx"):
+        raise ValueError(f"format must be safetensors or onnx, not {fmt!r}")
+    run, out = Path(run), Path(out)
+    model, config, labels = model_from_checkpoint(load_checkpoint(resolve_checkpoint(run)))
+    out.mkdir(parents=True, exist_ok=True)
+    image_size = int(config.get("image_size", 224))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    else:
+        export_onnx(model, image_size, out / "model.onnx")
+    info = rundir.read_json(run / "labels.json") if run.is_dir() else None
+    rundir.write_json(out / "labels.json", info or [{"index": i, "name": n} for i, n in enumerate(labels)])
+    rundir.write_json(out / "config.json", {"format": FORMAT_TAG, "version": 1, "weights": fmt,
+                                            "num_classes": len(labels), "preprocessing": preprocessing(image_size),
+                                            "training": config})
+    (out / "README.md").write_text(model_card(run, config, labels))
+    return out
+
+
+def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
+    dummy = torch.randn(1, 3, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(model.eval(), (dummy,), str(path), input_names=["image"], output_names=["logits"],
+                      opset_version=ONNX_OPSET, dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
+
+
+def model_card(run: Path, config: dict, labels: list[str]) -> str:
+    """A Hugging Face model card: what the model is, how it was trained and measured, what it is not for."""
+    test = rundir.read_json(run / "test_metrics.json") if run.is_dir() else None
+    splits = {"train": 0, "val": 0, "test": 0}
+    if run.is_dir() and (run / "split.csv").is_file():
+        for s in rundir.read_split(run).splits:
+            splits[s] += 1
+    metrics = (f"| top-1 | {test['top1']:.4f} |\n| top-5 | {test['top5']:.4f} |\n| macro-F1 | {test['macro_f1']:.4f} |\n"
+               f"| test images | {test['num_images']} |" if test else "| (not evaluated) | |")
+    shown = ", ".join(labels[:40]) + (f", … ({len(labels) - 40} more in labels.json)" if len(labels) > 40 else "")
+    recipe = "\n".join(f"| {k} | {config.get(k)} |" for k in ("backbone", "weights", "image_size", "epochs",
+                                                             "batch_size", "lr", "weight_decay", "dropout", "gamma",
+                                                             "alpha", "sampler", "min_images", "crop_bbox", "seed"))
+    return f"""---
+library_name: pytorch
+pipeline_tag: image-classification
+tags: [image-classification, cars, fine-grained, resnet, focal-loss, carapp]
+datasets: [CompCars]
+metrics: [accuracy, f1]
+---
+
+# carapp car make/model classifier ({config.get('backbone', 'resnet50')}, {len(labels)} classes)
+
+A {config.get('backbone', 'resnet50')} trained with focal loss by [carapp](https://github.com) to name the make and
+model of a car in a photo, following "Classification of Car Models with ResNet-50" (Tabar & Pegoraro).
+
+## Classes
+{len(labels)} make-model classes: {shown}.
+
+## Training data
+Dataset folder `{config.get('data', '?')}` (format `{config.get('format', 'auto')}`): CompCars web-nature layout,
+classes with at least `min_images` images, a stratified 70/15/15 split (train {splits['train']}, val {splits['val']},
+test {splits['test']} images). If this is the synthetic demo set, the model knows only drawn cartoon cars.
+
+## Recipe
+| setting | value |
+|---|---|
+{recipe}
+
+## Metrics (best checkpoint on the test split)
+| metric | value |
+|---|---|
+{metrics}
+
+## Use
+```python
+from carapp.predict import Predictor
+p = Predictor.load("hf://OWNER/NAME")      # or the exported folder
+print(p.predict(Image.open("car.jpg")).top)
+```
+Preprocessing for other runtimes (ONNX): see `config.json` → `preprocessing`.
+
+## Intended use
+Recognising car makes and models in photos of whole cars, e.g. to tag or count models in social-media images, and
+to show with Grad-CAM which parts of the car the prediction rests on.
+
+## Limitations
+Knows only the classes above, and answers with one of them for any image, car or not. Trained on web photos of whole
+cars: close-ups, interiors, night or surveillance views, heavy occlusion, and models or years outside the training
+data will be misclassified, often with confidence. Class imbalance in the training data affects rarer models. Not
+for identifying individual vehicles or people.
+"""
+
+
+def hub_snapshot(source: str) -> Path:
+    """hf://owner/name[@revision] → a local folder from the Hugging Face cache, downloaded if needed.
+
+    Honours HF_TOKEN and HF_HUB_OFFLINE (then only the cache is used, with a clear message when it lacks the model).
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    repo, _, revision = source.removeprefix("hf://").partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, token=os.environ.get("HF_TOKEN"),
+                                      allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        raise CheckpointError(f"model {repo}{'@' + revision if revision else ''} is not in the local Hugging Face "
+                              f"cache{' and HF_HUB_OFFLINE is set' if offline else ' and the Hub cannot be reached'}"
+                              f": download it once online (or unset HF_HUB_OFFLINE)") from None
+    except Exception as exc:  # repository not found, no access, ...: the Hub's own message is the clearest
+        raise CheckpointError(f"cannot fetch {repo} from the Hugging Face Hub: {exc}") from None
+
+
+def load_exported(folder: Path) -> tuple[torch.nn.Module, dict, list[str]]:
+    """(model, training config, class names) from an exported safetensors folder."""
+    from safetensors.torch import load_file
+    from .model import build_model
+    config = rundir.read_json(folder / "config.json") or {}
+    if config.get("format") != FORMAT_TAG or not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"{folder} is not a carapp export with model.safetensors")
+    labels = [c["name"] for c in rundir.read_json(folder / "labels.json", [])]
+    training = config.get("training", {})
+    state = load_file(str(folder / "model.safetensors"))
+    if state.get("fc.weight") is None or state["fc.weight"].shape[0] != len(labels):
+        raise CheckpointError(f"{folder}: the model's outputs do not match its {len(labels)} labels")
+    model = build_model(training.get("backbone", "resnet50"), len(labels), training.get("dropout", 0.0))
+    model.load_state_dict(state)
+    return model.eval(), training, labels
+
+
+def push(run: str | Path, repo: str, private: bool = False) -> str:
+    """Export to safetensors and upload to the Hub; returns the repo URL."""
+    from huggingface_hub import HfApi
+    api = HfApi(token=os.environ.get("HF_TOKEN"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_run(run, "safetensors", tmp)
+        card = (folder / "README.md").read_text().replace("OWNER/NAME", repo)
+        (folder / "README.md").write_text(card)
+        url = api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message="carapp export")
+    return str(url)

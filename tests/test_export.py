@@ -1,0 +1,108 @@
+"""Sharing models: safetensors and ONNX exports, the model card, the Hugging Face Hub (offline, from a cache)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from carapp.export import export_run, push
+from carapp.predict import Predictor
+from conftest import ROOT, cli_json
+
+EXAMPLES = sorted((ROOT / "assets" / "examples").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported") / "tiny"
+    summary = cli_json("export", "--run", tiny_run, "--format", "safetensors", "--out", out)
+    assert summary["files"] == ["README.md", "config.json", "labels.json", "model.safetensors"]
+    return out
+
+
+def test_exported_folder_predicts_exactly_like_the_run(tiny_run, exported):
+    run, export = Predictor.load(tiny_run), Predictor.load(exported)
+    assert not export.model.training and export.labels == run.labels
+    photos = [Image.open(p) for p in EXAMPLES]
+    for a, b in zip(run.predict_many(photos, cam=False), export.predict_many(photos, cam=False)):
+        assert [label for label, _ in a.top] == [label for label, _ in b.top]
+        assert np.allclose([p for _, p in a.top], [p for _, p in b.top], atol=1e-6)
+
+
+def test_model_card_and_config(tiny_run, exported):
+    card = (exported / "README.md").read_text()
+    test = json.loads((tiny_run / "test_metrics.json").read_text())
+    labels = json.loads((exported / "labels.json").read_text())
+    assert card.startswith("---\n") and "pipeline_tag: image-classification" in card
+    assert f"{test['top1']:.4f}" in card and f"{len(labels)} classes" in card
+    for section in ("## Classes", "## Training data", "## Recipe", "## Metrics", "## Intended use", "## Limitations"):
+        assert section in card
+    assert labels[0]["name"] in card and "| lr | 0.001 |" in card
+    config = json.loads((exported / "config.json").read_text())
+    assert config["preprocessing"]["center_crop"] == 32 and config["preprocessing"]["mean"][0] == 0.485
+
+
+def test_onnx_logits_match_torch(tiny_run, tmp_path):
+    import onnxruntime as ort
+    out = export_run(tiny_run, "onnx", tmp_path / "onnx")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    predictor = Predictor.load(tiny_run)
+    x = predictor.prepare([Image.open(p) for p in EXAMPLES[:3]])  # a batch of 3: the batch axis is dynamic
+    (logits,) = session.run(["logits"], {"image": x.numpy()})
+    with torch.inference_mode():
+        expected = predictor.model(x).numpy()
+    assert logits.shape == expected.shape == (3, len(predictor.labels))
+    assert np.abs(logits - expected).max() < 1e-4
+    config = json.loads((out / "config.json").read_text())
+    assert config["weights"] == "onnx" and config["preprocessing"]["resize_short_side"] == 37
+
+
+def _fill_hub_cache(cache, repo: str, folder, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """The Hugging Face cache layout: models--owner--name/{refs/main, snapshots/<commit>/...}."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, base / "snapshots" / commit)
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+
+
+def test_hub_model_from_an_offline_cache(exported, tmp_path):
+    _fill_hub_cache(tmp_path / "hub", "carfan/tiny-cars", exported)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = cli_json("predict", EXAMPLES[0], "--run", "hf://carfan/tiny-cars", env=env)
+    labels = [c["name"] for c in json.loads((exported / "labels.json").read_text())]
+    assert out[0]["top"][0]["label"] in labels
+    proc = subprocess.run([sys.executable, "-m", "carapp", "predict", str(EXAMPLES[0]), "--run",
+                           "hf://carfan/not-cached@v2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_push_exports_and_uploads(tiny_run, monkeypatch):
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo, private=False, exist_ok=False):
+            calls["repo"] = (repo, private, exist_ok)
+            return f"https://huggingface.co/{repo}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls["files"] = sorted(os.listdir(folder_path))
+            calls["card"] = open(os.path.join(folder_path, "README.md")).read()
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    url = push(tiny_run, "carfan/tiny-cars", private=True)
+    assert url == "https://huggingface.co/carfan/tiny-cars"
+    assert calls["token"] == "hf_test_token" and calls["repo"] == ("carfan/tiny-cars", True, True)
+    assert calls["files"] == ["README.md", "config.json", "labels.json", "model.safetensors"]
+    assert 'Predictor.load("hf://carfan/tiny-cars")' in calls["card"]
