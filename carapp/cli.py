@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PRESETS
+from .config import PRESETS, TrainConfig, make_config
 
 log = logging.getLogger("carapp")
 
@@ -50,13 +50,12 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
 
 
-def config_from_args(args) -> "TrainConfig":
-    from .config import make_config
+def config_from_args(args) -> TrainConfig:
     names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile"]
     return make_config(args.preset, data=args.data, **{n: getattr(args, n, None) for n in names})
 
 
-def train_args(cfg: "TrainConfig") -> list[str]:
+def train_args(cfg: TrainConfig) -> list[str]:
     """The command-line options that reproduce cfg (the inverse of config_from_args)."""
     args = ["--data", cfg.data, "--preset", cfg.preset]
     for flag, _, _ in TRAIN_OPTIONS:
@@ -174,7 +173,6 @@ def cmd_stats(args):
 
 
 def cmd_train(args):
-    from .config import TrainConfig
     from .train import train
     if args.resume:
         result = train(TrainConfig(), args.resume, resume=True, epochs=args.epochs)

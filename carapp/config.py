@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass
 
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")

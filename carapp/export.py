@@ -8,7 +8,6 @@ An exported folder, or a Hub repo as hf://owner/name[@revision], loads with Pred
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path

@@ -114,6 +114,7 @@ def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, spli
             split = make_split(index_dataset(cfg.data, cfg.format), cfg.min_images, cfg.val_frac, cfg.test_frac,
                                cfg.seed)
         rundir.write_split(run, split)
+        rundir.truncate_metrics(run, 0)  # a run that died before its first last.pt may have left epoch lines
         ckpt = None
     rundir.write_json(run / "config.json", cfg.to_dict())
     return cfg, split, ckpt

@@ -1,8 +1,10 @@
 """Shared fixtures: small datasets the tests make themselves, and an isolated index cache."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +97,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(data: Path, tiny_run: Path, runs_dir: Path, public: bool = False):
+    """The app serving the tiny run from its own runs folder; yields the URL, then stops jobs and the server."""
+    shutil.copytree(tiny_run, runs_dir / "tiny")
+    demo, url = start_app(data, runs_dir, public)
+    try:
+        yield url
+    finally:
+        stop_all_jobs(runs_dir)
+        demo.close()
 
 
 def start_app(data: Path, runs_dir: Path, public: bool = False):

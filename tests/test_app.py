@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pytest
@@ -10,7 +9,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import ROOT, start_app, stop_all_jobs
+from conftest import ROOT, serving
 
 START_TINY = dict(preset="demo", backbone="resnet18", weights="none", epochs=50, batch_size=8, lr=1e-3,
                   weight_decay=1e-5, dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0)
@@ -19,11 +18,8 @@ START_TINY = dict(preset="demo", backbone="resnet18", weights="none", epochs=50,
 @pytest.fixture(scope="module")
 def app(demo_root, tiny_run, tmp_path_factory):
     runs = tmp_path_factory.mktemp("app-runs")
-    shutil.copytree(tiny_run, runs / "tiny")
-    demo, url = start_app(demo_root, runs)
-    yield url, runs, demo_root
-    stop_all_jobs(runs)
-    demo.close()
+    with serving(demo_root, tiny_run, runs) as url:
+        yield url, runs, demo_root
 
 
 def client(url: str) -> Client:
@@ -104,9 +100,7 @@ def test_evaluate_endpoint(app):
 
 
 def test_public_mode_turns_training_off(demo_root, tiny_run, tmp_path):
-    shutil.copytree(tiny_run, tmp_path / "tiny")
-    demo, url = start_app(demo_root, tmp_path, public=True)
-    try:
+    with serving(demo_root, tiny_run, tmp_path, public=True) as url:
         c = client(url)
         with pytest.raises(AppError, match="turned off"):
             c.predict(str(demo_root), *START_TINY.values(), api_name="/start_training")
@@ -115,5 +109,3 @@ def test_public_mode_turns_training_off(demo_root, tiny_run, tmp_path):
         with pytest.raises(AppError, match="Unknown model"):  # no free-form server paths for strangers
             c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), str(tmp_path / "tiny"),
                       api_name="/predict")
-    finally:
-        demo.close()

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, start_app, stop_all_jobs
+from conftest import ROOT, serving
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -22,11 +21,8 @@ if not Path(CHROMIUM).exists() and not os.environ.get("CI"):  # CI installs it: 
 @pytest.fixture(scope="module")
 def app(demo_root, tiny_run, tmp_path_factory):
     runs = tmp_path_factory.mktemp("browser-runs")
-    shutil.copytree(tiny_run, runs / "tiny")
-    demo, url = start_app(demo_root, runs)
-    yield url, runs
-    stop_all_jobs(runs)
-    demo.close()
+    with serving(demo_root, tiny_run, runs) as url:
+        yield url, runs
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The app under load and in public: concurrent clients during training, no leaks, no stray file access, auth."""
 from __future__ import annotations
 
-import shutil
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ from PIL import Image
 from carapp import jobs
 from carapp.config import make_config
 from carapp.predict import Predictor
-from conftest import ROOT, start_app, stop_all_jobs
+from conftest import ROOT, serving, stop_all_jobs
 
 EXAMPLE = str(ROOT / "assets/examples/aurora_sprint.jpg")
 
@@ -21,11 +20,8 @@ EXAMPLE = str(ROOT / "assets/examples/aurora_sprint.jpg")
 @pytest.fixture(scope="module")
 def app(demo_root, tiny_run, tmp_path_factory):
     runs = tmp_path_factory.mktemp("load-runs")
-    shutil.copytree(tiny_run, runs / "tiny")
-    demo, url = start_app(demo_root, runs)
-    yield url, runs, demo_root
-    stop_all_jobs(runs)
-    demo.close()
+    with serving(demo_root, tiny_run, runs) as url:
+        yield url, runs, demo_root
 
 
 @pytest.mark.slow
@@ -84,14 +80,10 @@ def test_only_the_apps_own_files_are_served(app):
 
 
 def test_basic_auth_from_the_environment(demo_root, tiny_run, tmp_path, monkeypatch):
-    shutil.copytree(tiny_run, tmp_path / "tiny")
     monkeypatch.setenv("CARAPP_AUTH", "owner:s3cret")
-    demo, url = start_app(demo_root, tmp_path, public=True)
-    try:
+    with serving(demo_root, tiny_run, tmp_path, public=True) as url:
         with pytest.raises(Exception):
             Client(url, verbose=False, analytics_enabled=False)
         client = Client(url, auth=("owner", "s3cret"), verbose=False, analytics_enabled=False)
         label, _ = client.predict(handle_file(EXAMPLE), api_name="/predict")
         assert label["confidences"]
-    finally:
-        demo.close()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -14,7 +13,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from carapp.images import ImageError, open_image
-from conftest import ROOT, run_cli, start_app
+from conftest import ROOT, run_cli, serving
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -97,10 +96,8 @@ def test_cli_predict_reports_each_bad_file_and_goes_on(odd_files, tiny_run):
 @pytest.fixture(scope="module")
 def app(demo_root, tiny_run, tmp_path_factory):
     runs = tmp_path_factory.mktemp("hard-runs")
-    shutil.copytree(tiny_run, runs / "tiny")
-    demo, url = start_app(demo_root, runs)
-    yield url
-    demo.close()
+    with serving(demo_root, tiny_run, runs) as url:
+        yield url
 
 
 @pytest.mark.slow
