@@ -143,13 +143,18 @@ def hub_snapshot(source: str) -> Path:
         raise CheckpointError(f"cannot fetch {repo} from the Hugging Face Hub: {exc}") from None
 
 
+def is_export(path: Path) -> bool:
+    return path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.onnx").is_file())
+
+
 def load_exported(folder: Path) -> tuple[torch.nn.Module, dict, list[str]]:
     """(model, training config, class names) from an exported safetensors folder."""
     from safetensors.torch import load_file
     from .model import build_model
     config = rundir.read_json(folder / "config.json") or {}
     if config.get("format") != FORMAT_TAG or not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"{folder} is not a carapp export with model.safetensors")
+        raise CheckpointError(f"{folder} is not a carapp export with model.safetensors (an ONNX export is for other "
+                              f"runtimes: export with --format safetensors for carapp)")
     labels = [c["name"] for c in rundir.read_json(folder / "labels.json", [])]
     training = config.get("training", {})
     state = load_file(str(folder / "model.safetensors"))

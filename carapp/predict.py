@@ -1,6 +1,6 @@
 """Prediction with a Grad-CAM heatmap: the Python API the CLI and the app share.
 
-    p = Predictor.load("checkpoints/run1")          # a run directory or a checkpoint file
+    p = Predictor.load("checkpoints/run1")  # a run directory, a checkpoint, an exported folder, or hf://owner/name
     result = p.predict(Image.open("car.jpg"), top_k=5, cam=True)
     result.top   # [("Aurora Sprint", 0.93), ...] best first
     result.cam   # PIL image: the heatmap over the photo, or None
@@ -102,13 +102,12 @@ def display_crop(image: Image.Image, image_size: int) -> Image.Image:
 
 
 def load_source(source: str | Path) -> tuple[torch.nn.Module, dict, list[str]]:
-    from .export import hub_snapshot, load_exported
+    from .export import hub_snapshot, is_export, load_exported
     if str(source).startswith("hf://"):
         return load_exported(hub_snapshot(str(source)))
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file() and not (path / "split.csv").is_file():
-        return load_exported(path)  # an exported folder (a run directory has a split.csv)
-    return model_from_checkpoint(load_checkpoint(resolve_checkpoint(path)))
+    if is_export(Path(source)):
+        return load_exported(Path(source))
+    return model_from_checkpoint(load_checkpoint(resolve_checkpoint(source)))
 
 
 _CACHE: dict[tuple[str, float], Predictor] = {}
@@ -116,12 +115,12 @@ _CACHE: dict[tuple[str, float], Predictor] = {}
 
 def cached_predictor(source: str | Path) -> Predictor:
     """One Predictor per model and version: loaded once, reloaded when its weights file is rewritten."""
+    from .export import is_export
     if str(source).startswith("hf://"):
         key = (str(source), 0.0)  # a Hub revision does not change under us within a session
     else:
-        path = Path(source)
-        weights = path / "model.safetensors" if (path / "model.safetensors").is_file() else resolve_checkpoint(path)
-        key = (str(weights.resolve()), weights.stat().st_mtime)
+        version = Path(source) / "config.json" if is_export(Path(source)) else resolve_checkpoint(source)
+        key = (str(version.resolve()), version.stat().st_mtime)
     if key not in _CACHE:
         if len(_CACHE) >= 4:
             _CACHE.pop(next(iter(_CACHE)))
