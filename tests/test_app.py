@@ -92,6 +92,17 @@ def test_training_job_through_the_api(app):
     assert (runs / s["run"] / "last.pt").is_file()
 
 
+def test_no_trained_model_yet_says_what_to_do(demo_root, tmp_path):
+    from conftest import start_app
+    demo, url = start_app(demo_root, tmp_path)  # an empty runs folder, as on a fresh clone
+    try:
+        with pytest.raises(AppError) as err:
+            client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
+        assert str(err.value).startswith("No trained model yet: train one in the Train tab")
+    finally:
+        demo.close()
+
+
 def test_evaluate_endpoint(app):
     url, *_ = app
     summary, per_class, *_ = client(url).predict("tiny", False, api_name="/evaluate")

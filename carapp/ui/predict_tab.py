@@ -59,8 +59,9 @@ def predict(image, model: str | None = None, method: str = "gradcam", target: st
         photo = open_image(path, draft_size=1024)  # a 48-megapixel JPEG decodes at a fraction of its size
     except ImageError as exc:
         raise gr.Error(f"{name or 'This file'}: {exc.reason}", print_exception=False) from None
+    source = resolve_model(model or default_model(settings), settings)  # raises its own clear gr.Error
     try:
-        predictor = cached_predictor(resolve_model(model or default_model(settings), settings))
+        predictor = cached_predictor(source)
     except (CheckpointError, ValueError, OSError) as exc:
         raise gr.Error(f"Cannot load the model: {exc}", print_exception=False) from None
     method = method if method in CAM_METHODS or method == "none" else "gradcam"
