@@ -189,7 +189,7 @@ def cmd_evaluate(args):
 
 
 def cmd_predict(args):
-    from .images import ImageError, open_image
+    from .images import PHOTO_DRAFT_SIZE, ImageError, open_image
     from .predict import Predictor
     predictor = Predictor.load(args.run, device=args.device)
     if args.cam:
@@ -199,7 +199,7 @@ def cmd_predict(args):
         batch = []  # (position in results, path, image): a bad file gets its error entry, the rest go on
         for path in args.images[start:start + args.batch_size]:
             try:
-                batch.append((len(results), path, open_image(path, draft_size=1024)))
+                batch.append((len(results), path, open_image(path, draft_size=PHOTO_DRAFT_SIZE)))
                 results.append({"image": path})
             except (ImageError, OSError) as exc:
                 log.error("%s", exc)

@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import jobs, rundir
-from ..images import ImageError, open_image
+from ..images import PHOTO_DRAFT_SIZE, ImageError, open_image
 from ..config import CAM_METHODS
 from .settings import REPO, AppSettings
 
@@ -56,7 +56,7 @@ def predict(image, model: str | None = None, method: str = "gradcam", target: st
         raise gr.Error("Drop a photo of a car first.", print_exception=False)
     name = image.get("orig_name") if isinstance(image, dict) else None
     try:
-        photo = open_image(path, draft_size=1024)  # a 48-megapixel JPEG decodes at a fraction of its size
+        photo = open_image(path, draft_size=PHOTO_DRAFT_SIZE)
     except ImageError as exc:
         raise gr.Error(f"{name or 'This file'}: {exc.reason}", print_exception=False) from None
     source = resolve_model(model or default_model(settings), settings)  # raises its own clear gr.Error
