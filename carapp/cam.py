@@ -19,10 +19,16 @@ from .config import CAM_METHODS as METHODS
 PACKAGE_METHODS = dict(zip(METHODS, ("GradCAM", "GradCAMPlusPlus", "ScoreCAM", "EigenCAM", "LayerCAM")))
 
 
-def trunk(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A torchvision ResNet up to layer4: the activations Grad-CAM explains."""
+def stages(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torchvision ResNet up to layer4: (layer3's activations, which the "not a car" score reads; layer4's, which
+    Grad-CAM explains and the classifier pools)."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    mid = model.layer3(model.layer2(model.layer1(x)))
+    return mid, model.layer4(mid)
+
+
+def trunk(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return stages(model, x)[1]
 
 
 def head(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:

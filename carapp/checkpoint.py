@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -30,20 +31,28 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
         raise
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load without unpickling arbitrary objects; anything else gets a clear error, and nothing in it runs."""
+def load_state_file(path: str | os.PathLike, map_location="cpu"):
+    """torch.load with weights_only=True behind a zip check; anything unsafe or broken is a CheckpointError whose
+    message says what is wrong and never suggests loading it unsafely."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is never unpickled
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save writes zip archives)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path} holds objects other than plain tensors and numbers; refused for safety "
-                              f"(weights_only load): {str(exc).splitlines()[0]}") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values"
+                              f"{f' ({found.group(1)})' if found else ''}: refused for safety, nothing in it "
+                              f"was run. Only plain weight files can be used.") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {exc}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {str(exc).splitlines()[0]}") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """A carapp checkpoint (a dict with a 'model' entry), loaded without unpickling arbitrary objects."""
+    state = load_state_file(path, map_location)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a carapp checkpoint (no 'model' entry)")
     return state

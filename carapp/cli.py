@@ -1,4 +1,4 @@
-"""Command line: python -m carapp {demo-data,stats,train,evaluate,predict,export,push,cache,sweep} --help
+"""Command line: python -m carapp {demo-data,stats,train,evaluate,calibrate,predict,export,push,cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """
@@ -90,15 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(p)
 
     p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
-    p.add_argument("--run", required=True)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
+    p.add_argument("--tta", action="store_true", help="average with the mirrored photo (flip test-time augmentation)")
+    p.add_argument("--workers", type=int, default=2, help="data loader worker processes (default 2)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+
+    p = sub.add_parser("calibrate", help="fit the temperature, answer thresholds and 'not a car' score on val")
+    p.add_argument("--run", required=True, help="run directory with best.pt")
+    p.add_argument("--target-accuracy", type=float, default=0.95,
+                   help="accuracy the confident answers must reach on the validation split (default 0.95)")
+    p.add_argument("--workers", type=int, default=2, help="data loader worker processes (default 2)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
 
     p = sub.add_parser("predict", help="classify images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--run", required=True, help="run directory, checkpoint file, exported folder, or hf://owner/name")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="how many classes and makes to list (default 5)")
+    p.add_argument("--tta", action="store_true", help="average with the mirrored photo (flip test-time augmentation)")
     p.add_argument("--cam", metavar="OUT_DIR", help="write one Grad-CAM heatmap PNG per image here")
     p.add_argument("--cam-method", default="gradcam", help="gradcam (one forward pass) | gradcam++ | scorecam | "
                    "eigencam | layercam")
@@ -185,13 +194,25 @@ def cmd_train(args):
 
 def cmd_evaluate(args):
     from .evaluate import evaluate_run
-    return evaluate_run(args.run, args.split, workers=args.workers, device=args.device), 0
+    return evaluate_run(args.run, args.split, workers=args.workers, device=args.device, tta=args.tta), 0
+
+
+def cmd_calibrate(args):
+    from .calibrate import calibrate_run
+    result = calibrate_run(args.run, args.target_accuracy, workers=args.workers, device=args.device)
+    log.info("temperature %.3f; validation ECE %.4f -> %.4f; thresholds: model %.3f, make %.3f, no-car score %.1f",
+             result["temperature"], result["ece_before"], result["ece_after"], result["thresholds"]["model"],
+             result["thresholds"]["make"], result["thresholds"]["ood"])
+    return result, 0
 
 
 def cmd_predict(args):
     from .images import PHOTO_DRAFT_SIZE, ImageError, open_image
+    from .answers import UNCALIBRATED_NOTE
     from .predict import Predictor
     predictor = Predictor.load(args.run, device=args.device)
+    if not predictor.calibration.calibrated:
+        log.warning("note: %s", UNCALIBRATED_NOTE)
     if args.cam:
         Path(args.cam).mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
@@ -206,14 +227,16 @@ def cmd_predict(args):
                 results.append({"image": path, "error": str(exc)})
         if not batch:
             continue
-        preds = predictor.predict_many([im for _, _, im in batch], args.top_k, bool(args.cam), args.cam_method)
+        preds = predictor.predict_many([im for _, _, im in batch], args.top_k, bool(args.cam), args.cam_method,
+                                       tta=args.tta)
         for (i, path, _), pred in zip(batch, preds):
-            results[i]["top"] = [{"label": label, "prob": prob} for label, prob in pred.top]
+            results[i] |= pred.to_json()
             if pred.cam is not None:
                 results[i]["cam"] = str(Path(args.cam) / f"{i:04d}_{Path(path).stem}_cam.png")
                 pred.cam.save(results[i]["cam"])
             if not args.json:
-                log.info("%s: %s", path, ", ".join(f"{label} {prob:.3f}" for label, prob in pred.top))
+                print(f"{path}: {pred.status} — " + ", ".join(f"{label} {prob:.3f}" for label, prob in pred.top)
+                      + f" (make: {pred.make[0]} {pred.make[1]:.3f})", flush=True)
     return results, 1 if any("error" in r for r in results) else 0
 
 
@@ -243,4 +266,5 @@ def cmd_sweep(args):
 
 
 COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "train": cmd_train, "evaluate": cmd_evaluate,
+            "calibrate": cmd_calibrate,
             "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep}

@@ -15,6 +15,10 @@ Classes are made learnable at 64 px: the body silhouette depends on the make,
 and models of one make differ by a strongly separated hue plus a visual
 detail (stripe, roof rack, spoiler, ...).  Backgrounds, placement, scale,
 viewpoint and shade are random so a class is never one flat picture.
+
+``make_no_car_images`` writes SYNTHETIC photos with no car in them (empty demo
+road scenes, textures, noise, random shapes, gradients) at the same size and
+JPEG quality, for "not a car" checks and outlier exposure.
 """
 
 from __future__ import annotations
@@ -343,10 +347,13 @@ def _draw_front(draw, frame, shape, pal, detail, rear):
 # Scene
 # --------------------------------------------------------------------------
 
+def _lerp(a, b, t):
+    """Blend colours a -> b by t (array of shape (..., 1), 0..1); float result."""
+    return np.asarray(a, float) * (1 - t) + np.asarray(b, float) * t
+
+
 def _gradient(top, bottom, h, w):
-    t = np.linspace(0, 1, h)[:, None, None]
-    col = np.asarray(top, float) * (1 - t) + np.asarray(bottom, float) * t
-    return np.broadcast_to(col, (h, w, 3))
+    return np.broadcast_to(_lerp(top, bottom, np.linspace(0, 1, h)[:, None, None]), (h, w, 3))
 
 
 def _draw_background(rng):
@@ -418,9 +425,13 @@ def _render_image(model, view, rng):
     # The bbox is the drawn extent after downsampling (>= 1/4 pixel coverage).
     alpha = car.getchannel("A").reduce(SS).point(lambda a: 255 if a >= 64 else 0)
     left, top, right, bottom = alpha.getbbox()
-    arr = np.asarray(scene, float) * rng.uniform(0.85, 1.15) + rng.normal(0, rng.uniform(2, 8), (IMG_H, IMG_W, 3))
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    return img, (left + 1, top + 1, right, bottom)
+    return _photo_finish(scene, rng), (left + 1, top + 1, right, bottom)
+
+
+def _photo_finish(img, rng):
+    """Camera-ish exposure jitter and sensor noise on a final-size RGB image."""
+    arr = np.asarray(img, float) * rng.uniform(0.85, 1.15) + rng.normal(0, rng.uniform(2, 8), (IMG_H, IMG_W, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
 # --------------------------------------------------------------------------
@@ -517,3 +528,132 @@ def make_demo_dataset(out: str | os.PathLike, seed: int = 0, scale: float = 1.0)
     _write_readme(out, num_images)
     return {"root": str(out), "num_images": num_images, "num_makes": len(MAKES),
             "num_models": len(MODELS), "synthetic": True}
+
+
+# --------------------------------------------------------------------------
+# Negatives: synthetic photos with no car in them
+# --------------------------------------------------------------------------
+
+NO_CAR_KINDS = ("scene", "texture", "noise", "shapes", "gradient")
+_NO_CAR_TAG = 0x6E6F6361  # "noca": keeps these generators apart from the car images'
+
+
+def _rgb(colour):
+    return tuple(colour[:3])
+
+
+def _any_colour(rng):
+    return _hsv(rng.uniform(0, 360), rng.uniform(0.1, 1), rng.uniform(0.15, 1))
+
+
+def _rotated_grid(rng, w, h):
+    """Pixel coordinates (u, v) rotated by a random angle, each of shape (h, w)."""
+    y, x = np.mgrid[0:h, 0:w].astype(float)
+    a = rng.uniform(0, np.pi)
+    return x * np.cos(a) + y * np.sin(a), -x * np.sin(a) + y * np.cos(a)
+
+
+def _no_car_scene(rng):
+    """The demo's sky/road backdrop with nothing parked in it."""
+    return _draw_background(rng).reduce(SS)
+
+
+def _texture_mask(pattern, u, v, rng):
+    p = rng.uniform(8, 40)  # period in SS pixels
+    if pattern == "checkers":
+        return (u // p + v // p) % 2 == 0
+    if pattern == "stripes":
+        return (u // (p / 2)) % 2 == 0
+    if pattern == "dots":
+        return ((u % p) - p / 2) ** 2 + ((v % p) - p / 2) ** 2 < (p * rng.uniform(0.15, 0.45)) ** 2
+    row = v // (p / 2)  # bricks: rows of half height, every other row offset by half a brick
+    mortar = max(1.5, p * 0.08)
+    return ((v % (p / 2)) >= mortar) & (((u + (row % 2) * p / 2) % p) >= mortar)
+
+
+def _no_car_texture(rng):
+    """A repeating pattern (checkers, stripes, dots or bricks) in two colours, at a random angle."""
+    pattern = str(rng.choice(["checkers", "stripes", "dots", "bricks"]))
+    u, v = _rotated_grid(rng, IMG_W * SS, IMG_H * SS)
+    mask = _texture_mask(pattern, u, v, rng)[..., None]
+    arr = np.where(mask, _rgb(_any_colour(rng)), _rgb(_any_colour(rng)))
+    return Image.fromarray(arr.astype(np.uint8), "RGB").reduce(SS)
+
+
+def _no_car_noise(rng):
+    """Uniform, Gaussian or blotchy (upsampled coarse) noise."""
+    kind = str(rng.choice(["uniform", "gaussian", "blotchy"]))
+    if kind == "uniform":
+        arr = rng.integers(0, 256, (IMG_H, IMG_W, 3))
+    elif kind == "gaussian":
+        arr = rng.normal(rng.uniform(60, 200, 3), rng.uniform(15, 60), (IMG_H, IMG_W, 3))
+    else:
+        coarse = rng.integers(0, 256, (int(rng.integers(3, 13)), int(rng.integers(3, 13)), 3)).astype(np.uint8)
+        return Image.fromarray(coarse, "RGB").resize((IMG_W, IMG_H), Image.Resampling.BICUBIC)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def _random_polygon(rng, cx, cy, r):
+    """3-7 vertices at sorted random angles around (cx, cy): irregular, never car-like."""
+    angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 8))))
+    radii = r * rng.uniform(0.4, 1.0, len(angles))
+    return [(float(cx + q * np.cos(a)), float(cy + q * np.sin(a))) for a, q in zip(angles, radii)]
+
+
+def _no_car_shapes(rng):
+    """Random circles, ellipses and irregular polygons scattered over a plain gradient."""
+    w, h = IMG_W * SS, IMG_H * SS
+    bg = _gradient(_rgb(_any_colour(rng)), _rgb(_any_colour(rng)), h, w)
+    img = Image.fromarray(bg.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 13))):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(8, 60)
+        fill = _rgb(_any_colour(rng))
+        if rng.random() < 0.4:
+            ry = r * rng.uniform(0.5, 1.5)
+            draw.ellipse([cx - r, cy - ry, cx + r, cy + ry], fill=fill)
+        else:
+            draw.polygon(_random_polygon(rng, cx, cy, r), fill=fill)
+    return img.reduce(SS)
+
+
+def _no_car_gradient(rng):
+    """A smooth two-colour gradient, linear at a random angle or radial from a random centre."""
+    if rng.random() < 0.6:
+        u, _ = _rotated_grid(rng, IMG_W, IMG_H)
+        t = u - u.min()
+    else:
+        y, x = np.mgrid[0:IMG_H, 0:IMG_W].astype(float)
+        t = np.hypot(x - rng.uniform(0, IMG_W), y - rng.uniform(0, IMG_H))
+    t = t / max(t.max(), 1e-9)
+    arr = _lerp(_rgb(_any_colour(rng)), _rgb(_any_colour(rng)), t[..., None])
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+_NO_CAR_PAINTERS = {"scene": _no_car_scene, "texture": _no_car_texture, "noise": _no_car_noise,
+                    "shapes": _no_car_shapes, "gradient": _no_car_gradient}
+
+
+def make_no_car_images(out: str | os.PathLike, count: int = 60, seed: int = 1, kinds=NO_CAR_KINDS) -> list[Path]:
+    """SYNTHETIC photos with no car in them, for testing "not a car" detection and for outlier exposure:
+    demo backgrounds without a car (scene), repeating textures (checkers, stripes, dots, bricks), noise (uniform,
+    Gaussian, blotchy low-frequency), random geometric shapes (circles/polygons, none car-like), and colour gradients.
+    Same size and JPEG quality as the demo cars. Written as out/<kind>_<k:03d>.jpg, kinds in round-robin;
+    returns the paths."""
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in _NO_CAR_PAINTERS]
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be a non-empty subset of {NO_CAR_KINDS}, got {kinds}")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(count):
+        kind = kinds[k % len(kinds)]
+        rng = np.random.default_rng([seed, _NO_CAR_TAG, k])  # one generator per image, like the cars
+        img = _photo_finish(_NO_CAR_PAINTERS[kind](rng), rng)
+        path = out / f"{kind}_{k:03d}.jpg"
+        img.save(path, quality=JPEG_QUALITY)
+        paths.append(path)
+    return paths

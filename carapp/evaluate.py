@@ -1,18 +1,26 @@
-"""Evaluate a run's best checkpoint on one split: top-1, top-5, macro-F1, per-class accuracy, confusion matrix.
+"""Evaluate a run's best checkpoint on one split: top-1, top-5, macro-F1, per-class accuracy, confusion matrix, and
+how far the answers can be trusted: calibration error, make-level top-1, coverage and accuracy of confident answers,
+accuracy per viewpoint.
 
-    python -m carapp evaluate --run checkpoints/run1 [--split test] [--json]
+    python -m carapp evaluate --run checkpoints/run1 [--split test] [--tta] [--json]
 
 Writes <split>_metrics.json, <split>_per_class.csv, <split>_confusion.csv and <split>_predictions.csv in the run.
 """
 from __future__ import annotations
 
 import csv
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import rundir
+from .answers import Calibration, class_makes_of
+from .cam import head, stages, trunk
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import TrainConfig
 from .data import index_dataset
@@ -20,23 +28,77 @@ from .loader import CarImages, build_transform, make_loader, to_input
 from .model import model_from_checkpoint
 from .resized import ResizedCache
 from .runtime import autocast, pick_device
+from .trust import coverage_curve, ece, make_probs, reliability_bins, softmax
+
+VIEWPOINTS = {-1: "uncertain", 1: "front", 2: "rear", 3: "side", 4: "front-side", 5: "rear-side"}
+
+
+@dataclass
+class Outputs:
+    logits: np.ndarray      # (N, classes), float32
+    features: np.ndarray    # (N, channels): pooled layer3 activations, what the "not a car" score reads
+    labels: np.ndarray      # (N,)
+    kept: list[int]         # dataset indices that were readable, in order
+
+
+def forward(model, x: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, pooled layer3 features, layer4 activations) of a batch; with tta, the logits are averaged with the
+    mirrored photo's."""
+    mid, activations = stages(model, x)
+    logits = head(model, activations)
+    if tta:
+        logits = (logits + head(model, trunk(model, x.flip(-1)))) / 2
+    return logits, mid.mean((2, 3)), activations
 
 
 @torch.inference_mode()
-def predict_probs(model, loader, device, amp: bool = True) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Softmax probabilities, true labels, and the dataset indices that were readable."""
-    probs, labels, kept = [], [], []
+def collect_outputs(model, loader, device, amp: bool = True, tta: bool = False, on_batch=None) -> Outputs:
+    """Logits and features of every readable image of a loader; on_batch(images done) after each batch."""
+    logits, features, labels, kept, done = [], [], [], [], 0
     for batch in loader:
-        if batch.images is None:
-            continue
-        with autocast(device, amp):
-            logits = model(to_input(batch.images, device, channels_last=True))
-        probs.append(logits.float().softmax(1).cpu().numpy())
-        labels.append(batch.labels.numpy())
-        kept += batch.indices
+        done += len(batch.indices) + len(batch.bad)
+        if batch.images is not None:
+            with autocast(device, amp):
+                out, pooled, _ = forward(model, to_input(batch.images, device, channels_last=True), tta)
+            logits.append(out.float().cpu().numpy())
+            features.append(pooled.float().cpu().numpy())
+            labels.append(batch.labels.numpy())
+            kept += batch.indices
+        if on_batch:
+            on_batch(done)
     if not kept:
         raise ValueError("no readable image in this split")
-    return np.concatenate(probs), np.concatenate(labels), kept
+    return Outputs(np.concatenate(logits), np.concatenate(features), np.concatenate(labels), kept)
+
+
+def load_run_model(run: Path, device: str = "auto"):
+    """(model on its device, TrainConfig, class names, device) of a run's best.pt."""
+    if not (run / "split.csv").is_file():
+        raise CheckpointError(f"{run} is not a run directory (no split.csv)")
+    model, cfg_dict, names = model_from_checkpoint(load_checkpoint(resolve_checkpoint(run)))
+    dev = pick_device(device)
+    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
+    return model, TrainConfig.from_dict(cfg_dict), names, dev
+
+
+def split_dataset(run: Path, cfg: TrainConfig, split: str, per_class: int | None = None) -> CarImages:
+    """The images of one split of a run, as evaluation sees them (no augmentation); with per_class, only the first
+    that many of each class (a fixed subset: a rerun sees the same images)."""
+    boxes = None
+    if cfg.crop_bbox:
+        index = index_dataset(cfg.data, cfg.format)
+        boxes = dict(zip(index.paths, index.bboxes))
+    paths, labels, bboxes = rundir.read_split(run, boxes).subset(split)
+    if per_class:
+        seen: Counter[int] = Counter()
+        keep = []
+        for i, y in enumerate(labels):
+            seen[y] += 1
+            if seen[y] <= per_class:
+                keep.append(i)
+        paths, labels, bboxes = [paths[i] for i in keep], [labels[i] for i in keep], [bboxes[i] for i in keep]
+    return CarImages(cfg.data, paths, labels, bboxes, build_transform(cfg.image_size, False), cfg.crop_bbox,
+                     cfg.image_size, ResizedCache.find(cfg.data, cfg.image_size))
 
 
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
@@ -59,46 +121,122 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> 
 
 
 def evaluate_run(run: str | Path, split: str = "test", workers: int = 2, batch_size: int = 64,
-                 device: str = "auto") -> dict:
+                 device: str = "auto", tta: bool = False) -> dict:
+    """Evaluate best.pt on a split, reporting progress in evaluate_progress.json; the result files are replaced
+    atomically at the end, so readers see the old report or the new one, never a mix of half-written files."""
     run = Path(run)
     if not (run / "split.csv").is_file():
         raise CheckpointError(f"{run} is not a run directory (no split.csv)")
-    model, cfg_dict, names = model_from_checkpoint(load_checkpoint(resolve_checkpoint(run)))
-    cfg = TrainConfig.from_dict(cfg_dict)
-    boxes = None
-    if cfg.crop_bbox:
-        index = index_dataset(cfg.data, cfg.format)
-        boxes = dict(zip(index.paths, index.bboxes))
-    paths, labels, bboxes = rundir.read_split(run, boxes).subset(split)
-    if not paths:
+    progress = Progress(run / rundir.EVAL_PROGRESS, split)
+    try:
+        result = _evaluate(run, split, workers, batch_size, device, tta, progress)
+    except BaseException as exc:
+        progress.write(status="failed" if isinstance(exc, Exception) else "interrupted", error=str(exc))
+        raise
+    total = result["num_images"] + result["skipped_images"]
+    progress.write(status="finished", done=total, total=total)
+    return result
+
+
+class Progress:
+    """evaluate_progress.json, rewritten at most once a second while running."""
+
+    def __init__(self, path: Path, split: str):
+        self.path, self.split, self.last = path, split, 0.0
+        self.write(status="running", done=0, total=None)
+
+    def write(self, **fields) -> None:
+        rundir.write_json(self.path, {"split": self.split, "pid": os.getpid(), "updated": time.time(), **fields})
+
+    def running(self, done: int, total: int) -> None:
+        if time.time() - self.last >= 1.0:
+            self.last = time.time()
+            self.write(status="running", done=done, total=total)
+
+
+def _evaluate(run: Path, split: str, workers: int, batch_size: int, device: str, tta: bool,
+              progress: Progress) -> dict:
+    model, cfg, names, dev = load_run_model(run, device)
+    dataset = split_dataset(run, cfg, split)
+    if not len(dataset):
         raise ValueError(f"the {split} split of {run} is empty")
-    dev = pick_device(device)
-    dataset = CarImages(cfg.data, paths, labels, bboxes, build_transform(cfg.image_size, False), cfg.crop_bbox,
-                        cfg.image_size, ResizedCache.find(cfg.data, cfg.image_size))
-    model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
-    probs, y, kept = predict_probs(model, make_loader(dataset, batch_size, workers), dev, cfg.amp)
-    metrics = compute_metrics(probs, y, len(names))
-    _save(run, split, metrics, names, [paths[i] for i in kept], probs, y)
-    return {k: v for k, v in metrics.items() if k not in ("confusion", "per_class_accuracy", "support")} | {
-        "split": split, "skipped_images": len(paths) - len(y)}
+    out = collect_outputs(model, make_loader(dataset, batch_size, workers), dev, cfg.amp, tta,
+                          lambda done: progress.running(done, len(dataset)))
+    calibration = Calibration.load(run, names, class_makes_of(run, names))
+    probs = calibration.probs(out.logits)
+    paths = [dataset.paths[i] for i in out.kept]
+    metrics = compute_metrics(probs, out.labels, len(names))
+    trust, answers = trust_metrics(calibration, out, probs, _viewpoints(cfg, paths))
+    metrics |= trust | {"tta": tta}
+    _save(run, split, metrics, names, paths, probs, out.labels, answers)
+    return {k: v for k, v in metrics.items() if k not in REPORT_ONLY} | {
+        "split": split, "skipped_images": len(dataset) - len(out.labels)}
+
+
+# in <split>_metrics.json for the Evaluate tab, but too long for the CLI's summary
+REPORT_ONLY = ("confusion", "per_class_accuracy", "support", "reliability_before", "reliability_after",
+               "coverage_curve")
+
+
+def trust_metrics(calibration: Calibration, out: Outputs, probs: np.ndarray,
+                  viewpoints: list[int | None] | None) -> tuple[dict, list]:
+    """Calibration error before/after, make-level top-1, the share answered with a model and its accuracy, the
+    reliability bins and coverage curve for the plots, and accuracy per viewpoint."""
+    labels = out.labels
+    make_names, by_make = make_probs(probs, calibration.class_makes)
+    true_make = np.array([make_names.index(calibration.class_makes[t]) for t in labels])
+    answers = calibration.answers(out.logits, out.features, top_k=1)
+    status = np.array([a.status for a in answers])
+    correct = probs.argmax(1) == labels
+    model_answers = status == "model"
+    plain = softmax(out.logits)  # temperature 1: what the network says before calibration
+    metrics = {
+        "calibrated": calibration.calibrated, "temperature": calibration.temperature,
+        "ece": ece(probs, labels), "ece_uncalibrated": ece(plain, labels),
+        "make_top1": float((by_make.argmax(1) == true_make).mean()),
+        "coverage": float(model_answers.mean()),
+        "selective_accuracy": float(correct[model_answers].mean()) if model_answers.any() else None,
+        "status_counts": {s: int((status == s).sum()) for s in ("model", "make", "unsure", "no-car")},
+        "thresholds": calibration.thresholds,
+        "reliability_before": reliability_bins(plain, labels), "reliability_after": reliability_bins(probs, labels),
+        "coverage_curve": coverage_curve(probs.max(1), correct),
+    }
+    if viewpoints:
+        metrics["per_viewpoint"] = {
+            VIEWPOINTS.get(v, str(v)): {"accuracy": float(correct[[i for i, w in enumerate(viewpoints) if w == v]]
+                                                          .mean()), "images": viewpoints.count(v)}
+            for v in sorted({v for v in viewpoints if v is not None})}
+    return metrics, answers
+
+
+def _viewpoints(cfg: TrainConfig, paths: list[str]) -> list[int | None] | None:
+    """The CompCars viewpoint label of each image, when the dataset has them and is still there."""
+    try:
+        index = index_dataset(cfg.data, cfg.format)
+    except (ValueError, OSError):
+        return None
+    by_path = dict(zip(index.paths, index.viewpoints or []))
+    views = [by_path.get(p) for p in paths]
+    return views if any(v is not None for v in views) else None
 
 
 def _save(run: Path, split: str, metrics: dict, names: list[str], paths: list[str], probs: np.ndarray,
-          labels: np.ndarray) -> None:
+          labels: np.ndarray, answers: list) -> None:
     summary = {k: v for k, v in metrics.items() if k not in ("confusion", "per_class_accuracy", "support")}
-    rundir.write_json(run / f"{split}_metrics.json", summary | {"split": split})
-    with open(run / f"{split}_per_class.csv", "w", newline="") as f:
+    with rundir.atomic_writer(run / f"{split}_per_class.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "name", "support", "accuracy"])
         w.writerows((i, n, s, "" if a is None else round(a, 6)) for i, (n, s, a) in
                     enumerate(zip(names, metrics["support"], metrics["per_class_accuracy"])))
-    np.savetxt(run / f"{split}_confusion.csv", metrics["confusion"], fmt="%d", delimiter=",")
+    with rundir.atomic_writer(run / f"{split}_confusion.csv") as f:
+        np.savetxt(f, metrics["confusion"], fmt="%d", delimiter=",")
     pred = probs.argmax(1)
-    with open(run / f"{split}_predictions.csv", "w", newline="") as f:
+    with rundir.atomic_writer(run / f"{split}_predictions.csv", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "pred", "prob"])
-        w.writerows((p, int(t), int(q), round(float(probs[i, q]), 6)) for i, (p, t, q) in
-                    enumerate(zip(paths, labels, pred)))
+        w.writerow(["path", "label", "pred", "prob", "status", "make", "make_prob"])
+        w.writerows((p, int(t), int(q), round(float(probs[i, q]), 6), a.status, a.make[0], round(a.make[1], 6))
+                    for i, (p, t, q, a) in enumerate(zip(paths, labels, pred, answers)))
+    rundir.write_json(run / f"{split}_metrics.json", summary | {"split": split})  # last: it marks a report done
 
 
 def read_report(run: str | Path, split: str = "test") -> dict | None:

@@ -9,12 +9,14 @@ An exported folder, or a Hub repo as hf://owner/name[@revision], loads with Pred
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from . import rundir
+from .answers import BANK_FILE, CALIBRATION_FILE
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .loader import IMAGENET_MEAN, IMAGENET_STD, resize_size
 from .model import model_from_checkpoint
@@ -27,7 +29,8 @@ def preprocessing(image_size: int) -> dict:
     """What an exported model expects, so other runtimes can feed it without carapp."""
     return {"input": "float32 NCHW, RGB, batch of any size", "resize_short_side": resize_size(image_size),
             "center_crop": image_size, "scale": "pixel / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "output": "logits, one per class in labels.json order (softmax for probabilities)"}
+            "output": "logits, one per class in labels.json order: softmax(logits / temperature) for probabilities, "
+                      "with the temperature from calibration.json (1 when absent)"}
 
 
 def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
@@ -48,6 +51,10 @@ def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
     rundir.write_json(out / "config.json", {"format": FORMAT_TAG, "version": 1, "weights": fmt,
                                             "num_classes": len(labels), "preprocessing": preprocessing(image_size),
                                             "training": config})
+    for name in (CALIBRATION_FILE, BANK_FILE):  # the temperature, thresholds and "not a car" score travel along
+        source = (run if run.is_dir() else run.parent) / name
+        if source.is_file():
+            shutil.copyfile(source, out / name)
     (out / "README.md").write_text(model_card(run, config, labels))
     return out
 
@@ -116,8 +123,9 @@ Recognising car makes and models in photos of whole cars, e.g. to tag or count m
 to show with Grad-CAM which parts of the car the prediction rests on.
 
 ## Limitations
-Knows only the classes above, and answers with one of them for any image, car or not. Trained on web photos of whole
-cars: close-ups, interiors, night or surveillance views, heavy occlusion, and models or years outside the training
+Knows only the classes above. With carapp, a calibrated model (calibration.json, feature_bank.npz) answers "model",
+"make" (model unsure), "unsure" or "no-car"; the raw network alone answers with one of its classes for any image, car
+or not. Trained on web photos of whole cars: close-ups, interiors, night or surveillance views, heavy occlusion, and models or years outside the training
 data will be misclassified, often with confidence. Class imbalance in the training data affects rarer models. Not
 for identifying individual vehicles or people.
 """
@@ -133,7 +141,7 @@ def hub_snapshot(source: str) -> Path:
     repo, _, revision = source.removeprefix("hf://").partition("@")
     try:
         return Path(snapshot_download(repo, revision=revision or None, token=os.environ.get("HF_TOKEN"),
-                                      allow_patterns=["*.json", "*.safetensors", "*.md"]))
+                                      allow_patterns=["*.json", "*.safetensors", "*.md", "*.npz"]))
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         raise CheckpointError(f"model {repo}{'@' + revision if revision else ''} is not in the local Hugging Face "

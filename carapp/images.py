@@ -37,7 +37,8 @@ def open_image(source: str | os.PathLike | BinaryIO, bbox: list[int] | None = No
         if draft_size and img.format == "JPEG":
             # draft picks a scale >= the requested size, so the result never drops below draft_size
             img.draft("RGB", (draft_size, draft_size))
-        img = ImageOps.exif_transpose(img)
+        img = _reduce(img, draft_size)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy when nothing needs turning
         img = _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(name, f"image too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
@@ -54,6 +55,26 @@ def open_image(source: str | os.PathLike | BinaryIO, bbox: list[int] | None = No
     if max(img.size) > MAX_SIDE:
         img.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
     return img
+
+
+def _reduce(img: Image.Image, draft_size: int | None) -> Image.Image:
+    """Shrink a large non-JPEG by an integer factor right after decoding, before any mode conversion: an
+    8,900 x 8,900 RGBA PNG then costs its decoded size once instead of three converted copies of it."""
+    factor = min(img.size) // draft_size if draft_size else 1  # like draft: never below draft_size
+    if factor < 2:
+        return img
+    if img.mode in ("P", "1"):  # palette and bilevel images: nearest keeps the palette, at a quarter the memory
+        return img.resize((max(1, img.width // factor), max(1, img.height // factor)), Image.NEAREST)
+    if img.mode not in ("RGB", "RGBA", "L", "LA", "PA", "CMYK", "I", "F"):
+        return img
+    # in bands: reduce() premultiplies alpha through a converted copy, which must not be one of the whole image
+    out = Image.new(img.mode, (img.width // factor, img.height // factor))
+    out.info = dict(img.info)  # EXIF orientation is applied after this
+    band = factor * 128
+    for top in range(0, out.height * factor, band):
+        piece = img.crop((0, top, out.width * factor, min(top + band, out.height * factor)))
+        out.paste(piece.reduce(factor), (0, top // factor))
+    return out
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

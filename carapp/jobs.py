@@ -3,9 +3,12 @@ directory. It outlives the browser tab and the app itself; after a restart, runs
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,9 @@ from .cli import train_args
 from .config import TrainConfig
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+JOB_FILE = ".app-job.json"              # in the runs folder: the job the app started last
+EVAL_PROGRESS = rundir.EVAL_PROGRESS
+_START_LOCK = threading.Lock()
 
 
 class JobError(RuntimeError):
@@ -54,7 +60,9 @@ def list_runs(runs_dir: str | Path) -> list[RunInfo]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    runs = [run_info(p) for p in runs_dir.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+    # progress.json too: a trainer announces itself there before its config is written
+    runs = [run_info(p) for p in runs_dir.iterdir()
+            if p.is_dir() and ((p / "config.json").is_file() or (p / "progress.json").is_file())]
     return sorted(runs, key=lambda r: r.updated, reverse=True)
 
 
@@ -67,11 +75,6 @@ def active_run(runs_dir: str | Path) -> RunInfo | None:
     return next((r for r in list_runs(runs_dir) if r.status == "running"), None)
 
 
-def newest_checkpoint(runs_dir: str | Path) -> Path | None:
-    """The most recently updated run that has a best.pt: the app's default model."""
-    return next((r.path for r in list_runs(runs_dir) if (r.path / "best.pt").is_file()), None)
-
-
 def _spawn(args: list[str], run: Path) -> subprocess.Popen:
     run.mkdir(parents=True, exist_ok=True)
     console = open(run / "console.log", "ab")
@@ -82,46 +85,89 @@ def _spawn(args: list[str], run: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_until_started(proc: subprocess.Popen, run: Path, timeout: float = 60) -> None:
-    """Return once the trainer wrote its first progress (or died, with its last words as the error)."""
+def _wait_until_started(proc: subprocess.Popen, progress: Path, timeout: float = 60) -> None:
+    """Return once the job wrote its first progress (or died, with its last words as the error)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if rundir.read_progress(run).get("pid") == proc.pid:
+        if rundir.read_json(progress, {}).get("pid") == proc.pid:
             return
         if proc.poll() is not None:
-            tail = (run / "console.log").read_text(errors="replace").strip().splitlines()[-3:]
-            raise JobError("training did not start: " + " / ".join(tail))
+            tail = (progress.parent / "console.log").read_text(errors="replace").strip().splitlines()[-3:]
+            raise JobError("the job did not start: " + " / ".join(tail))
         time.sleep(0.2)
+
+
+def app_job(runs_dir: str | Path) -> dict | None:
+    """The job this app started last, while its process lives: {"pid", "run", "kind"}."""
+    job = rundir.read_json(Path(runs_dir) / JOB_FILE)
+    return job if job and rundir.pid_alive(job.get("pid", 0)) else None
+
+
+@contextlib.contextmanager
+def _one_job(runs_dir: str | Path):
+    """Check and start as one step: a thread lock inside the app, an flock across app processes. The new job's
+    PID is recorded before the lock opens, so the next caller sees it busy before the job's first progress write."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with _START_LOCK, open(runs_dir / ".jobs.lock", "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        busy = active_run(runs_dir)
+        job = app_job(runs_dir)
+        if busy or job:
+            name = busy.name if busy else job["run"]
+            raise JobError(f"run {name} is busy with a job now: wait or stop it first (one job at a time)")
+        yield lambda proc, run, kind: rundir.write_json(runs_dir / JOB_FILE, {"pid": proc.pid, "run": run.name,
+                                                                            "kind": kind})
 
 
 def start_training(cfg: TrainConfig, runs_dir: str | Path, name: str | None = None) -> Path:
     """Start a new run in the background; one active job at a time."""
-    _refuse_if_busy(runs_dir)
     name = name or time.strftime(f"{cfg.preset}-%Y%m%d-%H%M%S")
     run = Path(runs_dir) / name
-    if (run / "config.json").exists():
-        raise JobError(f"a run named {name} exists already")
-    proc = _spawn(["train", "--run-dir", str(run), *train_args(cfg)], run)
-    _wait_until_started(proc, run)
+    with _one_job(runs_dir) as record:
+        if (run / "config.json").exists():
+            raise JobError(f"a run named {name} exists already")
+        proc = _spawn(["train", "--run-dir", str(run), *train_args(cfg)], run)
+        record(proc, run, "train")
+    _wait_until_started(proc, run / "progress.json")
     return run
 
 
 def resume_training(run: str | Path, runs_dir: str | Path, epochs: int | None = None) -> Path:
-    _refuse_if_busy(runs_dir)
+    """Continue a run; one killed before its first last.pt starts again on its frozen split, as the CLI does."""
     run = Path(run)
-    if not (run / "last.pt").is_file():
-        raise JobError(f"{run.name} has no last.pt yet: nothing to resume")
-    proc = _spawn(["train", "--resume", str(run)] + (["--epochs", str(epochs)] if epochs else []), run)
-    _wait_until_started(proc, run)
+    if not (run / "config.json").is_file() or not (run / "split.csv").is_file():
+        raise JobError(f"{run.name} has no config.json and split.csv: nothing to resume")
+    with _one_job(runs_dir) as record:
+        proc = _spawn(["train", "--resume", str(run)] + (["--epochs", str(epochs)] if epochs else []), run)
+        record(proc, run, "train")
+    _wait_until_started(proc, run / "progress.json")
     return run
+
+
+def start_evaluation(run: str | Path, runs_dir: str | Path, split: str = "test") -> Path:
+    """Evaluate a run's best.pt in the background (its files are replaced atomically when it ends)."""
+    run = Path(run)
+    with _one_job(runs_dir) as record:
+        proc = _spawn(["evaluate", "--run", str(run), "--split", split, "--workers", "0"], run)
+        record(proc, run, "evaluate")
+    _wait_until_started(proc, run / EVAL_PROGRESS)
+    return run
+
+
+def evaluation_status(run: str | Path) -> dict:
+    """The evaluation progress of a run: status running | finished | failed | interrupted, done, total."""
+    progress = rundir.read_json(Path(run) / EVAL_PROGRESS, {})
+    if progress.get("status") == "running" and not rundir.pid_alive(progress.get("pid", 0)):
+        progress["status"] = "interrupted"
+    return progress
+
+
+def started_by_app(runs_dir: str | Path, run: str | Path) -> bool:
+    job = app_job(runs_dir)
+    return bool(job) and job["run"] == Path(run).name
 
 
 def stop_training(run: str | Path) -> None:
     """Ask politely: the trainer finishes its step, saves last.pt and exits."""
     rundir.request_stop(run)
-
-
-def _refuse_if_busy(runs_dir: str | Path) -> None:
-    busy = active_run(runs_dir)
-    if busy:
-        raise JobError(f"run {busy.name} is training now: stop it first (one job at a time)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 from typing import NamedTuple
 
 import torch
@@ -128,7 +129,15 @@ class EpochSampler(Sampler[int]):
         return len(range(self.rank, self.num_samples, self.world)) - self.start
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process: a signal sent to the whole process group (Ctrl-C,
+    `timeout`, systemd, Docker, Spaces) must not kill them mid-batch, or the main process could not finish its step
+    and save. The main process shuts them down itself, and they exit on their own if it dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: CarImages, batch_size: int, workers: int, sampler=None, pin: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate_skip_bad, pin_memory=pin, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None, worker_init_fn=ignore_stop_signals if workers else None)

@@ -6,12 +6,13 @@ as they are. The head keeps the key names `fc.weight` / `fc.bias` by folding the
 from __future__ import annotations
 
 import logging
-import os
 import socket
 
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
+
+from .checkpoint import load_state_file
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,12 @@ def _pretrained_state(backbone: str, weights: str | None) -> dict | None:
         return None
     if weights == "imagenet":
         return _imagenet_state(backbone)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"weights file not found: {weights}")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = load_state_file(weights)  # the same safe, clearly-worded load as checkpoints get
     for key in ("model", "state_dict"):  # accept our checkpoints and common wrappers too
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights} holds no state dict of weights")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

@@ -83,3 +83,33 @@ def confused_classes(cm: np.ndarray, k: int = 15) -> list[int]:
     np.fill_diagonal(off, 0)
     weight = off.sum(0) + off.sum(1)
     return [int(i) for i in np.argsort(weight)[::-1][:k] if weight[i] > 0]
+
+
+def reliability_figure(before: list[dict], after: list[dict], ece_before: float, ece_after: float) -> go.Figure:
+    """Accuracy against confidence per bin, before and after calibration; the diagonal is perfect calibration."""
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="grey"),
+                               name="perfectly calibrated"))
+    for bins, name in ((before, f"before (ECE {ece_before:.3f})"), (after, f"after (ECE {ece_after:.3f})")):
+        filled = [b for b in bins if b["count"]]
+        fig.add_trace(go.Scatter(x=[b["confidence"] for b in filled], y=[b["accuracy"] for b in filled],
+                                 mode="lines+markers", name=name, customdata=[b["count"] for b in filled],
+                                 hovertemplate="confidence %{x:.2f}: accuracy %{y:.2f} (%{customdata} images)"))
+    fig.update_layout(title="Reliability: is a 90% answer right 90% of the time?", xaxis_title="confidence",
+                      yaxis_title="accuracy", xaxis_range=[0, 1], yaxis_range=[0, 1.02], **LAYOUT)
+    return fig
+
+
+def coverage_figure(curve: list[dict], threshold: float) -> go.Figure:
+    """Accuracy of the answers given against the share answered, as the threshold moves; the chosen one marked."""
+    points = [c for c in curve if c["accuracy"] is not None]
+    fig = go.Figure(go.Scatter(x=[c["coverage"] for c in points], y=[c["accuracy"] for c in points],
+                               mode="lines", name="all thresholds", customdata=[c["threshold"] for c in points],
+                               hovertemplate="threshold %{customdata:.2f}: %{x:.0%} answered, %{y:.1%} right"))
+    chosen = min(points, key=lambda c: abs(c["threshold"] - threshold), default=None)
+    if chosen:
+        fig.add_trace(go.Scatter(x=[chosen["coverage"]], y=[chosen["accuracy"]], mode="markers",
+                                 marker=dict(size=12, color="firebrick"), name=f"chosen threshold {threshold:.2f}"))
+    fig.update_layout(title="Accuracy against coverage", xaxis_title="share of images answered with a model",
+                      yaxis_title="accuracy of those answers", xaxis_tickformat=".0%", yaxis_tickformat=".0%",
+                      **LAYOUT)
+    return fig

@@ -2,8 +2,10 @@
 
     p = Predictor.load("checkpoints/run1")  # a run directory, a checkpoint, an exported folder, or hf://owner/name
     result = p.predict(Image.open("car.jpg"), top_k=5, cam=True)
-    result.top   # [("Aurora Sprint", 0.93), ...] best first
-    result.cam   # PIL image: the heatmap over the photo, or None
+    result.top      # [("Aurora Sprint", 0.93), ...] best first, calibrated when the run has calibration.json
+    result.status   # "model" | "make" (model unsure, make confident) | "unsure" | "no-car"
+    result.make     # ("Aurora", 0.97): the most likely make, its probability summed over its models
+    result.cam      # PIL image: the heatmap over the whole photo with the region the network saw outlined, or None
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from .cam import METHODS, gradcam_from_features, head, overlay, package_cam, trunk
+from .answers import Calibration, class_makes_of, first_words
+from .cam import METHODS, gradcam_from_features, overlay, package_cam
+from .evaluate import forward
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .images import open_image
 from .loader import build_transform, resize_size, to_input
@@ -28,56 +32,73 @@ CAM_DISPLAY_SIZE = (256, 448)  # the overlay's side: small photos are enlarged, 
 class Prediction:
     top: list[tuple[str, float]]
     cam: Image.Image | None = None
-    explained: str | None = None    # the class the heatmap explains
+    explained: str | None = None            # the class the heatmap explains
+    status: str = "model"                   # model | make | unsure | no-car
+    make: tuple[str, float] | None = None
+    makes: list[tuple[str, float]] | None = None
+    ood_score: float | None = None
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "top": [{"label": n, "prob": p} for n, p in self.top],
+                "make": {"label": self.make[0], "prob": self.make[1]} if self.make else None,
+                "makes": [{"label": n, "prob": p} for n, p in self.makes or []], "ood_score": self.ood_score}
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, labels: list[str], config: dict, device: str = "auto"):
+    def __init__(self, model: torch.nn.Module, labels: list[str], config: dict, device: str = "auto",
+                 calibration: Calibration | None = None):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.labels, self.config = labels, config
+        self.calibration = calibration or Calibration(labels, first_words(labels))
         self.image_size = int(config.get("image_size", 224))
         self.transform = build_transform(self.image_size, train=False)
         self._lock = threading.Lock()  # pytorch-grad-cam hooks the model: one package CAM at a time
 
     @classmethod
     def load(cls, source: str | Path, device: str = "auto") -> "Predictor":
-        """A run directory, a checkpoint file, an exported folder, or hf://owner/name[@revision]."""
-        model, config, labels = load_source(source)
-        return cls(model, labels, config, device)
+        """A run directory, a checkpoint file, an exported folder, or hf://owner/name[@revision]; the calibration
+        beside the model (calibration.json, feature_density.npz) comes along when there is one."""
+        model, config, labels, folder = load_source(source)
+        calibration = Calibration.load(folder, labels, class_makes_of(folder, labels))
+        return cls(model, labels, config, device, calibration)
 
     def predict(self, image: Image.Image | str | Path, top_k: int = 5, cam: bool = True,
-                method: str = "gradcam", target: int | str | None = None) -> Prediction:
-        """Top-k (label, prob) best first; with cam, a heatmap for `target` (class index or name; top-1 default)."""
+                method: str = "gradcam", target: int | str | None = None, tta: bool = False,
+                thresholds: dict | None = None) -> Prediction:
+        """Top-k (label, prob) best first with the answer's status; with cam, a heatmap for `target` (class index
+        or name; top-1 default); tta averages with the mirrored photo; thresholds override the calibrated ones."""
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        return self.predict_many([image], top_k, cam, method, target)[0]
+        return self.predict_many([image], top_k, cam, method, target, tta, thresholds)[0]
 
     def predict_many(self, images: list[Image.Image], top_k: int = 5, cam: bool = True, method: str = "gradcam",
-                     target: int | str | None = None) -> list[Prediction]:
+                     target: int | str | None = None, tta: bool = False,
+                     thresholds: dict | None = None) -> list[Prediction]:
         """One batched forward pass for several photos; the default heatmaps come from that same pass."""
         if cam and method not in METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(METHODS)}")
         images = [im.convert("RGB") for im in images]
         x = self.prepare(images)
         with torch.inference_mode():
-            features = trunk(self.model, x)
-            probs = head(self.model, features).float().softmax(1).cpu()
-            values, idx = probs.topk(min(top_k, len(self.labels)))
-            tops = [[(self.labels[i], float(v)) for v, i in zip(vs, ids)] for vs, ids in
-                    zip(values.tolist(), idx.tolist())]
+            logits, pooled, features = forward(self.model, x, tta)
+            answers = self.calibration.answers(logits.float().cpu().numpy(), pooled.float().cpu().numpy(),
+                                               min(top_k, len(self.labels)), thresholds)
+            preds = [Prediction(a.top, None, None, a.status, a.make, a.makes, a.ood_score) for a in answers]
             if not cam:
-                return [Prediction(top) for top in tops]
-            targets = [self._class_index(target) if target is not None else int(ids[0]) for ids in idx]
+                return preds
+            targets = [self._class_index(target) if target is not None else self.labels.index(a.top[0][0])
+                       for a in answers]
             if method == "gradcam":  # from this very forward pass: no backward, no hooks
                 heats = gradcam_from_features(features, self.model.fc.weight, targets, tuple(x.shape[-2:]))
         if method != "gradcam":
             with self._lock:
                 heats = [package_cam(self.model, x[i:i + 1], t, method) for i, t in enumerate(targets)]
-        return [Prediction(top, overlay(display_crop(im, self.image_size), heat), self.labels[t])
-                for im, top, heat, t in zip(images, tops, heats, targets)]
+        for pred, im, heat, t in zip(preds, images, heats, targets):
+            pred.cam, pred.explained = overlay_on_photo(im, heat, self.image_size), self.labels[t]
+        return preds
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:
         return to_input(torch.stack([self.transform(im) for im in images]), self.device, channels_last=True)
@@ -92,22 +113,37 @@ class Predictor:
         return int(target)
 
 
-def display_crop(image: Image.Image, image_size: int) -> Image.Image:
-    """The part of the photo the network saw (the eval centre crop), at display size."""
-    side = min(image.size) * image_size / resize_size(image_size)
-    left, top = (image.width - side) / 2, (image.height - side) / 2
-    display = min(CAM_DISPLAY_SIZE[1], max(CAM_DISPLAY_SIZE[0], round(side)))
-    return image.crop((round(left), round(top), round(left + side), round(top + side))).resize(
-        (display, display), Image.BILINEAR)
+def seen_region(size: tuple[int, int], image_size: int) -> tuple[float, float, float, float]:
+    """The box of the photo the network saw: the eval transform's centre crop, in the photo's pixels."""
+    width, height = size
+    side = min(size) * image_size / resize_size(image_size)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
 
 
-def load_source(source: str | Path) -> tuple[torch.nn.Module, dict, list[str]]:
+def overlay_on_photo(image: Image.Image, heat, image_size: int) -> Image.Image:
+    """The heatmap over the region the network saw, outlined, inside the whole photo at display size: a user sees
+    what was cut away as well as what counted. The cut-away margins are dimmed."""
+    scale = min(CAM_DISPLAY_SIZE[1], max(CAM_DISPLAY_SIZE[0], max(image.size))) / max(image.size)
+    photo = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    box = tuple(round(v * scale) for v in seen_region(image.size, image_size))
+    canvas = Image.blend(Image.new("RGB", photo.size), photo, 0.6)
+    canvas.paste(overlay(photo.crop(box), heat), box[:2])
+    ImageDraw.Draw(canvas).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(255, 255, 255),
+                                     width=max(1, photo.width // 200))
+    return canvas
+
+
+def load_source(source: str | Path) -> tuple[torch.nn.Module, dict, list[str], Path | None]:
+    """(model, training config, class names, the folder that holds its labels and calibration, if any)."""
     from .export import hub_snapshot, is_export, load_exported
     if str(source).startswith("hf://"):
-        return load_exported(hub_snapshot(str(source)))
+        folder = hub_snapshot(str(source))
+        return (*load_exported(folder), folder)
     if is_export(Path(source)):
-        return load_exported(Path(source))
-    return model_from_checkpoint(load_checkpoint(resolve_checkpoint(source)))
+        return (*load_exported(Path(source)), Path(source))
+    checkpoint = resolve_checkpoint(source)
+    return (*model_from_checkpoint(load_checkpoint(checkpoint)), checkpoint.parent)
 
 
 _CACHE: dict[tuple[str, float], Predictor] = {}

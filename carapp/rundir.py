@@ -6,20 +6,35 @@ train.log; a STOP file asks a running trainer to stop.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
 from .data import Split
 
+EVAL_PROGRESS = "evaluate_progress.json"   # live progress of an evaluation (status, split, done, total, pid)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, newline: str | None = None):
+    """A text file that appears whole or not at all: a reader never sees it half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w", newline=newline) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
 
 def write_json(path: Path, obj) -> None:
     """Atomic, so a reader polling the file never sees half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    with atomic_writer(path) as f:
+        f.write(json.dumps(obj, indent=2))
 
 
 def read_json(path: Path, default=None):
@@ -30,12 +45,10 @@ def read_json(path: Path, default=None):
 
 
 def write_split(run: Path, split: Split) -> None:
-    tmp = run / ".split.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_writer(run / "split.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "split"])
         w.writerows(zip(split.paths, split.labels, split.splits))
-    os.replace(tmp, run / "split.csv")
     labels = [{"index": i, **info} for i, info in enumerate(split.class_info)]
     write_json(run / "labels.json", labels)
 
@@ -125,7 +138,9 @@ def acquire_lock(run: Path) -> Path:
         return lock
 
 
-def pid_alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    if not pid or pid < 1:  # 0 and negatives would name process groups, not a process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

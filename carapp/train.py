@@ -71,6 +71,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
         if dist.main:
             run.mkdir(parents=True, exist_ok=True)
             lock = rundir.acquire_lock(run)  # before anything is written: a second trainer is refused
+            # at once, so a watcher (the app) sees this process as the run's trainer before the slow set-up
+            rundir.write_progress(run, status="running", phase="preparing")
             handler = _log_to(run / "train.log")
             prepared = _prepare(cfg, run, resume, epochs, split)
         else:
@@ -226,11 +228,18 @@ def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop:
             return _stopped(job, cfg, run, dist, epoch, saved=True)
 
     test = None
-    if dist.main:  # after training: best.pt on the test split, on one process
+    if dist.main:  # after training, on one process: calibrate best.pt on val, then measure it on the test split
+        from .calibrate import calibrate_run
         from .evaluate import evaluate_run
+        calibration = calibrate_run(run, workers=cfg.workers)
+        log.info("calibrated: temperature %.3f, val ECE %.4f -> %.4f; answer thresholds model %.3f make %.3f",
+                 calibration["temperature"], calibration["ece_before"], calibration["ece_after"],
+                 calibration["thresholds"]["model"], calibration["thresholds"]["make"])
         test = evaluate_run(run, "test", workers=cfg.workers)
-        log.info("test (best.pt): top-1 %.4f top-5 %.4f macro-F1 %.4f on %d images", test["top1"], test["top5"],
-                 test["macro_f1"], test["num_images"])
+        log.info("test (best.pt): top-1 %.4f top-5 %.4f macro-F1 %.4f make top-1 %.4f ECE %.4f on %d images; "
+                 "%.1f%% answered with a model, %.1f%% of those right", test["top1"], test["top5"], test["macro_f1"],
+                 test["make_top1"], test["ece"], test["num_images"], 100 * test["coverage"],
+                 100 * (test["selective_accuracy"] or 0))
         rundir.write_progress(run, status="finished", epoch=state["epoch"], epochs=cfg.epochs, test=test)
     dist.barrier()
     return {"status": "finished", "epochs": state["epoch"], "best_val_loss": state["best_val_loss"], "test": test}

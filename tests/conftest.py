@@ -100,10 +100,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(data: Path, tiny_run: Path, runs_dir: Path, public: bool = False):
-    """The app serving the tiny run from its own runs folder; yields the URL, then stops jobs and the server."""
+def serving(data: Path, tiny_run: Path, runs_dir: Path, public: bool = False, **overrides):
+    """The app serving the tiny run from its own runs folder; yields the URL, then stops jobs and the server.
+    `overrides` set AppSettings fields (allow_training, queue_size, ...)."""
     shutil.copytree(tiny_run, runs_dir / "tiny")
-    demo, url = start_app(data, runs_dir, public)
+    demo, url = start_app(data, runs_dir, public, **overrides)
     try:
         yield url
     finally:
@@ -111,13 +112,14 @@ def serving(data: Path, tiny_run: Path, runs_dir: Path, public: bool = False):
         demo.close()
 
 
-def start_app(data: Path, runs_dir: Path, public: bool = False):
+def start_app(data: Path, runs_dir: Path, public: bool = False, **overrides):
     """The app as `python app.py` builds it, served on a free port; returns (demo, url)."""
+    import dataclasses
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from carapp.ui.app import build_app, launch
     from carapp.ui.settings import resolve_settings
-    settings = resolve_settings(str(data), None, str(runs_dir), share=False)
-    settings.public = public
+    settings = dataclasses.replace(resolve_settings(str(data), None, str(runs_dir), share=False), public=public,
+                                   **overrides)
     demo = build_app(settings)
     _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
                        server_port=free_port())
@@ -137,3 +139,53 @@ def stop_all_jobs(runs_dir: Path, timeout: float = 60) -> None:
     for run in jobs.list_runs(runs_dir):
         if run.status == "running":
             os.kill(json.loads((run.path / "progress.json").read_text())["pid"], 9)
+    while (job := jobs.app_job(runs_dir)) and time.time() < deadline:  # an evaluation job ends by itself
+        time.sleep(0.5)
+    if job:
+        os.kill(job["pid"], 9)
+
+
+# Raw Gradio queue calls, as a stranger's script sends them: no gradio_client, no file metadata added for us.
+def fn_index(url: str, api_name: str) -> int:
+    import urllib.request
+    with urllib.request.urlopen(f"{url}config", timeout=30) as r:
+        config = json.loads(r.read())
+    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name.lstrip("/"))
+
+
+def raw_call(url: str, api_name: str, data: list, timeout: float = 120) -> tuple[bool, object]:
+    """POST /gradio_api/queue/join with fn_index, then read the event stream: (success, output data or error)."""
+    import urllib.error
+    import urllib.request
+    import uuid
+    session = uuid.uuid4().hex
+    body = json.dumps({"data": data, "fn_index": fn_index(url, api_name), "session_hash": session,
+                       "event_data": None, "trigger_id": None}).encode()
+    request = urllib.request.Request(f"{url}gradio_api/queue/join", body, {"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30).read()
+    except urllib.error.HTTPError as exc:  # e.g. 503 when the queue is full
+        return False, json.loads(exc.read() or b"{}").get("detail", f"HTTP {exc.code}")
+    with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
+        for line in stream:
+            if not line.startswith(b"data:"):
+                continue
+            msg = json.loads(line[5:])
+            if msg.get("msg") == "process_completed":
+                out = msg.get("output") or {}
+                return bool(msg.get("success")), (out.get("data") if msg.get("success") else out.get("error"))
+    return False, "stream ended without an answer"
+
+
+def raw_upload(url: str, path: Path) -> str:
+    """Upload a file the way the browser does; returns the server path Gradio gives it."""
+    import urllib.request
+    import uuid
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{path.name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + \
+        f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{url}gradio_api/upload", body,
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())[0]

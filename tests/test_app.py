@@ -29,7 +29,7 @@ def client(url: str) -> Client:
 def test_predict_endpoint_returns_labels_and_heatmap(app):
     url, runs, _ = app
     names = [c["name"] for c in json.loads((runs / "tiny" / "labels.json").read_text())]
-    label, cam = client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")),
+    label, cam, *_ = client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")),
                                      api_name="/predict")
     confidences = label["confidences"]
     assert len(confidences) == 5 and label["label"] == confidences[0]["label"]
@@ -42,10 +42,10 @@ def test_predict_endpoint_returns_labels_and_heatmap(app):
 def test_predict_endpoint_with_every_option(app):
     url, runs, _ = app
     names = [c["name"] for c in json.loads((runs / "tiny" / "labels.json").read_text())]
-    label, cam = client(url).predict(handle_file(str(ROOT / "assets/examples/dunmore_haulmark.jpg")), "tiny",
+    label, cam, *_ = client(url).predict(handle_file(str(ROOT / "assets/examples/dunmore_haulmark.jpg")), "tiny",
                                      "eigencam", names[1], api_name="/predict")
     assert label["confidences"] and Image.open(cam).size[0] >= 256
-    label, cam = client(url).predict(handle_file(str(ROOT / "assets/examples/dunmore_haulmark.jpg")), "tiny",
+    label, cam, *_ = client(url).predict(handle_file(str(ROOT / "assets/examples/dunmore_haulmark.jpg")), "tiny",
                                      "none", api_name="/predict")
     assert label["confidences"] and cam is None
 
@@ -59,7 +59,7 @@ def test_bad_upload_gets_a_clear_message_and_server_keeps_serving(app, tmp_path)
     with pytest.raises(AppError, match="Cannot load the model: .* holds no best.pt"):
         client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), "/etc",
                             api_name="/predict")
-    label, _ = client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
+    label, *_ = client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
     assert label["confidences"]
 
 
@@ -115,7 +115,7 @@ def test_public_mode_turns_training_off(demo_root, tiny_run, tmp_path):
         c = client(url)
         with pytest.raises(AppError, match="turned off"):
             c.predict(str(demo_root), *START_TINY.values(), api_name="/start_training")
-        label, _ = c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
+        label, *_ = c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
         assert label["confidences"]
         with pytest.raises(AppError, match="Unknown model"):  # no free-form server paths for strangers
             c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), str(tmp_path / "tiny"),

@@ -53,7 +53,20 @@ def test_upload_shows_classes_and_heatmap(app, page, tmp_path):
                            arg=names, timeout=30_000)
     shown = page.locator("#top5").inner_text()
     assert sum(n in shown for n in names) >= 2     # the top class and its runners-up, by name
+    answer = page.locator("#answer").inner_text()  # the answer in words, with the makes beside the models
+    assert any(s in answer for s in ("sure (make", "model unsure", "Not sure", "does not look like a car")), answer
+    makes = {c["make"] for c in json.loads((app[1] / "tiny" / "labels.json").read_text())}
+    assert any(m in page.locator("#makes").inner_text() for m in makes)
     page.screenshot(path=str(tmp_path / "predict.png"), full_page=True)
+
+
+def test_evaluate_shows_the_stored_report_and_calibration_on_its_own(page, tmp_path):
+    page.get_by_role("tab", name="Evaluate").click()
+    page.wait_for_function("document.querySelector('#evaluate-summary').innerText.includes('make top-1')",
+                           timeout=60_000)  # no button pressed: the run's stored test report appears
+    page.locator("#reliability .js-plotly-plot").wait_for(state="visible", timeout=30_000)
+    page.locator("#coverage .js-plotly-plot").wait_for(state="visible", timeout=30_000)
+    page.screenshot(path=str(tmp_path / "evaluate.png"), full_page=True)
 
 
 def test_demo_training_updates_the_plot(page, tmp_path):

@@ -32,7 +32,7 @@ def test_twenty_concurrent_predictions_while_training(app):
     run = jobs.start_training(cfg, runs)
     try:
         def one(_):
-            label, heat = Client(url, verbose=False, analytics_enabled=False).predict(
+            label, heat, *_ = Client(url, verbose=False, analytics_enabled=False).predict(
                 handle_file(EXAMPLE), api_name="/predict")
             return len(label["confidences"]), Image.open(heat).size[0]
         with ThreadPoolExecutor(20) as pool:
@@ -85,5 +85,5 @@ def test_basic_auth_from_the_environment(demo_root, tiny_run, tmp_path, monkeypa
         with pytest.raises(Exception):
             Client(url, verbose=False, analytics_enabled=False)
         client = Client(url, auth=("owner", "s3cret"), verbose=False, analytics_enabled=False)
-        label, _ = client.predict(handle_file(EXAMPLE), api_name="/predict")
+        label, *_ = client.predict(handle_file(EXAMPLE), api_name="/predict")
         assert label["confidences"]

@@ -23,7 +23,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         dataset_tab.build(settings, demo)
         train_tab.build(settings, demo)
         evaluate_tab.build(settings, demo)
-    demo.queue(default_concurrency_limit=4)
+    # a bounded queue: a flood of requests is refused at once instead of making every later visitor wait
+    demo.queue(default_concurrency_limit=4, max_size=settings.queue_size)
     return demo
 
 

@@ -20,7 +20,7 @@ def _index(root: str, settings: AppSettings):
     try:
         return index_dataset(root)
     except DatasetError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+        raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
 
 
 def scan(root: str, log_scale: bool, settings: AppSettings):
@@ -36,7 +36,7 @@ def scan(root: str, log_scale: bool, settings: AppSettings):
     sizes = sample_sizes(index.root, index.paths)
     kept, _ = kept_classes(index)
     choices = [(f"{index.classes[k]['name']} ({counts[k]})", k) for k in kept]
-    return (summary_markdown(stats),
+    return (settings.redact(summary_markdown(stats)),
             plots.class_counts_figure(names, [counts[k] for k in keys], stats["min_images"], log_scale),
             plots.bar_figure(top_makes, "Images per make" + (" (top 30)" if len(makes) > 30 else "")),
             plots.bar_figure(stats["viewpoints"], "Viewpoints (CompCars labels)") if stats["viewpoints"] else None,
@@ -79,7 +79,8 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     """Lay out the tab and wire it; the dataset is scanned when the page opens."""
     with gr.Tab("Dataset"):
         with gr.Row():
-            root = gr.Textbox(settings.data, label="Dataset folder", scale=4, interactive=settings.paths_editable,
+            root = gr.Textbox(settings.data if settings.paths_editable else "", label="Dataset folder", scale=4,
+                              interactive=settings.paths_editable, placeholder="the app's dataset",
                               info="CompCars root (or its data/), sv_data, or one folder per class")
             scan_btn = gr.Button("Scan", variant="primary", scale=1)
         summary = gr.Markdown()

@@ -1,5 +1,7 @@
-"""Evaluate tab: where a trained run goes wrong — top-1/top-5/macro-F1, per-class accuracy, the confusion matrix
-(whole, and the most-confused classes), the most-confused pairs, and misclassified test images."""
+"""Evaluate tab: where a trained run goes wrong and how far its answers can be trusted — top-1/top-5/macro-F1 and
+make-level top-1, calibration (reliability before/after), accuracy against coverage, accuracy per viewpoint,
+per-class accuracy, the confusion matrix (whole, and the most-confused classes), the most-confused pairs, and
+misclassified test images."""
 from __future__ import annotations
 
 import os
@@ -16,25 +18,59 @@ def evaluated_runs(settings: AppSettings):
     return gr.Dropdown(choices=runs, value=runs[0] if runs else None)
 
 
+EMPTY = ("", None, None, None, None, [], None, None, None)
+
+
 def evaluate(name: str | None, recompute: bool, settings: AppSettings):
-    from ..evaluate import evaluate_run, read_report
+    """Show the stored test report. Evaluating anew (asked, or never done) is a background job of the owner's: on a
+    public app the reports are read-only, since one evaluation costs minutes of CPU on CompCars."""
+    from ..evaluate import read_report
     run = jobs.find_run(settings.runs_dir, name)
     if run is None or not (run / "best.pt").is_file():
         raise gr.Error("Choose a trained run (train one in the Train tab).", print_exception=False)
-    report = None if recompute else read_report(run)
-    if report is None:  # not evaluated yet (a stopped run) or asked again: evaluate best.pt on the test split now
-        try:
-            evaluate_run(run, "test", workers=0)
-        except (ValueError, OSError) as exc:
-            raise gr.Error(f"Cannot evaluate {name}: {exc}", print_exception=False) from None
-        report = read_report(run)
-    return render(report)
+    report = None if recompute and settings.training_enabled else read_report(run)  # public: read-only
+    if report is not None:
+        return *render(report), _mtime(run / "test_metrics.json")
+    if not settings.training_enabled:
+        raise gr.Error("This run has no test report yet, and this public app does not run evaluations.",
+                       print_exception=False)
+    try:
+        jobs.start_evaluation(run, settings.runs_dir)
+    except (jobs.JobError, ValueError, OSError) as exc:
+        raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
+    return f"Evaluating **{run.name}** on its test split in the background…", *EMPTY[1:], _mtime(run / "test_metrics.json")
+
+
+def progress(name: str | None, shown: float, settings: AppSettings):
+    """Timer: the evaluation's progress line, and the new report once a job finished it (shown = its mtime)."""
+    from ..evaluate import read_report
+    run = jobs.find_run(settings.runs_dir, name)
+    if run is None:
+        return gr.skip(), shown, *[gr.skip()] * len(EMPTY)
+    p = jobs.evaluation_status(run)
+    line = ""
+    if p.get("status") == "running":
+        done, total = p.get("done", 0), p.get("total")
+        line = f"Evaluating **{run.name}**: {done}/{total or '?'} test images…"
+    elif p.get("status") in ("failed", "interrupted"):
+        line = settings.redact(f"Evaluation of **{run.name}** {p['status']}: {p.get('error') or 'see console.log'}")
+    report_time = _mtime(run / "test_metrics.json")
+    if p.get("status") == "finished" and report_time > shown and (report := read_report(run)):
+        return line, report_time, *render(report)
+    return line, shown, *[gr.skip()] * len(EMPTY)
+
+
+def _mtime(path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def render(report: dict):
     m, names, cm = report["metrics"], report["names"], report["confusion"]
     summary = (f"**top-1** {m['top1']:.2%} · **top-5** {m['top5']:.2%} · **macro-F1** {m['macro_f1']:.3f} "
-               f"on {m['num_images']:,} test images")
+               f"on {m['num_images']:,} test images  \n{trust_markdown(m)}")
     per_class = pd.DataFrame([{"class": r["name"], "accuracy": round(float(r["accuracy"]), 3) if r["accuracy"] else None,
                                "support": int(r["support"])} for r in report["per_class"]])
     per_class = per_class.sort_values("accuracy", na_position="last")
@@ -44,7 +80,33 @@ def render(report: dict):
     pairs = pd.DataFrame([{"true": names[i], "predicted as": names[j], "images": n}
                           for i, j, n in plots.most_confused(cm, 20)], columns=["true", "predicted as", "images"])
     return (summary, per_class, plots.confusion_figure(cm, names, f"Confusion matrix ({len(names)} classes)"),
-            sub, pairs, misclassified(report))
+            sub, pairs, misclassified(report), *trust_figures(m))
+
+
+def trust_markdown(m: dict) -> str:
+    """Make-level top-1, calibration and confident-answer figures (runs evaluated before calibration lack them)."""
+    if "ece" not in m:
+        return "_Evaluated before answers were calibrated: re-evaluate for calibration and coverage figures._"
+    line = (f"**make top-1** {m['make_top1']:.2%} · **ECE** {m['ece']:.3f} (uncalibrated {m['ece_uncalibrated']:.3f})"
+            f" · **answered with a model** {m['coverage']:.1%}")
+    if m.get("selective_accuracy") is not None:
+        line += f", **{m['selective_accuracy']:.1%} of them right**"
+    counts = m.get("status_counts", {})
+    line += "  \n" + " · ".join(f"{status}: {n}" for status, n in counts.items())
+    if not m.get("calibrated"):
+        line += "  \n_Not calibrated: `python -m carapp calibrate --run RUN`, then re-evaluate._"
+    return line
+
+
+def trust_figures(m: dict):
+    if "reliability_before" not in m:
+        return None, None, None
+    views = m.get("per_viewpoint")
+    return (plots.reliability_figure(m["reliability_before"], m["reliability_after"], m["ece_uncalibrated"],
+                                     m["ece"]),
+            plots.coverage_figure(m["coverage_curve"], m["thresholds"]["model"]),
+            pd.DataFrame([{"viewpoint": v, "accuracy": round(x["accuracy"], 3), "images": x["images"]}
+                          for v, x in views.items()]) if views else None)
 
 
 def misclassified(report: dict, n: int = 24) -> list:
@@ -64,9 +126,15 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     with gr.Tab("Evaluate"):
         with gr.Row():
             run = gr.Dropdown(label="Run", choices=[], scale=3, allow_custom_value=True)  # filled on load
-            recompute = gr.Checkbox(label="Re-evaluate now", value=False)
+            recompute = gr.Checkbox(label="Re-evaluate now (a background job)", value=False,
+                                    visible=settings.training_enabled)
             button = gr.Button("Evaluate", variant="primary")
-        summary = gr.Markdown()
+        job_line = gr.Markdown(elem_id="evaluate-progress")
+        summary = gr.Markdown(elem_id="evaluate-summary")
+        with gr.Row():
+            reliability = gr.Plot(label="Calibration", elem_id="reliability")
+            coverage = gr.Plot(label="Accuracy against coverage", elem_id="coverage")
+        viewpoints = gr.Dataframe(label="Accuracy per viewpoint (CompCars labels)", interactive=False)
         with gr.Row():
             per_class = gr.Dataframe(label="Per-class accuracy (click a header to sort)", interactive=False,
                                      max_height=400)
@@ -74,6 +142,10 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         full = gr.Plot(label="Confusion matrix (hover for counts)")
         sub = gr.Plot(label="Most-confused classes")
         gallery = gr.Gallery(label="Misclassified test images: true → predicted (confidence)", columns=6, height=320)
-    button.click(lambda n, r: evaluate(n, r, settings), [run, recompute], [summary, per_class, full, sub, pairs, gallery],
-                 api_name="evaluate")
+        shown = gr.State(0.0)
+        timer = gr.Timer(2.0)
+    report = [summary, per_class, full, sub, pairs, gallery, reliability, coverage, viewpoints]
+    button.click(lambda n, r: evaluate(n, r, settings), [run, recompute], [*report, shown], api_name="evaluate")
+    timer.tick(lambda n, t: progress(n, t, settings), [run, shown], [job_line, shown, *report],
+               api_visibility="private")
     demo.load(lambda: evaluated_runs(settings), None, run, api_visibility="private")

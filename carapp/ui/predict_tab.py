@@ -2,29 +2,37 @@
 
 The event is the app's stable API endpoint `/predict`: the image first, every other input with a default; outputs
 the label confidences and the heatmap. The upload reaches carapp's own decoder (preprocess=False), so a broken file
-gets a message that names the problem.
+gets a message that names the problem — and so carapp itself checks that the file is one Gradio accepted.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import uuid
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from .. import jobs, rundir
 from ..images import PHOTO_DRAFT_SIZE, ImageError, open_image
 from ..config import CAM_METHODS
-from .settings import REPO, AppSettings
+from .settings import CONFIGURED, REPO, AppSettings
 
 TOP1 = "top-1 prediction"
 EXAMPLES = REPO / "assets" / "examples"
+NOT_AN_UPLOAD = "Upload a photo (drop, paste or choose a file): only files sent through the app can be classified."
+SLOW_CAM_BUSY = ("Another slow heatmap is being computed; try again in a moment, or use gradcam (instant).")
+_SLOW_CAM = threading.BoundedSemaphore(1)  # ScoreCAM & co: one at a time, whatever the queue's concurrency
 
 
 def model_choices(settings: AppSettings) -> list[tuple[str, str]]:
     choices = [(f"{r.name} (best val acc {r.best_val_acc:.1%})" if r.best_val_acc is not None else r.name, r.name)
                for r in jobs.list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()]
     if settings.checkpoint:
-        choices.insert(0, (f"configured: {settings.checkpoint}", settings.checkpoint))
+        shown = "configured model" if settings.public else f"configured: {settings.checkpoint}"
+        choices.insert(0, (shown, CONFIGURED))
     return choices
 
 
@@ -37,7 +45,9 @@ def resolve_model(source: str | None, settings: AppSettings) -> str:
     if not source:
         raise gr.Error("No trained model yet: train one in the Train tab (the demo preset takes ~5 minutes on a "
                        "CPU) or start the app with --checkpoint.", print_exception=False)
-    if source == settings.checkpoint or (source.startswith("hf://") and settings.paths_editable):
+    if source == CONFIGURED and settings.checkpoint:
+        return settings.checkpoint
+    if source.startswith("hf://") and settings.paths_editable:
         return source
     run = jobs.find_run(settings.runs_dir, source)
     if run is not None:
@@ -47,13 +57,28 @@ def resolve_model(source: str | None, settings: AppSettings) -> str:
     raise gr.Error(f"Unknown model {source!r}.", print_exception=False)
 
 
-def predict(image, model: str | None = None, method: str = "gradcam", target: str | None = TOP1, *,
+def accepted_upload(image) -> str:
+    """The path of a file Gradio itself accepted: an upload in its cache, or one of the examples.
+
+    With preprocess=False a client can send any {"path": ...}; a made-up path (a server file, a missing one) gets
+    one and the same answer, before anything is opened, so a stranger learns nothing about the server's files.
+    """
+    path = image.get("path") if isinstance(image, dict) else image
+    if not path or not isinstance(path, str):
+        raise gr.Error("Drop a photo of a car first.", print_exception=False)
+    real = os.path.realpath(path)
+    roots = (os.path.realpath(get_upload_folder()), os.path.realpath(EXAMPLES))
+    if not any(real.startswith(root + os.sep) for root in roots) or not os.path.isfile(real):
+        raise gr.Error(NOT_AN_UPLOAD, print_exception=False)
+    return real
+
+
+def predict(image, model: str | None = None, method: str = "gradcam", target: str | None = TOP1,
+            tta: bool = False, model_threshold: float | None = None, make_threshold: float | None = None, *,
             settings: AppSettings):
     from ..checkpoint import CheckpointError
     from ..predict import cached_predictor
-    path = image.get("path") if isinstance(image, dict) else image
-    if not path:
-        raise gr.Error("Drop a photo of a car first.", print_exception=False)
+    path = accepted_upload(image)
     name = image.get("orig_name") if isinstance(image, dict) else None
     try:
         photo = open_image(path, draft_size=PHOTO_DRAFT_SIZE)
@@ -63,19 +88,81 @@ def predict(image, model: str | None = None, method: str = "gradcam", target: st
     try:
         predictor = cached_predictor(source)
     except (CheckpointError, ValueError, OSError) as exc:
-        raise gr.Error(f"Cannot load the model: {exc}", print_exception=False) from None
+        raise gr.Error(settings.redact(f"Cannot load the model: {exc}"), print_exception=False) from None
     method = method if method in CAM_METHODS or method == "none" else "gradcam"
     explain = None if target in (None, "", TOP1) else target
-    try:
-        result = predictor.predict(photo, top_k=5, cam=method != "none", method=method, target=explain)
-    except ValueError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+    thresholds = checked_thresholds(model_threshold, make_threshold)
+    with _heatmap_slot(method, settings):  # refuses with its own message
+        try:
+            result = predictor.predict(photo, top_k=5, cam=method != "none", method=method, target=explain,
+                                       tta=bool(tta), thresholds=thresholds)
+        except ValueError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
     if result.cam is not None:
         # Gradio caches output images by content and rewrites the file each time: two visitors getting the same
         # heatmap at once (the same example) would share a file that is rewritten while it is sent. A per-answer
         # id in the PNG's text makes each answer its own file.
         result.cam.info["carapp-answer"] = uuid.uuid4().hex
-    return {label: prob for label, prob in result.top}, result.cam
+    return ({label: prob for label, prob in result.top}, result.cam,
+            answer_markdown(result, predictor.calibration.calibrated), {m: p for m, p in result.makes})
+
+
+def checked_thresholds(model_threshold, make_threshold) -> dict:
+    """The sliders' values (blank: the model's own calibrated thresholds); a raw API call cannot go outside (0, 1)."""
+    thresholds = {}
+    for key, value in (("model", model_threshold), ("make", make_threshold)):
+        if value in (None, ""):
+            continue
+        if not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise gr.Error(f"The {key} threshold must be a number between 0 and 1 (exclusive), not {value!r}.",
+                           print_exception=False)
+        thresholds[key] = float(value)
+    return thresholds
+
+
+def answer_markdown(result, calibrated: bool) -> str:
+    """The answer in words: what the model is sure of, and what it is not."""
+    (name, prob), (make, make_prob) = result.top[0], result.make
+    text = {
+        "model": f"### {name}\n{prob:.0%} sure (make {make}: {make_prob:.0%})",
+        "make": f"### {make} — model unsure\nmake {make_prob:.0%}; the likeliest model, {name}, only {prob:.0%}",
+        "unsure": f"### Not sure\nNo make or model is likely enough (best guess: {name}, {prob:.0%})",
+        "no-car": f"### This does not look like a car the model knows\n(its best guess would be {name}, "
+                  f"{prob:.0%})",
+    }[result.status]
+    if not calibrated:
+        text += ("  \n_This model is not calibrated: its probabilities are the raw softmax and it cannot tell a "
+                 "non-car photo apart. `python -m carapp calibrate --run RUN` fixes both._")
+    return text
+
+
+def model_thresholds(model: str | None, settings: AppSettings):
+    """The sliders follow the chosen model's calibrated thresholds."""
+    try:
+        from ..predict import cached_predictor
+        thresholds = cached_predictor(resolve_model(model, settings)).calibration.thresholds if model else {}
+    except Exception:  # a model that cannot load shows its error on Predict; here it only means default sliders
+        thresholds = {}
+    return (gr.Slider(value=round(thresholds.get("model", 0.5), 3)),
+            gr.Slider(value=round(thresholds.get("make", 0.5), 3)))
+
+
+@contextlib.contextmanager
+def _heatmap_slot(method: str, settings: AppSettings):
+    """gradcam comes with the forward pass; the package methods cost seconds to minutes of CPU, so they run one at
+    a time and, on a public app, only where the owner allowed them."""
+    if method in ("none", "gradcam"):
+        yield
+        return
+    if not settings.slow_cam_enabled:
+        raise gr.Error(f"{method} is turned off on this public app (it costs seconds of CPU per photo); gradcam "
+                       f"shows the same kind of heatmap instantly.", print_exception=False)
+    if not _SLOW_CAM.acquire(blocking=False):
+        raise gr.Error(SLOW_CAM_BUSY, print_exception=False)
+    try:
+        yield
+    finally:
+        _SLOW_CAM.release()
 
 
 def target_choices(model: str | None, settings: AppSettings):
@@ -103,20 +190,34 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                     # choices are filled on page load; values are checked by resolve_model
                     model = gr.Dropdown(label="Model (run, checkpoint, export or hf://owner/name)", choices=[],
                                         allow_custom_value=True)
-                    method = gr.Dropdown([*CAM_METHODS, "none"], value="gradcam", label="Heatmap method")
+                    methods = CAM_METHODS if settings.slow_cam_enabled else ("gradcam",)
+                    method = gr.Dropdown([*methods, "none"], value="gradcam", label="Heatmap method")
                     target = gr.Dropdown([TOP1], value=TOP1, label="Explain class", allow_custom_value=True)
+                with gr.Accordion("Answer thresholds", open=False):
+                    gr.Markdown("A model or make is named only when its (calibrated) probability reaches these; "
+                                "they start at the values chosen on the validation split for 95% accuracy.")
+                    with gr.Row():
+                        model_threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Name the model from")
+                        make_threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Name the make from")
+                    tta = gr.Checkbox(label="Also look at the mirrored photo (flip TTA: a second forward pass)")
                 button = gr.Button("Classify", variant="primary")
                 examples = sorted(EXAMPLES.glob("*.jpg"))
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[image],
                                 label="Examples (synthetic demo cars, not photos)")
             with gr.Column():
-                label = gr.Label(num_top_classes=5, label="Top 5", elem_id="top5")
-                cam = gr.Image(label="What the network looked at (Grad-CAM)", format="png", elem_id="cam",
-                               interactive=False, height=360)
-    fn = lambda img, m=None, meth="gradcam", t=TOP1: predict(img, m, meth, t, settings=settings)
-    button.click(fn, [image, model, method, target], [label, cam], api_name="predict", preprocess=False,
-                 concurrency_limit=2)
+                answer = gr.Markdown(elem_id="answer")
+                with gr.Row():
+                    label = gr.Label(num_top_classes=5, label="Top 5 models", elem_id="top5")
+                    makes = gr.Label(num_top_classes=5, label="Top makes", elem_id="makes")
+                cam = gr.Image(label="What the network looked at (heatmap; the outlined square is what it saw)",
+                               format="png", elem_id="cam", interactive=False, height=360)
+    fn = lambda img, m=None, meth="gradcam", t=TOP1, a=False, mt=None, kt=None: predict(  # noqa: E731
+        img, m, meth, t, a, mt, kt, settings=settings)
+    button.click(fn, [image, model, method, target, tta, model_threshold, make_threshold],
+                 [label, cam, answer, makes], api_name="predict", preprocess=False, concurrency_limit=2)
     demo.load(lambda: gr.Dropdown(choices=model_choices(settings), value=default_model(settings)), None, model,
               api_visibility="private")
     model.change(lambda m: target_choices(m, settings), model, target, api_visibility="private")
+    model.change(lambda m: model_thresholds(m, settings), model, [model_threshold, make_threshold],
+                 api_visibility="private")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DATA = REPO / "data" / "demo"
+CONFIGURED = "(configured model)"   # stands for settings.checkpoint in the Model box: its path stays on the server
 
 
 @dataclass
@@ -17,6 +19,8 @@ class AppSettings:
     public: bool                # a Hugging Face Space or a --share link: strangers can reach it
     allow_training: bool        # the owner's override for public mode (CARAPP_ALLOW_TRAINING=1)
     auth: tuple[str, str] | None = None
+    allow_slow_cam: bool = False  # the owner's override for public mode (CARAPP_SLOW_CAM=1): ScoreCAM and friends
+    queue_size: int = 32          # requests waiting in the queue at most; more are refused at once
 
     @property
     def training_enabled(self) -> bool:
@@ -26,6 +30,22 @@ class AppSettings:
     def paths_editable(self) -> bool:
         """Free-form server paths only for a private app."""
         return not self.public
+
+    @property
+    def slow_cam_enabled(self) -> bool:
+        """CAM methods with a backward pass or many forward passes: seconds to minutes of CPU per request."""
+        return not self.public or self.allow_slow_cam
+
+    def redact(self, text: str) -> str:
+        """In public mode, the owner's folders in a message become short names: strangers learn no server paths."""
+        if not self.public:
+            return text
+        folders = {self.data: "<dataset>", self.runs_dir: "<runs>", self.checkpoint or "": "<model>",
+                   str(REPO): "<app>", tempfile.gettempdir(): "<tmp>", str(Path.home()): "<home>"}
+        for folder, name in sorted(folders.items(), key=lambda kv: -len(kv[0])):
+            if len(folder) > 1:
+                text = text.replace(str(Path(folder).resolve()), name).replace(folder, name)
+        return text
 
     @property
     def is_demo_data(self) -> bool:
@@ -43,6 +63,8 @@ def resolve_settings(data: str | None = None, checkpoint: str | None = None, run
         public=share or bool(os.environ.get("SPACE_ID")),
         allow_training=os.environ.get("CARAPP_ALLOW_TRAINING") == "1",
         auth=(user, password) if user and password else None,
+        allow_slow_cam=os.environ.get("CARAPP_SLOW_CAM") == "1",
+        queue_size=int(os.environ.get("CARAPP_QUEUE_SIZE") or 32),
     )
 
 

@@ -2,6 +2,7 @@
 whichever run is training (or the one chosen), refreshed by a timer from the run directory alone."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gradio as gr
@@ -22,41 +23,55 @@ def preset_values(preset: str) -> list:
     return [getattr(cfg, f) for f in FIELDS]
 
 
+INTEGER_FIELDS = ("epochs", "batch_size", "image_size", "patience", "workers")
+PUBLIC_WEIGHTS = ("none", "imagenet")   # a public app never opens a file path a visitor typed
+TRAINING_OFF = "Training is turned off on this public app."
+
+
 def start(root: str, preset: str, *values, settings: AppSettings) -> str:
     if not settings.training_enabled:
-        raise gr.Error("Training is turned off on this public app.", print_exception=False)
+        raise gr.Error(TRAINING_OFF, print_exception=False)
     if not settings.paths_editable or not root:
         root = settings.data
     if root == settings.data:
         ensure_data(settings)
-    fields = dict(zip(FIELDS, values))
-    for key in ("epochs", "batch_size", "image_size", "patience", "workers"):
-        fields[key] = int(fields[key])
+    fields = {k: v for k, v in zip(FIELDS, values) if v not in (None, "")}  # blank: the preset's value
     try:
+        for key in INTEGER_FIELDS:
+            if key in fields:
+                fields[key] = int(fields[key])
+        if not settings.paths_editable and fields.get("weights", "none") not in PUBLIC_WEIGHTS:
+            raise ValueError(f"on a public app the weights are one of: {', '.join(PUBLIC_WEIGHTS)}")
         run = jobs.start_training(make_config(preset, data=root, **fields), settings.runs_dir)
-    except (jobs.JobError, ValueError) as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+    except (jobs.JobError, ValueError, TypeError) as exc:
+        raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
     return f"Started **{run.name}**."
 
 
 def stop(settings: AppSettings) -> str:
+    """The owner stops any run; on a public app a visitor may stop only a job this app started, never one the
+    owner started from the command line."""
+    if not settings.training_enabled:
+        raise gr.Error(TRAINING_OFF, print_exception=False)
     active = jobs.active_run(settings.runs_dir)
     if active is None:
         return "No run is training."
+    if settings.public and not jobs.started_by_app(settings.runs_dir, active.path):
+        raise gr.Error("This run was not started from this app: only its owner can stop it.", print_exception=False)
     jobs.stop_training(active.path)
     return f"Stopping **{active.name}** after its current step…"
 
 
 def resume(name: str | None, epochs: float | None, settings: AppSettings) -> str:
     if not settings.training_enabled:
-        raise gr.Error("Training is turned off on this public app.", print_exception=False)
+        raise gr.Error(TRAINING_OFF, print_exception=False)
     run = jobs.find_run(settings.runs_dir, name)
     if run is None:
         raise gr.Error("Choose a run to resume.", print_exception=False)
     try:
         run = jobs.resume_training(run, settings.runs_dir, int(epochs) if epochs else None)
     except (jobs.JobError, ValueError) as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
+        raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
     return f"Resumed **{run.name}**."
 
 
@@ -79,8 +94,9 @@ def status(name: str | None, settings: AppSettings):
     test = progress.get("test") or rundir.read_json(run / "test_metrics.json")
     test_md = (f"**Test (best.pt):** top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%}, macro-F1 "
                f"{test['macro_f1']:.3f} on {test['num_images']} images" if test else "")
-    return (status_markdown(run, progress), plots.curves_figure(metrics) if metrics else None, table,
-            log_tail(run), test_md, {**progress, "run": run.name, "status": jobs.run_status(run)})
+    raw = json.loads(settings.redact(json.dumps({**progress, "run": run.name, "status": jobs.run_status(run)})))
+    return (settings.redact(status_markdown(run, progress)), plots.curves_figure(metrics) if metrics else None,
+            table, settings.redact(log_tail(run)), test_md, raw)
 
 
 def status_markdown(run: Path, p: dict) -> str:
@@ -123,10 +139,11 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
             with gr.Row():
                 preset = gr.Dropdown(list(PRESETS), value="demo", label="Preset",
                                      info="paper: the paper's recipe · demo: CPU in minutes · finetune: ImageNet start")
-                root = gr.Textbox(settings.data, label="Dataset folder", interactive=settings.paths_editable)
+                root = gr.Textbox(settings.data if settings.paths_editable else "", label="Dataset folder",
+                                  placeholder="the app's dataset", interactive=settings.paths_editable)
             with gr.Row():
                 inputs = [gr.Dropdown(list(BACKBONES), label="Backbone"),
-                          gr.Textbox(label="Weights", info="imagenet | none | path to .pth"),
+                          gr.Textbox(label="Weights", info="imagenet | none" + (" | path to .pth" if settings.paths_editable else "")),
                           gr.Number(label="Max epochs", precision=0), gr.Number(label="Batch size", precision=0),
                           gr.Number(label="Learning rate"), gr.Number(label="Weight decay"),
                           gr.Number(label="Dropout"), gr.Number(label="Focal gamma"),

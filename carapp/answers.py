@@ -1,0 +1,106 @@
+"""From a network's outputs to an answer a user can trust: calibrated top classes, the makes, and a status.
+
+A run (or an exported model) that was calibrated holds `calibration.json` (temperature, thresholds) and
+`feature_bank.npz` (the "not a car" score); `Calibration.load` reads both and falls back to temperature 1 and
+plain thresholds for older runs, saying so. The same object serves the Predictor, evaluation and the CLI.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .trust import FeatureBank, answer_status, make_probs, softmax
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.json"
+BANK_FILE = "feature_bank.npz"
+# Without calibration.json: answer "model" or "make" only when more likely than not.
+DEFAULT_THRESHOLDS = {"model": 0.5, "make": 0.5, "ood": None}
+UNCALIBRATED_NOTE = ("this model has no calibration.json: probabilities are uncalibrated and no photo is told apart "
+                     "as 'no car'; `python -m carapp calibrate --run RUN` fixes both")
+
+
+@dataclass
+class Answer:
+    status: str                         # model | make | unsure | no-car
+    top: list[tuple[str, float]]        # calibrated (class, probability), best first
+    make: tuple[str, float]             # the most likely make, probability summed over its models
+    makes: list[tuple[str, float]]      # the top makes
+    ood_score: float | None = None      # larger: less like the training cars
+
+
+@dataclass
+class Calibration:
+    labels: list[str]
+    class_makes: list[str]
+    temperature: float = 1.0
+    thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    bank: FeatureBank | None = None
+    calibrated: bool = False            # False: an older run, with temperature 1 and the default thresholds
+
+    @classmethod
+    def load(cls, folder: Path | None, labels: list[str], class_makes: list[str] | None = None) -> "Calibration":
+        """The calibration stored in `folder` (a run or an export), or the uncalibrated default."""
+        makes = class_makes or first_words(labels)
+        info = _read(folder / CALIBRATION_FILE) if folder else None
+        if info is None:
+            return cls(labels, makes)
+        bank = None
+        if (folder / BANK_FILE).is_file():
+            try:
+                bank = FeatureBank.load(folder / BANK_FILE)
+            except ValueError as exc:  # a damaged file costs the "no car" status, not the prediction
+                log.warning("ignoring %s: %s", folder / BANK_FILE, exc)
+        thresholds = {**DEFAULT_THRESHOLDS, **info.get("thresholds", {})}
+        if bank is None:
+            thresholds["ood"] = None
+        return cls(labels, makes, float(info.get("temperature", 1.0)), thresholds, bank, True)
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        return softmax(logits, self.temperature)
+
+    def ood_scores(self, features: np.ndarray | None) -> np.ndarray | None:
+        return self.bank.score(features) if self.bank is not None and features is not None else None
+
+    def answers(self, logits: np.ndarray, features: np.ndarray | None = None, top_k: int = 5,
+                thresholds: dict | None = None) -> list[Answer]:
+        """One Answer per row of logits; `thresholds` overrides the stored ones (the app's sliders)."""
+        probs = self.probs(logits)
+        make_names, by_make = make_probs(probs, self.class_makes)
+        scores = self.ood_scores(features)
+        limits = {**self.thresholds, **(thresholds or {})}
+        out = []
+        for i, row in enumerate(probs):
+            best = np.argsort(-row)[:top_k]
+            makes = np.argsort(-by_make[i])[:top_k]
+            score = None if scores is None else float(scores[i])
+            status = answer_status(float(row[best[0]]), float(by_make[i, makes[0]]), limits, score)
+            out.append(Answer(status, [(self.labels[j], float(row[j])) for j in best],
+                              (make_names[makes[0]], float(by_make[i, makes[0]])),
+                              [(make_names[j], float(by_make[i, j])) for j in makes], score))
+        return out
+
+
+def first_words(labels: list[str]) -> list[str]:
+    """The make of each class when nothing says it: class names are "<make> <model>"."""
+    return [name.split(" ")[0] for name in labels]
+
+
+def class_makes_of(folder: Path | None, labels: list[str]) -> list[str] | None:
+    """The make of each class from a labels.json beside the model (run directories and exports have one)."""
+    info = _read(folder / "labels.json") if folder else None
+    if not info or len(info) != len(labels) or any("make" not in c for c in info):
+        return None
+    return [c["make"] for c in info]
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,74 @@
+"""Calibrate a trained run on its validation split: a temperature, acceptance thresholds, and a "not a car" score.
+
+    python -m carapp calibrate --run checkpoints/run1 [--target-accuracy 0.95] [--json]
+
+Training calls this after its last epoch; older runs can be calibrated afterwards. Writes in the run directory:
+- calibration.json: temperature (fitted by minimising the validation NLL, Guo et al. 2017), ECE and NLL before and
+  after, the reliability bins, and the thresholds: `model` and `make` are the lowest confidences at which the
+  accepted validation answers reach the target accuracy with 90% confidence (one-sided Wilson bound: the observed
+  share alone overshoots on new photos when the validation split holds only a handful of errors); `ood` is the
+  feature-space distance that 99% of validation cars stay below.
+- feature_bank.npz: the pooled layer3 features of up to 20 training images per class; the "not a car" score is the
+  cosine distance to the 5th nearest of them (see bench/trust.py for why this score and not max-softmax).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import rundir
+from .answers import BANK_FILE, CALIBRATION_FILE, class_makes_of, first_words
+from .checkpoint import CheckpointError
+from .evaluate import collect_outputs, load_run_model, split_dataset
+from .loader import make_loader
+from .trust import (FeatureBank, accept_threshold, ece, fit_temperature, make_probs, nll, ood_threshold,
+                    reliability_bins, softmax)
+
+BANK_IMAGES_PER_CLASS = 20  # 18,540 at 927 classes: a 38 MB bank that scores a batch in milliseconds
+OOD_KEEP = 0.99              # share of validation cars that must stay below the "not a car" threshold
+CONFIDENCE_LEVEL = 0.9       # the accepted validation answers reach the target accuracy with this confidence
+
+
+def calibrate_run(run: str | Path, target_accuracy: float = 0.95, workers: int = 2, batch_size: int = 64,
+                  device: str = "auto") -> dict:
+    run = Path(run)
+    if not 0 < target_accuracy < 1:
+        raise ValueError(f"--target-accuracy must lie between 0 and 1, not {target_accuracy}")
+    if not (run / "best.pt").is_file():
+        raise CheckpointError(f"{run} has no best.pt: calibration needs a run that finished at least one epoch")
+    started = time.time()
+    model, cfg, names, dev = load_run_model(run, device)
+    val = _outputs(run, cfg, "val", model, dev, workers, batch_size)
+    train = _outputs(run, cfg, "train", model, dev, workers, batch_size, BANK_IMAGES_PER_CLASS)
+    temperature = fit_temperature(val.logits, val.labels)
+    before, after = softmax(val.logits), softmax(val.logits, temperature)
+    bank = FeatureBank.fit(train.features)
+    thresholds = _thresholds(after, val.labels, class_makes_of(run, names) or first_words(names),
+                             target_accuracy)
+    thresholds["ood"] = ood_threshold(bank.score(val.features), OOD_KEEP)
+    bank.save(run / BANK_FILE)
+    info = {"temperature": temperature, "ece_before": ece(before, val.labels), "ece_after": ece(after, val.labels),
+            "nll_before": nll(val.logits, val.labels), "nll_after": nll(val.logits, val.labels, temperature),
+            "bins_before": reliability_bins(before, val.labels), "bins_after": reliability_bins(after, val.labels),
+            "target_accuracy": target_accuracy, "confidence_level": CONFIDENCE_LEVEL, "thresholds": thresholds, "val_images": int(len(val.labels)),
+            "bank_images": int(len(train.labels)), "ood_score": "knn: cosine distance to the k-th nearest training image, pooled layer3",
+            "ood_keep": OOD_KEEP, "seconds": round(time.time() - started, 2)}
+    rundir.write_json(run / CALIBRATION_FILE, info)  # last: its presence means the run is calibrated
+    return {k: v for k, v in info.items() if not k.startswith("bins_")}
+
+
+def _outputs(run: Path, cfg, split: str, model, dev, workers: int, batch_size: int, per_class: int | None = None):
+    dataset = split_dataset(run, cfg, split, per_class)
+    if not len(dataset):
+        raise ValueError(f"{run} has no {split} images: calibration needs a validation split (val_frac > 0)")
+    return collect_outputs(model, make_loader(dataset, batch_size, workers), dev, cfg.amp)
+
+
+def _thresholds(probs: np.ndarray, labels: np.ndarray, class_makes: list[str], target: float) -> dict:
+    """Lowest confidences at which the validation answers reach `target` accuracy, for models and for makes."""
+    make_names, by_make = make_probs(probs, class_makes)
+    true_make = np.array([make_names.index(class_makes[t]) for t in labels])
+    return {"model": accept_threshold(probs.max(1), probs.argmax(1) == labels, target, CONFIDENCE_LEVEL),
+            "make": accept_threshold(by_make.max(1), by_make.argmax(1) == true_make, target, CONFIDENCE_LEVEL)}

@@ -1,0 +1,270 @@
+"""carapp.trust: calibration, selective answers and the not-a-car score, on data made here with a seeded RNG."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carapp import trust
+from carapp.trust import (FeatureDensity, accept_threshold, answer_status, auroc, coverage_curve, ece,
+                          fit_temperature, make_probs, nll, ood_threshold, reliability_bins, selective_metrics,
+                          softmax)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+
+def test_softmax_rows_sum_to_one_and_temperature_flattens():
+    logits = np.array([[1.0, 2.0, 3.0], [1000.0, 0.0, -1000.0]])  # the second row overflows a naive exp
+    probs = softmax(logits)
+    assert probs.dtype == np.float64 and np.isfinite(probs).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    flat = softmax(logits, temperature=2.0)
+    np.testing.assert_allclose(flat.sum(axis=1), 1.0)
+    assert flat[0].max() < probs[0].max() and flat[0].min() > probs[0].min()
+
+
+def test_nll_matches_hand_computation():
+    logits = np.array([[0.0, np.log(3.0)]])  # probabilities 1/4, 3/4
+    assert nll(logits, np.array([1])) == pytest.approx(-np.log(0.75))
+    assert nll(logits, np.array([0])) == pytest.approx(-np.log(0.25))
+
+
+def test_fit_temperature_recovers_a_known_overconfidence():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=2.0, size=(4000, 10))
+    true_probs = softmax(logits)
+    labels = np.array([rng.choice(10, p=p) for p in true_probs])  # calibrated by construction at T = 1
+    overconfident = logits * 3.0
+    t = fit_temperature(overconfident, labels)
+    assert t == pytest.approx(3.0, rel=0.15)
+    assert nll(overconfident, labels, t) <= nll(overconfident, labels)
+    assert ece(softmax(overconfident, t), labels) < ece(softmax(overconfident), labels)
+
+
+def test_fit_temperature_degenerate_cases_return_one():
+    assert fit_temperature(np.array([[1.0, 2.0]]), np.array([1])) == 1.0   # one sample
+    assert fit_temperature(np.zeros((5, 3)), np.zeros(5, dtype=int)) == 1.0  # flat logits: T changes nothing
+    assert fit_temperature(np.array([[np.nan, 1.0], [0.0, 1.0]]), np.array([0, 1])) == 1.0
+
+
+def test_fit_temperature_stays_within_bounds():
+    # always right (wrong) with a margin: the NLL keeps falling as T shrinks (grows), and only the bounds stop it
+    logits = np.array([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    sharp = fit_temperature(logits, np.array([0, 1, 0]))
+    assert trust.MIN_TEMPERATURE <= sharp < 0.5
+    flat = fit_temperature(logits, np.array([1, 0, 1]))
+    assert 10.0 < flat <= trust.MAX_TEMPERATURE
+
+
+def test_reliability_bins_and_ece_by_hand():
+    # confidences 0.9 (right), 0.8 (wrong), 0.6 (right), 0.55 (right) in 2 bins (0, 0.5], (0.5, 1]: all in bin 2
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.45, 0.55]])
+    labels = np.array([0, 1, 1, 1])
+    bins = reliability_bins(probs, labels, n_bins=2)
+    assert [(b["lo"], b["hi"], b["count"]) for b in bins] == [(0.0, 0.5, 0), (0.5, 1.0, 4)]
+    assert bins[0]["confidence"] is None and bins[0]["accuracy"] is None
+    assert bins[1]["confidence"] == pytest.approx((0.9 + 0.8 + 0.6 + 0.55) / 4)
+    assert bins[1]["accuracy"] == pytest.approx(0.75)
+    assert ece(probs, labels, n_bins=2) == pytest.approx(abs(0.75 - 0.7125))
+
+    # 4 bins of 0.25: 0.9 and 0.8 share (0.75, 1], 0.6 and 0.55 share (0.5, 0.75]
+    expected = 2 / 4 * abs(0.5 - 0.85) + 2 / 4 * abs(1.0 - 0.575)
+    assert ece(probs, labels, n_bins=4) == pytest.approx(expected)
+
+
+def test_reliability_bins_put_an_edge_in_the_bin_below():
+    probs = np.array([[0.6, 0.4], [0.4, 0.6]])  # 0.6 is the upper edge of (8/15, 9/15]
+    bins = reliability_bins(probs, np.array([0, 0]), n_bins=15)
+    filled = [b for b in bins if b["count"]]
+    assert len(filled) == 1 and filled[0]["hi"] == pytest.approx(0.6) and filled[0]["count"] == 2
+    assert filled[0]["accuracy"] == 0.5
+
+
+def test_make_probs_sums_models_of_a_make():
+    probs = np.array([[0.1, 0.2, 0.3, 0.4], [0.7, 0.0, 0.3, 0.0]])
+    makes, by_make = make_probs(probs, ["Audi", "BMW", "Audi", "Citroen"])
+    assert makes == ["Audi", "BMW", "Citroen"]
+    np.testing.assert_allclose(by_make, [[0.4, 0.2, 0.4], [1.0, 0.0, 0.0]])
+    np.testing.assert_allclose(by_make.sum(axis=1), probs.sum(axis=1))
+    with pytest.raises(ValueError):
+        make_probs(probs, ["Audi", "BMW"])
+
+
+# ---------------------------------------------------------------------------------------- selective answers
+
+
+def test_accept_threshold_hand_example():
+    confidence = np.array([0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
+    correct = np.array([1, 1, 1, 0, 1, 0], dtype=bool)
+    # accepted from the top: accuracies 1, 1, 1, 3/4, 4/5, 4/6
+    assert accept_threshold(confidence, correct, 1.0) == 0.8
+    assert accept_threshold(confidence, correct, 0.8) == 0.6      # 0.7 alone would give 0.75; 0.6 brings 0.8 back
+    assert accept_threshold(confidence, correct, 0.75) == 0.6
+    assert accept_threshold(confidence, correct, 0.6) == 0.5
+    order = np.random.default_rng(1).permutation(6)               # input order does not matter
+    assert accept_threshold(confidence[order], correct[order], 0.8) == 0.6
+
+
+def test_accept_threshold_accepts_ties_together():
+    # two answers at 0.7, one right and one wrong: accepting "only the right one" is impossible
+    confidence = np.array([0.9, 0.7, 0.7, 0.5])
+    correct = np.array([1, 1, 0, 1], dtype=bool)
+    assert accept_threshold(confidence, correct, 1.0) == 0.9
+    assert accept_threshold(confidence, correct, 0.75) == 0.5  # 3/4 with everything; 2/3 at 0.7
+    assert accept_threshold(confidence[[0, 2, 1, 3]], correct[[0, 2, 1, 3]], 1.0) == 0.9
+
+
+def test_accept_threshold_all_and_none_correct():
+    confidence = np.array([0.3, 0.9, 0.6])
+    assert accept_threshold(confidence, np.ones(3, dtype=bool), 0.99) == 0.3   # everything: the minimum
+    assert accept_threshold(confidence, np.zeros(3, dtype=bool), 0.5) == 1.0   # nothing: only certainty
+    assert accept_threshold(np.array([]), np.array([], dtype=bool), 0.9) == 1.0
+
+
+def test_coverage_curve_and_selective_metrics():
+    confidence = np.array([0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
+    correct = np.array([1, 1, 1, 0, 1, 0], dtype=bool)
+    curve = coverage_curve(confidence, correct, n_points=11)
+    assert [p["threshold"] for p in curve] == pytest.approx(np.linspace(0, 1, 11))
+    by_t = {round(p["threshold"], 1): p for p in curve}
+    assert by_t[0.0] == {"threshold": 0.0, "coverage": 1.0, "accuracy": pytest.approx(4 / 6)}
+    assert by_t[0.7]["coverage"] == pytest.approx(4 / 6) and by_t[0.7]["accuracy"] == pytest.approx(3 / 4)
+    assert by_t[1.0]["coverage"] == 0.0 and by_t[1.0]["accuracy"] is None
+    for p in curve:  # the curve and the single-threshold metrics agree everywhere
+        m = selective_metrics(confidence, correct, p["threshold"])
+        assert m["coverage"] == pytest.approx(p["coverage"])
+        assert m["selective_accuracy"] == (None if p["accuracy"] is None else pytest.approx(p["accuracy"]))
+    assert selective_metrics(confidence, correct, 0.8) == {"coverage": 0.5, "selective_accuracy": 1.0}
+
+
+# ---------------------------------------------------------------------------------------- out of distribution
+
+
+def blobs(rng: np.random.Generator, centres: np.ndarray, per_class: int, spread: float = 0.5):
+    labels = np.repeat(np.arange(len(centres)), per_class)
+    return centres[labels] + rng.normal(scale=spread, size=(len(labels), centres.shape[1])), labels
+
+
+def test_feature_density_separates_far_points_and_noise():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=2.0, size=(8, 64))
+    train, labels = blobs(rng, centres, per_class=20)        # 160 points in 64-D: covariance needs shrinkage
+    held_out, _ = blobs(rng, centres, per_class=10)
+    far = rng.normal(scale=2.0, size=(80, 64)) + 8.0 / np.sqrt(64)   # away from every centre
+    noise = rng.uniform(-4, 4, size=(80, 64))
+    for normalize in (True, False):
+        density = FeatureDensity.fit(train, labels, normalize=normalize)
+        inside = density.score(held_out)
+        assert inside.shape == (80,) and (inside >= 0).all()
+        assert auroc(inside, density.score(far)) > 0.95
+        assert auroc(inside, density.score(noise)) > 0.95
+        assert np.median(inside) < np.median(density.score(far))
+
+
+def test_feature_density_score_matches_the_definition():
+    rng = np.random.default_rng(1)
+    train, labels = blobs(rng, rng.normal(size=(3, 5)), per_class=30)
+    density = FeatureDensity.fit(train, labels, normalize=False)
+    x = rng.normal(size=(4, 5))
+    means, precision = density.means.astype(float), density.precision.astype(float)
+    by_hand = [min((xi - m) @ precision @ (xi - m) for m in means) for xi in x]
+    np.testing.assert_allclose(density.score(x), by_hand, rtol=1e-6)
+
+
+def relu_features(rng: np.random.Generator, directions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Like pooled ResNet features: non-negative, a class pattern plus noise, times a per-image gain (contrast,
+    size of the car in the frame) that says nothing about the class."""
+    gain = rng.lognormal(sigma=0.5, size=(len(labels), 1))
+    return gain * np.maximum(directions[labels] + rng.normal(scale=0.5, size=(len(labels), directions.shape[1])), 0)
+
+
+def test_normalize_default_is_the_better_choice():
+    """FeatureDensity's default must win where the feature norm is nuisance, as in pooled ResNet features (on a
+    demo-trained ResNet-50, cars vs. no-car images: AUROC 0.958 normalised, 0.771 raw; here about 1.0 vs. 0.85)."""
+    rng = np.random.default_rng(2)
+    directions = rng.normal(size=(10, 64))
+    labels = np.repeat(np.arange(10), 15)
+    train = relu_features(rng, directions, labels)
+    cars = relu_features(rng, directions, np.repeat(np.arange(10), 8))
+    others = relu_features(rng, rng.normal(size=(10, 64)), np.repeat(np.arange(10), 8))  # other "objects"
+    scores = {}
+    for normalize in (True, False):
+        density = FeatureDensity.fit(train, labels, normalize=normalize)
+        scores[normalize] = auroc(density.score(cars), density.score(others))
+    default = FeatureDensity.__init__.__defaults__[0]
+    assert scores[default] >= scores[not default], scores
+
+
+def test_feature_density_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    train, labels = blobs(rng, rng.normal(size=(4, 16)), per_class=10)
+    density = FeatureDensity.fit(train, labels, normalize=False)
+    path = tmp_path / "density.npz"
+    density.save(path)
+    loaded = FeatureDensity.load(path)
+    assert loaded.normalize is False
+    x = rng.normal(size=(7, 16))
+    np.testing.assert_array_equal(loaded.score(x), density.score(x))
+    with np.load(path) as data:
+        assert data["means"].dtype == np.float32 and data["precision"].dtype == np.float32
+
+
+def test_feature_density_load_refuses_bad_files(tmp_path):
+    missing = tmp_path / "missing.npz"
+    np.savez(missing, means=np.zeros((2, 3), np.float32), normalize=np.array(True))
+    with pytest.raises(ValueError, match="precision"):
+        FeatureDensity.load(missing)
+
+    shapes = tmp_path / "shapes.npz"
+    np.savez(shapes, means=np.zeros((2, 3), np.float32), precision=np.eye(4, dtype=np.float32),
+             normalize=np.array(True))
+    with pytest.raises(ValueError, match="shape"):
+        FeatureDensity.load(shapes)
+
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    with pytest.raises(ValueError):
+        FeatureDensity.load(corrupt)
+    with pytest.raises(ValueError):
+        FeatureDensity.load(tmp_path / "absent.npz")
+
+
+def test_feature_density_load_never_unpickles(tmp_path):
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, means=np.zeros((2, 3), np.float32), precision=np.eye(3, dtype=np.float32),
+             normalize=np.array([{"not": "an array"}], dtype=object))  # object arrays are stored as pickles
+    with pytest.raises(ValueError):
+        FeatureDensity.load(pickled)
+
+
+def test_ood_threshold_keeps_the_requested_share():
+    scores = np.arange(1, 101, dtype=float)
+    t = ood_threshold(scores, keep=0.95)
+    assert np.mean(scores <= t) == pytest.approx(0.95, abs=0.01)
+
+
+def test_auroc_orientation():
+    assert auroc([0.1, 0.2], [0.8, 0.9]) == 1.0   # out-of-distribution scores higher: perfect
+    assert auroc([0.8, 0.9], [0.1, 0.2]) == 0.0
+
+
+# -------------------------------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("model_prob, make_prob, ood_score, expected", [
+    (0.95, 0.99, 1.0, "model"),
+    (0.95, 0.99, None, "model"),        # no OOD score: the check is skipped
+    (0.6, 0.85, 1.0, "make"),
+    (0.6, 0.7, 1.0, "unsure"),
+    (0.99, 0.99, 50.0, "no-car"),       # beyond the OOD threshold beats any confidence
+])
+def test_answer_status_branches(model_prob, make_prob, ood_score, expected):
+    thresholds = {"model": 0.9, "make": 0.8, "ood": 10.0}
+    assert answer_status(model_prob, make_prob, thresholds, ood_score) == expected
+    assert expected in trust.STATUSES
+
+
+def test_answer_status_without_an_ood_threshold():
+    thresholds = {"model": 0.9, "make": 0.8, "ood": None}
+    assert answer_status(0.95, 0.99, thresholds, ood_score=1e9) == "model"
+    assert answer_status(0.5, 0.5, {"model": 0.9, "make": 0.8}, ood_score=1e9) == "unsure"
