@@ -1,4 +1,5 @@
-"""Command line: python -m carapp {demo-data,stats,train,evaluate,calibrate,predict,export,push,cache,sweep} --help
+"""Command line: python -m carapp {demo-data,stats,train,evaluate,calibrate,predict,analyze,export,push,cache,
+sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """
@@ -113,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "eigencam | layercam")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("analyze", help="analyse a photo collection: makes and models per group, with intervals")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="a folder (recursive), a .zip, or a list of paths")
+    # --model too: under torchrun, whose parser takes --run for its own --run-path
+    p.add_argument("--run", "--model", dest="run", required=True,
+                   help="run directory, checkpoint file, exported folder, or hf://owner/name (alias --model)")
+    p.add_argument("--out", required=True, help="folder for predictions.csv, summary.csv and report.html; rerun "
+                   "with the same folder to resume")
+    p.add_argument("--group-by", default="folder", help="folder (first-level sub-folder; default) | none | a CSV "
+                   "file with path,group")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx", "int8"],
+                   help="auto: ONNX Runtime on a CPU, PyTorch on a GPU; int8: quantised ONNX (CPU, fastest)")
+    p.add_argument("--force", action="store_true", help="replace the results of another model in --out")
 
     p = sub.add_parser("export", help="export a run as safetensors or ONNX with config, labels and a model card")
     p.add_argument("--run", required=True)
@@ -240,6 +257,18 @@ def cmd_predict(args):
     return results, 1 if any("error" in r for r in results) else 0
 
 
+def cmd_analyze(args):
+    from .analyze import analyze
+    result = analyze(args.sources, args.run, args.out, args.group_by, args.batch_size, args.workers, args.device,
+                     args.force, args.engine)
+    if result and not args.json:
+        counts = ", ".join(f"{k} {v}" for k, v in result["status_counts"].items())
+        print(f"{result['images']} photos: {counts}. Top makes: "
+              + ", ".join(f"{m} {n}" for m, n in result["top_makes"].items())
+              + f"\nReport: {Path(args.out) / 'report.html'}")
+    return result, 0
+
+
 def cmd_export(args):
     from .export import export_run
     out = export_run(args.run, args.format, args.out)
@@ -266,5 +295,5 @@ def cmd_sweep(args):
 
 
 COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "train": cmd_train, "evaluate": cmd_evaluate,
-            "calibrate": cmd_calibrate,
+            "calibrate": cmd_calibrate, "analyze": cmd_analyze,
             "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep}

@@ -115,7 +115,7 @@ def _one_job(runs_dir: str | Path):
         job = app_job(runs_dir)
         if busy or job:
             name = busy.name if busy else job["run"]
-            raise JobError(f"run {name} is busy with a job now: wait or stop it first (one job at a time)")
+            raise JobError(f"{name} is busy with a job now: wait for it or stop it (one job at a time)")
         yield lambda proc, run, kind: rundir.write_json(runs_dir / JOB_FILE, {"pid": proc.pid, "run": run.name,
                                                                             "kind": kind})
 
@@ -155,12 +155,27 @@ def start_evaluation(run: str | Path, runs_dir: str | Path, split: str = "test")
     return run
 
 
-def evaluation_status(run: str | Path) -> dict:
-    """The evaluation progress of a run: status running | finished | failed | interrupted, done, total."""
-    progress = rundir.read_json(Path(run) / EVAL_PROGRESS, {})
+def start_analysis(sources: list[str], model: str, out: Path, runs_dir: str | Path, group_by: str = "folder") -> Path:
+    """Analyse a collection in the background into `out` (predictions.csv, summary.csv, report.html)."""
+    with _one_job(runs_dir) as record:
+        proc = _spawn(["analyze", *sources, "--run", model, "--out", str(out), "--group-by", group_by,
+                       "--workers", "1"], out)
+        record(proc, out, "analyze")
+    _wait_until_started(proc, out / "progress.json")
+    return out
+
+
+def job_status(progress_file: Path) -> dict:
+    """A job's progress file, with a dead 'running' job marked 'interrupted'."""
+    progress = rundir.read_json(progress_file, {})
     if progress.get("status") == "running" and not rundir.pid_alive(progress.get("pid", 0)):
         progress["status"] = "interrupted"
     return progress
+
+
+def evaluation_status(run: str | Path) -> dict:
+    """The evaluation progress of a run: status running | finished | failed | interrupted, done, total."""
+    return job_status(Path(run) / EVAL_PROGRESS)
 
 
 def started_by_app(runs_dir: str | Path, run: str | Path) -> bool:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
+from carapp import jobs
 from conftest import ROOT, serving
 
 CHROMIUM = "/usr/bin/chromium"
@@ -37,8 +39,8 @@ def page(app):
         browser.close()
 
 
-def test_four_tabs(page, tmp_path):
-    for name in ("Predict", "Dataset", "Train", "Evaluate"):
+def test_all_tabs(page, tmp_path):
+    for name in ("Predict", "Analyze", "Dataset", "Train", "Evaluate"):
         page.get_by_role("tab", name=name).wait_for(state="visible")
     page.screenshot(path=str(tmp_path / "home.png"), full_page=True)
 
@@ -47,6 +49,7 @@ def test_upload_shows_classes_and_heatmap(app, page, tmp_path):
     names = [c["name"] for c in json.loads((app[1] / "tiny" / "labels.json").read_text())]
     page.get_by_role("tab", name="Predict").click()
     page.set_input_files("#input-image input[type=file]", str(ROOT / "assets/examples/elsmere_caravel.jpg"))
+    page.locator("#input-image img").wait_for(state="visible", timeout=60_000)  # the upload has arrived
     page.get_by_role("button", name="Classify").click()
     page.locator("#cam img").wait_for(state="visible", timeout=90_000)
     page.wait_for_function("names => names.some(n => document.querySelector('#top5').innerText.includes(n))",
@@ -77,3 +80,27 @@ def test_demo_training_updates_the_plot(page, tmp_path):
     page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
     page.get_by_role("button", name="Stop").click()
     page.wait_for_function("document.querySelector('#live').innerText.match(/stopped|finished/)", timeout=120_000)
+
+
+def test_analyze_a_zip_in_the_browser(app, page, tmp_path):
+    import csv
+    import zipfile
+    rows = [r for r in csv.DictReader(open(app[1] / "tiny" / "split.csv")) if r["split"] == "test"][:12]
+    data = json.loads((app[1] / "tiny" / "config.json").read_text())["data"]
+    archive = tmp_path / "cities.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i, r in enumerate(rows):
+            z.write(Path(data) / r["path"], f"{'north' if i % 2 else 'south'}/{i}.jpg")
+    page.get_by_role("tab", name="Analyze").click()
+    page.set_input_files("#analyze-files input[type=file]", str(archive))
+    page.wait_for_function("document.querySelector('#analyze-files').innerText.includes('cities.zip')",
+                           timeout=60_000)  # the upload has arrived
+    deadline = time.time() + 60
+    while jobs.app_job(app[1]) and time.time() < deadline:  # the stopped trainer of the test before exits first
+        time.sleep(0.5)
+    page.get_by_role("button", name="Analyze", exact=True).click()
+    page.wait_for_function("document.querySelector('#analyze-progress').innerText.includes('finished: 12/12')",
+                           timeout=120_000)
+    page.locator("#analyze-shares .js-plotly-plot").wait_for(state="visible", timeout=30_000)
+    assert "north" in page.locator("#analyze-shares").inner_text()
+    page.screenshot(path=str(tmp_path / "analyze.png"), full_page=True)

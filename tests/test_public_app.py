@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from carapp import jobs
-from carapp.ui import predict_tab
+from carapp.ui import predict_tab, uploads
 from conftest import FAST_TRAIN, ROOT, raw_call, raw_upload, serving, stop_all_jobs
 
 EXAMPLE = ROOT / "assets/examples/aurora_sprint.jpg"
@@ -47,7 +47,7 @@ def test_predict_opens_only_files_gradio_accepted(public, demo_root):
     server_image = next((demo_root / "data" / "image").rglob("*.jpg"))
     answers = [raw_call(url, "/predict", photo(p)) for p in
                ("/etc/passwd", "/no/such/file.jpg", str(server_image), "../../etc/hostname")]
-    assert answers == [(False, predict_tab.NOT_AN_UPLOAD)] * 4  # one answer: nothing learned about the server
+    assert answers == [(False, uploads.NOT_AN_UPLOAD)] * 4  # one answer: nothing learned about the server
     ok, data = raw_call(url, "/predict", photo(raw_upload(url, EXAMPLE)))
     assert ok and data[0]["confidences"]
     ok, data = raw_call(url, "/predict", photo(str(EXAMPLE)))  # the Predict examples

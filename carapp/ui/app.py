@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import dataset_tab, evaluate_tab, predict_tab, train_tab
+from . import analyze_tab, dataset_tab, evaluate_tab, predict_tab, train_tab
 from .settings import REPO, AppSettings
 
 MAX_UPLOAD = "10mb"
@@ -20,6 +20,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             gr.Markdown("Running on the built-in **synthetic** demo dataset (drawn cars, not photos). "
                         "Point `--data` or `CARAPP_DATA` at CompCars for the real thing.", elem_id="demo-note")
         predict_tab.build(settings, demo)
+        analyze_tab.build(settings, demo)
         dataset_tab.build(settings, demo)
         train_tab.build(settings, demo)
         evaluate_tab.build(settings, demo)

@@ -7,22 +7,19 @@ gets a message that names the problem — and so carapp itself checks that the f
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import uuid
 from pathlib import Path
 
 import gradio as gr
-from gradio.utils import get_upload_folder
 
 from .. import jobs, rundir
 from ..images import PHOTO_DRAFT_SIZE, ImageError, open_image
 from ..config import CAM_METHODS
-from .settings import CONFIGURED, REPO, AppSettings
+from .settings import CONFIGURED, AppSettings
+from .uploads import EXAMPLES, accepted_upload
 
 TOP1 = "top-1 prediction"
-EXAMPLES = REPO / "assets" / "examples"
-NOT_AN_UPLOAD = "Upload a photo (drop, paste or choose a file): only files sent through the app can be classified."
 SLOW_CAM_BUSY = ("Another slow heatmap is being computed; try again in a moment, or use gradcam (instant).")
 _SLOW_CAM = threading.BoundedSemaphore(1)  # ScoreCAM & co: one at a time, whatever the queue's concurrency
 
@@ -55,22 +52,6 @@ def resolve_model(source: str | None, settings: AppSettings) -> str:
     if settings.paths_editable and Path(source).exists():
         return source
     raise gr.Error(f"Unknown model {source!r}.", print_exception=False)
-
-
-def accepted_upload(image) -> str:
-    """The path of a file Gradio itself accepted: an upload in its cache, or one of the examples.
-
-    With preprocess=False a client can send any {"path": ...}; a made-up path (a server file, a missing one) gets
-    one and the same answer, before anything is opened, so a stranger learns nothing about the server's files.
-    """
-    path = image.get("path") if isinstance(image, dict) else image
-    if not path or not isinstance(path, str):
-        raise gr.Error("Drop a photo of a car first.", print_exception=False)
-    real = os.path.realpath(path)
-    roots = (os.path.realpath(get_upload_folder()), os.path.realpath(EXAMPLES))
-    if not any(real.startswith(root + os.sep) for root in roots) or not os.path.isfile(real):
-        raise gr.Error(NOT_AN_UPLOAD, print_exception=False)
-    return real
 
 
 def predict(image, model: str | None = None, method: str = "gradcam", target: str | None = TOP1,

@@ -21,6 +21,8 @@ class AppSettings:
     auth: tuple[str, str] | None = None
     allow_slow_cam: bool = False  # the owner's override for public mode (CARAPP_SLOW_CAM=1): ScoreCAM and friends
     queue_size: int = 32          # requests waiting in the queue at most; more are refused at once
+    analyze_max_files: int = 500  # public mode: one analysis takes at most this many uploaded files ...
+    analyze_max_mb: int = 200     # ... and megabytes (CARAPP_ANALYZE_MAX_FILES / _MB raise them)
 
     @property
     def training_enabled(self) -> bool:
@@ -65,6 +67,8 @@ def resolve_settings(data: str | None = None, checkpoint: str | None = None, run
         auth=(user, password) if user and password else None,
         allow_slow_cam=os.environ.get("CARAPP_SLOW_CAM") == "1",
         queue_size=int(os.environ.get("CARAPP_QUEUE_SIZE") or 32),
+        analyze_max_files=int(os.environ.get("CARAPP_ANALYZE_MAX_FILES") or 500),
+        analyze_max_mb=int(os.environ.get("CARAPP_ANALYZE_MAX_MB") or 200),
     )
 
 

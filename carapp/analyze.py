@@ -1,0 +1,237 @@
+"""Analyse a photo collection: which makes and models appear, how often, per group, with 95% Wilson intervals.
+
+    python -m carapp analyze photos/ more.zip list.txt --run checkpoints/run1 --out analysis/ [--group-by folder]
+    torchrun --nproc_per_node=4 -m carapp analyze photos/ --model RUN --out OUT   # a shard each; rank 0 merges
+
+OUT gets predictions.csv (one row per image, appended and fsynced per batch), summary.csv, report.html, and
+progress.json while it runs. Running again with the same OUT skips the images already there, so a run killed at any
+moment (even kill -9) completes with every image exactly once.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import rundir
+from .collection import ALL_GROUPS, CollectionError, Item, collect
+from .engines import ENGINES, OnnxEngine, TorchEngine, export_with_features, pick_engine, quantize
+from .images import ImageError, open_image
+from .loader import build_transform, ignore_stop_signals, resize_size
+from .runtime import init_distributed
+
+log = logging.getLogger("carapp")
+
+COLUMNS = ["path", "group", "status", "make", "make_prob", "model", "model_prob", "ood_score", "top5", "reason"]
+META = "analysis.json"
+CALIBRATION_PHOTOS = 64   # photos that set the int8 activation ranges
+
+
+class CollectionImages(Dataset):
+    """Decoded, eval-transformed images of a collection; an unreadable one yields its reason instead."""
+
+    def __init__(self, items: list[Item], image_size: int):
+        self.items, self.transform, self.draft = items, build_transform(image_size, False), resize_size(image_size)
+        self.archives: dict = {}  # zip files, opened once per worker process
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(open_image(self.items[i].open(self.archives), draft_size=self.draft)), None
+        except ImageError as exc:
+            return i, None, exc.reason
+        except (OSError, KeyError, ValueError) as exc:  # a vanished file, a broken zip member
+            return i, None, f"cannot read ({exc})"
+
+
+def collate(batch):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    return ([i for i, _ in good], torch.stack([x for _, x in good]) if good else None,
+            [(i, reason) for i, x, reason in batch if x is None])
+
+
+def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "folder", batch_size: int = 32,
+            workers: int = 2, device: str = "auto", force: bool = False, engine: str = "auto") -> dict:
+    from .predict import Predictor
+    out = Path(out)
+    items, skipped = collect(sources, group_by)
+    if not items:
+        raise CollectionError(f"no images found in {', '.join(sources)} ({skipped} other files skipped)")
+    dist = init_distributed()
+    predictor = Predictor.load(run, device=device)
+    engine = pick_engine(engine, predictor.device)
+    if dist.main:
+        identity = _claim(out, run, predictor, force)
+        rundir.write_json(out / "progress.json", {"status": "running", "done": 0, "total": len(items),
+                                                  "pid": os.getpid(), "updated": time.time()})
+        model_file = _prepare_engine(engine, predictor, out, identity, items)
+    dist.barrier()
+    if not dist.main:
+        model_file = _prepare_engine(engine, predictor, out, rundir.read_json(out / META)["identity"], items)
+    part = out / ("predictions.csv" if dist.world == 1 else f".predictions.rank{dist.rank}.csv")
+    shard = items[dist.rank::dist.world]
+    done = read_done(part)
+    pending = [item for item in shard if item.path not in done]
+    log.info("%d images (%d other files skipped); %d already done, %d to go%s", len(items), skipped, len(done),
+             len(pending), "" if predictor.calibration.calibrated else "; " + _uncalibrated())
+    run_batch = TorchEngine(predictor.model, predictor.device) if engine == "torch" else OnnxEngine(model_file)
+    _predict_into(part, pending, predictor, run_batch, batch_size, workers, out if dist.main else None,
+                  len(shard) - len(pending), len(shard), dist.world)
+    dist.barrier()
+    if not dist.main:
+        dist.close()
+        return {}
+    if dist.world > 1:
+        _merge(out, [out / f".predictions.rank{r}.csv" for r in range(dist.world)])
+    dist.close()
+    from .report import write_report, write_summary
+    rows = read_rows(out / "predictions.csv")
+    summary = write_summary(out, rows)
+    write_report(out, rows, summary, predictor.calibration.calibrated)
+    result = _short_summary(rows, skipped, predictor.calibration.calibrated, out)
+    rundir.write_json(out / "progress.json", {"status": "finished", "done": len(rows), "total": len(rows),
+                                              "pid": os.getpid(), "updated": time.time()})
+    return result
+
+
+def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_size: int, workers: int,
+                  progress_dir, already: int, total: int, world: int) -> None:
+    """Batches of decoded images through the network; every batch's rows appended, flushed and fsynced."""
+    dataset = CollectionImages(pending, predictor.image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                        worker_init_fn=ignore_stop_signals if workers else None)
+    new_file = not part.exists() or part.stat().st_size == 0
+    started, done = time.time(), 0
+    with open(part, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new_file:
+            writer.writerow(COLUMNS)
+        for indices, images, bad in loader:
+            rows = [_unreadable_row(pending[i], reason) for i, reason in bad]
+            if images is not None:
+                rows += _predicted_rows(predictor.calibration, run_batch, [pending[i] for i in indices], images)
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+            done += len(rows)
+            if progress_dir is not None:
+                rate = done * world / max(time.time() - started, 1e-9)
+                rundir.write_json(progress_dir / "progress.json", {
+                    "status": "running", "done": already + done * world, "total": total * world,
+                    "images_per_sec": rate, "eta_seconds": (total - already - done) * world / max(rate, 1e-9),
+                    "pid": os.getpid(), "updated": time.time()})
+
+
+def _predicted_rows(calibration, run_batch, items: list[Item], images: torch.Tensor) -> list[list]:
+    logits, features = run_batch(images)
+    answers = calibration.answers(logits, features, 5)
+    return [[item.path, item.group, a.status, a.make[0], round(a.make[1], 6), a.top[0][0], round(a.top[0][1], 6),
+             "" if a.ood_score is None else round(a.ood_score, 6),
+             json.dumps([[n, round(p, 6)] for n, p in a.top]), ""] for item, a in zip(items, answers)]
+
+
+def _unreadable_row(item: Item, reason: str) -> list:
+    return [item.path, item.group, "unreadable", "", "", "", "", "", "", reason]
+
+
+def read_done(part: Path) -> set[str]:
+    """Paths already in a predictions file. A torn last line (a kill mid-write) is cut off, so its image is
+    predicted again and appears once."""
+    if not part.is_file():
+        return set()
+    data = part.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(part, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return {row["path"] for row in read_rows(part)}
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _prepare_engine(engine: str, predictor, out: Path, identity: dict, items: list[Item]) -> Path | None:
+    """The ONNX file an ONNX engine runs, exported (and for int8 quantised) once per model into OUT."""
+    if engine == "torch":
+        return None
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    tag = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    float_file = out / f".model-{tag}.onnx"
+    if not float_file.is_file():
+        log.info("exporting the model to ONNX for ONNX Runtime (once per output folder)")
+        export_with_features(predictor.model.cpu(), predictor.image_size, float_file)
+    if engine == "onnx":
+        return float_file
+    int8_file = out / f".model-{tag}-int8.onnx"
+    if not int8_file.is_file():
+        log.info("quantising to int8, calibrated on the first %d photos", min(len(items), CALIBRATION_PHOTOS))
+        dataset = CollectionImages(items[:CALIBRATION_PHOTOS], predictor.image_size)
+        engine_input = OnnxEngine(float_file)
+        batches = [engine_input.prepare(images) for _, images, _ in DataLoader(dataset, 16, collate_fn=collate)
+                   if images is not None]
+        quantize(float_file, int8_file, batches)
+    return int8_file
+
+
+def _claim(out: Path, run: str, predictor, force: bool) -> dict:
+    """OUT belongs to one model: results of another are refused unless --force, which starts OUT afresh."""
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {"model": str(Path(run).resolve()) if "://" not in str(run) else str(run),
+                "labels": hashlib.sha256("\n".join(predictor.labels).encode()).hexdigest()[:16]}
+    previous = rundir.read_json(out / META)
+    if previous and previous.get("identity") != identity:
+        if not force:
+            raise CollectionError(f"{out} holds the results of another model ({previous['identity']['model']}): "
+                                  f"choose another --out, or --force to replace them")
+    if previous and previous.get("identity") != identity or force:
+        for name in ("predictions.csv", "summary.csv", "report.html", "progress.json"):
+            (out / name).unlink(missing_ok=True)
+        for part in [*out.glob(".predictions.rank*.csv"), *out.glob(".model-*.onnx")]:
+            part.unlink()
+    rundir.write_json(out / META, {"identity": identity, "calibrated": predictor.calibration.calibrated})
+    return identity
+
+
+def _merge(out: Path, parts: list[Path]) -> None:
+    """Rank 0 appends the other ranks' rows that predictions.csv lacks; the parts stay for a later resume."""
+    target = out / "predictions.csv"
+    done = read_done(target)
+    with open(target, "a", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        if not done and f.tell() == 0:
+            writer.writeheader()
+        for part in parts:
+            for row in (read_rows(part) if part.is_file() else []):
+                if row["path"] not in done:
+                    writer.writerow(row)
+                    done.add(row["path"])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _short_summary(rows: list[dict], skipped: int, calibrated: bool, out: Path) -> dict:
+    statuses = [r["status"] for r in rows]
+    makes: dict[str, int] = {}
+    for r in rows:
+        if r["status"] in ("model", "make"):
+            makes[r["make"]] = makes.get(r["make"], 0) + 1
+    return {"out": str(out), "images": len(rows), "skipped_not_images": skipped, "calibrated": calibrated,
+            "status_counts": {s: statuses.count(s) for s in ("model", "make", "unsure", "no-car", "unreadable")},
+            "groups": sorted({r["group"] for r in rows} - {ALL_GROUPS}),
+            "top_makes": dict(sorted(makes.items(), key=lambda kv: -kv[1])[:10])}
+
+
+def _uncalibrated() -> str:
+    from .answers import UNCALIBRATED_NOTE
+    return UNCALIBRATED_NOTE

@@ -1,0 +1,149 @@
+"""A photo collection to analyse: the images behind folders, zip files and lists, each with its group.
+
+A SOURCE is a folder (walked recursively), a .zip (read in place, never extracted), or a text/CSV file listing image
+paths (CSV with a `path` column and optionally `group`). The group of an image is its first-level sub-folder under
+the folder (in a zip: its top-level folder), the list's `group` column, or what a `path,group` CSV given as
+--group-by says. Files that are not images by their extension are skipped and counted.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+ROOT_GROUP = "(top level)"      # images directly in a source folder, not in a sub-folder
+ALL_GROUPS = "(all)"
+MAX_MEMBER_BYTES = 64 * 2**20   # an image in a zip larger than this when unpacked is refused as a bomb
+MAX_RATIO = 200                 # ... as is one that unpacks to more than 200x its packed size
+
+
+class CollectionError(ValueError):
+    """A source that cannot be analysed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str                   # what predictions.csv shows: the file path, or "archive.zip!member"
+    group: str
+    archive: str | None = None  # the zip file, when the image is a member of one
+    member: str | None = None
+
+    def open(self, archives: dict) -> io.BytesIO | str:
+        """The file to decode: its path, or the member's bytes (the zip opened once per process, in `archives`)."""
+        if self.archive is None:
+            return self.path
+        if self.archive not in archives:
+            archives[self.archive] = zipfile.ZipFile(self.archive)
+        return io.BytesIO(archives[self.archive].read(self.member))
+
+
+def is_image(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def collect(sources: list[str], group_by: str = "folder") -> tuple[list[Item], int]:
+    """(images in a stable order, number of files skipped as not images). group_by: folder | none | a CSV file."""
+    items, skipped = [], 0
+    for source in sources:
+        found, not_images = _items_of(Path(source))
+        items += found
+        skipped += not_images
+    if group_by == "none":
+        items = [Item(i.path, ALL_GROUPS, i.archive, i.member) for i in items]
+    elif group_by != "folder":
+        groups = _group_map(Path(group_by))
+        items = [Item(i.path, groups.get(i.path, groups.get(os.path.abspath(i.path), ROOT_GROUP)), i.archive,
+                      i.member) for i in items]
+    return items, skipped
+
+
+def _items_of(source: Path) -> tuple[list[Item], int]:
+    if source.is_dir():
+        return _folder(source)
+    if not source.is_file():
+        raise CollectionError(f"{source}: no such folder or file")
+    if zipfile.is_zipfile(source):
+        return _zip(source)
+    if source.suffix.lower() in (".txt", ".csv", ".lst", ".list"):
+        return _listed(source)
+    if is_image(source.name):
+        return [Item(str(source), ROOT_GROUP)], 0
+    raise CollectionError(f"{source}: not a folder, a .zip, a list of paths (.txt/.csv) or an image")
+
+
+def _folder(root: Path) -> tuple[list[Item], int]:
+    items, skipped = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        group = rel.parts[0] if rel.parts else ROOT_GROUP
+        for name in sorted(filenames):
+            if is_image(name):
+                items.append(Item(os.path.join(dirpath, name), group))
+            else:
+                skipped += 1
+    return items, skipped
+
+
+def _zip(path: Path) -> tuple[list[Item], int]:
+    """Members of a zip, checked before anything is read: no absolute or ../ paths, no bombs."""
+    items, skipped = [], 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = PurePosixPath(info.filename)
+            if info.filename.startswith(("/", "\\")) or ".." in name.parts or ":" in info.filename.split("/")[0]:
+                raise CollectionError(f"{path.name}: refused, member {info.filename!r} points outside the archive")
+            if info.is_dir():
+                continue
+            if info.file_size > MAX_MEMBER_BYTES or info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise CollectionError(f"{path.name}: refused, member {info.filename!r} unpacks to "
+                                      f"{info.file_size:,} bytes (a zip bomb?)")
+            if not is_image(info.filename):
+                skipped += 1
+                continue
+            group = name.parts[0] if len(name.parts) > 1 else ROOT_GROUP
+            items.append(Item(f"{path}!{info.filename}", group, str(path), info.filename))
+    return items, skipped
+
+
+def _listed(path: Path) -> tuple[list[Item], int]:
+    """A text file with one path per line, or a CSV with a `path` column (and `group`); relative paths are taken
+    from the list's folder."""
+    text = path.read_text(errors="replace")
+    first = text.splitlines()[0].strip().lower() if text.strip() else ""
+    if "path" in [c.strip() for c in first.split(",")]:
+        rows = [(r.get("path", "").strip(), (r.get("group") or "").strip() or ROOT_GROUP)
+                for r in csv.DictReader(io.StringIO(text))]
+    else:
+        rows = [(line.strip(), ROOT_GROUP) for line in text.splitlines() if line.strip()]
+    items, skipped = [], 0
+    for name, group in rows:
+        if not is_image(name):
+            skipped += 1
+            continue
+        full = name if os.path.isabs(name) else os.path.join(path.parent, name)
+        items.append(Item(full, group))
+    return items, skipped
+
+
+def _group_map(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise CollectionError(f"--group-by must be folder, none, or a CSV file with path,group columns: {path} "
+                              f"is none of these")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "group"} <= set(rows[0]):
+        raise CollectionError(f"{path}: a group CSV needs the columns path,group")
+    return {r["path"]: r["group"] for r in rows}
+
+
+def item_of(path: str) -> Item:
+    """The Item behind a predictions.csv path ("archive.zip!member" for a zip member)."""
+    archive, sep, member = path.rpartition("!")
+    if sep and os.path.isfile(archive) and zipfile.is_zipfile(archive):
+        return Item(path, ROOT_GROUP, archive, member)
+    return Item(path, ROOT_GROUP)

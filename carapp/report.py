@@ -1,0 +1,144 @@
+"""What an analysis found, as tables and a self-contained HTML page: summary.csv and report.html.
+
+summary.csv: `group,level,name,count,share,ci_low,ci_high` — per group and for all groups together, level `make`
+(answers naming a make: status model or make) and `model` (status model), shares of the group's readable images
+with 95% Wilson intervals; level `status` holds the unsure and no-car buckets (of readable images) and unreadable
+(of all images).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from collections import Counter
+from pathlib import Path
+
+import plotly.graph_objects as go
+from scipy.stats import binomtest
+
+from .collection import ALL_GROUPS, item_of
+from .images import open_image
+
+SUMMARY_COLUMNS = ["group", "level", "name", "count", "share", "ci_low", "ci_high"]
+THUMBNAILS = 48
+
+
+def wilson(count: int, n: int) -> tuple[float, float]:
+    interval = binomtest(count, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    groups = sorted({r["group"] for r in rows})
+    out = []
+    for group in ([ALL_GROUPS] if len(groups) == 1 and groups[0] == ALL_GROUPS else [*groups, ALL_GROUPS]):
+        mine = rows if group == ALL_GROUPS else [r for r in rows if r["group"] == group]
+        readable = [r for r in mine if r["status"] != "unreadable"]
+        counts = {"make": Counter(r["make"] for r in readable if r["status"] in ("model", "make")),
+                  "model": Counter(r["model"] for r in readable if r["status"] == "model"),
+                  "status": Counter(r["status"] for r in readable if r["status"] in ("unsure", "no-car"))}
+        for level, counter in counts.items():
+            for name, count in counter.most_common():
+                out.append(_row(group, level, name, count, len(readable)))
+        out.append(_row(group, "status", "unreadable", len(mine) - len(readable), len(mine)))
+    return out
+
+
+def _row(group: str, level: str, name: str, count: int, n: int) -> dict:
+    low, high = wilson(count, n) if n else (0.0, 0.0)
+    return {"group": group, "level": level, "name": name, "count": count, "share": round(count / n, 6) if n else 0.0,
+            "ci_low": round(low, 6), "ci_high": round(high, 6)}
+
+
+def write_summary(out: Path, rows: list[dict]) -> list[dict]:
+    summary = summary_rows(rows)
+    tmp = out / ".summary.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(summary)
+    tmp.replace(out / "summary.csv")
+    return summary
+
+
+def write_report(out: Path, rows: list[dict], summary: list[dict], calibrated: bool) -> Path:
+    statuses = Counter(r["status"] for r in rows)
+    sections = [
+        f"<h1>Car makes and models in {len(rows):,} photos</h1>",
+        "<p>" + " · ".join(f"<b>{s}</b>: {statuses.get(s, 0):,}" for s in
+                           ("model", "make", "unsure", "no-car", "unreadable")) + "</p>",
+        "" if calibrated else "<p><i>The model is not calibrated: probabilities are raw and no photo is told apart as "
+                              "'no car'. Run <code>python -m carapp calibrate</code> on it.</i></p>",
+        "<h2>Make share per group</h2>", _html(make_share_figure(summary), first=True),
+        "<h2>Top models</h2>", _table([s for s in summary if s["group"] == ALL_GROUPS and s["level"] == "model"][:20]),
+        "<h2>How sure the answers are</h2>", _html(confidence_figure(rows)),
+        "<h2>Photos to review (unsure)</h2>", _thumbnails([r for r in rows if r["status"] == "unsure"]),
+    ]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>carapp analysis</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+            "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}figure{display:inline-block;"
+            "margin:4px;font-size:11px;width:140px}img{max-width:140px}</style></head><body>"
+            + "\n".join(sections) + "</body></html>")
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(page)
+    tmp.replace(out / "report.html")
+    return out / "report.html"
+
+
+def make_share_figure(summary: list[dict], top: int = 12) -> go.Figure:
+    """Share of each group's photos per make (the most frequent makes overall), then the unsure, no-car and
+    unreadable buckets, with 95% intervals: a collection the model is unsure of shows as such, not as a blank."""
+    columns = [("make", s["name"]) for s in summary if s["group"] == ALL_GROUPS and s["level"] == "make"][:top]
+    columns += [("status", name) for name in ("unsure", "no-car", "unreadable")]
+    groups = sorted({s["group"] for s in summary}, key=lambda g: (g == ALL_GROUPS, g))
+    fig = go.Figure()
+    for group in groups:
+        mine = {(s["level"], s["name"]): s for s in summary if s["group"] == group}
+        shares = [mine.get(c, {"share": 0, "ci_low": 0, "ci_high": 0}) for c in columns]
+        fig.add_trace(go.Bar(name=group, x=[name for _, name in columns], y=[s["share"] for s in shares], error_y=dict(
+            type="data", symmetric=False, array=[s["ci_high"] - s["share"] for s in shares],
+            arrayminus=[s["share"] - s["ci_low"] for s in shares])))
+    fig.update_layout(barmode="group", yaxis_tickformat=".0%", template="plotly_white", height=420,
+                      yaxis_title="share of photos", margin=dict(l=50, r=20, t=20, b=40))
+    return fig
+
+
+def confidence_figure(rows: list[dict]) -> go.Figure:
+    fig = go.Figure()
+    for status in ("model", "make", "unsure", "no-car"):
+        probs = [float(r["model_prob"]) for r in rows if r["status"] == status and r["model_prob"]]
+        if probs:
+            fig.add_trace(go.Histogram(x=probs, name=status, xbins=dict(start=0, end=1, size=0.05)))
+    fig.update_layout(barmode="stack", template="plotly_white", height=320, xaxis_title="top model probability",
+                      yaxis_title="photos", margin=dict(l=50, r=20, t=20, b=40))
+    return fig
+
+
+def _html(fig: go.Figure, first: bool = False) -> str:
+    # plotly.js is embedded once: the page works offline and as a single file
+    return fig.to_html(full_html=False, include_plotlyjs=True if first else False)
+
+
+def _table(rows: list[dict]) -> str:
+    head = "<tr><th>model</th><th>photos</th><th>share</th><th>95% interval</th></tr>"
+    body = "".join(f"<tr><td>{html.escape(r['name'])}</td><td>{r['count']}</td><td>{r['share']:.1%}</td>"
+                   f"<td>{r['ci_low']:.1%} – {r['ci_high']:.1%}</td></tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _thumbnails(rows: list[dict]) -> str:
+    figures, archives = [], {}
+    for r in rows[:THUMBNAILS]:
+        try:
+            img = open_image(item_of(r["path"]).open(archives), draft_size=256)
+        except (ValueError, OSError, KeyError):
+            continue
+        img.thumbnail((140, 140))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
+        figures.append(f"<figure><img src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+                       f"<figcaption>{html.escape(Path(r['path']).name)}<br>best guess {html.escape(r['model'])} "
+                       f"({float(r['model_prob']):.0%})</figcaption></figure>")
+    more = f"<p>… and {len(rows) - THUMBNAILS} more in predictions.csv</p>" if len(rows) > THUMBNAILS else ""
+    return ("".join(figures) + more) if figures else "<p>None.</p>"

@@ -1,0 +1,163 @@
+"""Analyze tab: many photos or a zip (a server folder too, in a private app) → which makes and models appear, per
+group, with 95% intervals. The analysis is a background job (`python -m carapp analyze`) that outlives the tab; the
+view is read from its output folder every 2 s."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from .. import jobs, rundir
+from ..collection import ALL_GROUPS, item_of
+from ..images import ImageError, open_image
+from .predict_tab import default_model, model_choices, resolve_model
+from .settings import AppSettings
+from .uploads import accepted_upload
+
+OUTPUTS = ("predictions.csv", "summary.csv", "report.html")
+
+
+def analyses_dir(settings: AppSettings) -> Path:
+    return Path(settings.runs_dir) / "analyses"
+
+
+def start(files, folder: str | None, model: str | None, group_by: str, settings: AppSettings) -> str:
+    """Start an analysis of the uploads (or, in a private app, a server folder) as a background job."""
+    source = resolve_model(model or default_model(settings), settings)
+    out = analyses_dir(settings) / f"{time.strftime('analysis-%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    sources = _sources(files or [], folder, out, settings)
+    try:
+        jobs.start_analysis(sources, source, out, settings.runs_dir, group_by if group_by == "none" else "folder")
+    except (jobs.JobError, ValueError, OSError) as exc:
+        shutil.rmtree(out, ignore_errors=True)  # the folder of an analysis that never started
+        raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
+    return f"Analysing **{out.name}** in the background…"
+
+
+def _sources(files: list, folder: str | None, out: Path, settings: AppSettings) -> list[str]:
+    """Uploaded zips are sources of their own; uploaded photos go into one list file in the output folder."""
+    if folder and folder.strip():
+        if not settings.paths_editable:
+            raise gr.Error("This public app analyses uploads only.", print_exception=False)
+        return [folder.strip()]
+    paths = [accepted_upload(f) for f in files]
+    if not paths:
+        raise gr.Error("Drop photos or a zip of photos first.", print_exception=False)
+    size_mb = sum(os.path.getsize(p) for p in paths) / 2**20
+    if settings.public and (len(paths) > settings.analyze_max_files or size_mb > settings.analyze_max_mb):
+        raise gr.Error(f"This public app analyses at most {settings.analyze_max_files} files and "
+                       f"{settings.analyze_max_mb} MB at a time ({len(paths)} files, {size_mb:.0f} MB sent).",
+                       print_exception=False)
+    out.mkdir(parents=True, exist_ok=True)
+    zips = [p for p in paths if p.lower().endswith(".zip")]
+    photos = [p for p in paths if p not in zips]
+    if photos:
+        (out / "uploads.txt").write_text("".join(p + "\n" for p in photos))
+    return zips + ([str(out / "uploads.txt")] if photos else [])
+
+
+def newest_analysis(settings: AppSettings) -> Path | None:
+    folders = [p for p in analyses_dir(settings).glob("analysis-*") if (p / "progress.json").is_file()]
+    return max(folders, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def status(shown: str, settings: AppSettings):
+    """Timer: the newest analysis's progress; its results once it has finished (shown: the one on screen)."""
+    out = newest_analysis(settings)
+    if out is None:
+        return "No analysis yet.", shown, *[gr.skip()] * 5
+    p = jobs.job_status(out / "progress.json")
+    line = f"**{out.name}** — {p.get('status', '?')}: {p.get('done', 0)}/{p.get('total') or '?'} photos"
+    if p.get("status") == "running" and p.get("images_per_sec"):
+        line += f", {p['images_per_sec']:.1f} photos/s, ETA {p.get('eta_seconds', 0):.0f} s"
+    if p.get("status") != "finished" or shown == str(out):
+        return line, shown, *[gr.skip()] * 5
+    return line, str(out), *results(out, settings)
+
+
+def results(out: Path, settings: AppSettings):
+    from ..report import make_share_figure
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    rows = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    makes = summary[(summary.group == ALL_GROUPS) & (summary.level == "make")].name.tolist()
+    model = rundir.read_json(out / "analysis.json", {}).get("identity", {}).get("model")
+    return (make_share_figure(summary.to_dict("records")), summary,
+            gr.Dropdown(choices=makes, value=makes[0] if makes else None),
+            unsure_gallery(rows, model), _downloads(out))
+
+
+def models_of(make: str | None, folder: str | None) -> pd.DataFrame | None:
+    """The models of one make in the chosen analysis, all groups together."""
+    if not make or not folder or not (Path(folder) / "summary.csv").is_file():
+        return None
+    summary = pd.read_csv(Path(folder) / "summary.csv", keep_default_na=False)
+    rows = pd.read_csv(Path(folder) / "predictions.csv", keep_default_na=False)
+    names = set(rows[(rows.make == make) & (rows.status == "model")].model)
+    return summary[(summary.level == "model") & summary.name.isin(names)]
+
+
+def unsure_gallery(rows: pd.DataFrame, model: str | None, n: int = 12) -> list:
+    """The photos the model was unsure of, with heatmaps of its best guess, to review by eye."""
+    from ..predict import cached_predictor
+    unsure = rows[rows.status == "unsure"].head(n)
+    if unsure.empty or not model:
+        return []
+    predictor = cached_predictor(model)
+    items, archives = [], {}
+    for path in unsure.path:
+        try:
+            photo = open_image(item_of(path).open(archives), draft_size=512)
+        except (ImageError, OSError, KeyError):
+            continue
+        result = predictor.predict(photo, top_k=1)
+        items.append((result.cam, f"{Path(path).name}: {result.top[0][0]}? ({result.top[0][1]:.0%})"))
+    return items
+
+
+def _downloads(out: Path) -> list[str]:
+    """Copies of the outputs in a temp folder, from where Gradio serves files."""
+    folder = Path(tempfile.mkdtemp(prefix="carapp-analysis-"))
+    return [str(shutil.copy(out / name, folder / name)) for name in OUTPUTS if (out / name).is_file()]
+
+
+def build(settings: AppSettings, demo: gr.Blocks) -> None:
+    with gr.Tab("Analyze"):
+        gr.Markdown("Drop many photos or a zip (its top-level folders become groups: cities, months, campaigns). "
+                    "Every photo is answered with a model, a make only, *unsure*, *no car* or *unreadable*; the "
+                    "shares come with 95% intervals." + ("" if settings.paths_editable else
+                                                         f" Up to {settings.analyze_max_files} files and "
+                                                         f"{settings.analyze_max_mb} MB at a time."))
+        with gr.Row():
+            files = gr.File(file_count="multiple", file_types=["image", ".zip"], label="Photos or a zip",
+                            elem_id="analyze-files", type="filepath")
+            with gr.Column():
+                folder = gr.Textbox(label="…or a folder on the server", visible=settings.paths_editable,
+                                    placeholder="/data/photos")
+                model = gr.Dropdown(label="Model", choices=[], allow_custom_value=True)
+                group_by = gr.Radio(["folder", "none"], value="folder", label="Groups",
+                                    info="folder: the first-level sub-folders (in a zip: its top-level folders)")
+                button = gr.Button("Analyze", variant="primary")
+        message = gr.Markdown()
+        progress = gr.Markdown(elem_id="analyze-progress")
+        shares = gr.Plot(label="Make share per group (95% intervals)", elem_id="analyze-shares")
+        with gr.Row():
+            make = gr.Dropdown(label="Models of make", choices=[])
+            models = gr.Dataframe(label="Models of the chosen make", interactive=False, max_height=300)
+        table = gr.Dataframe(label="summary.csv", interactive=False, max_height=400)
+        gallery = gr.Gallery(label="Unsure photos to review (heatmap of the best guess)", columns=6, height=300)
+        downloads = gr.File(label="Downloads: predictions.csv, summary.csv, report.html", file_count="multiple")
+        shown = gr.State("")
+        timer = gr.Timer(2.0)
+    button.click(lambda f, d, m, g: start(f, d, m, g, settings), [files, folder, model, group_by], message,
+                 api_name="analyze")
+    timer.tick(lambda s: status(s, settings), shown, [progress, shown, shares, table, make, gallery, downloads],
+               api_visibility="private")
+    make.change(models_of, [make, shown], models, api_visibility="private")
+    demo.load(lambda: gr.Dropdown(choices=model_choices(settings), value=default_model(settings)), None, model,
+              api_visibility="private")

@@ -1,0 +1,199 @@
+"""Analysing a photo collection: outputs, groups, intervals, resume after kill -9, and every kind of bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from scipy.stats import binomtest
+
+from conftest import ROOT, cli_json, run_cli
+
+
+@pytest.fixture(scope="module")
+def collection(demo_root, tiny_run, tmp_path_factory):
+    """The demo set's test split as a collection of two 'cities', plus a note and a broken photo."""
+    root = tmp_path_factory.mktemp("collection") / "photos"
+    truth = {}
+    rows = [r for r in csv.DictReader(open(tiny_run / "split.csv")) if r["split"] == "test"]
+    for i, r in enumerate(rows):
+        city = root / ("north" if i % 2 else "south")
+        city.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_root / r["path"], city / f"{i:03d}.jpg")
+        truth[str(city / f"{i:03d}.jpg")] = int(r["label"])
+    (root / "north" / "notes.txt").write_text("not a photo")
+    (root / "south" / "broken.jpg").write_text("not a jpeg either")
+    return root, truth
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_outputs_groups_and_intervals(collection, tiny_run, tmp_path):
+    root, truth = collection
+    out = tmp_path / "out"
+    summary = cli_json("analyze", root, "--run", tiny_run, "--out", out, "--workers", "0")
+    assert summary["images"] == len(truth) + 1 and summary["skipped_not_images"] == 1
+    assert summary["groups"] == ["north", "south"] and summary["status_counts"]["unreadable"] == 1
+    rows = _rows(out / "predictions.csv")
+    assert sorted(r["path"] for r in rows) == sorted([*truth, str(root / "south" / "broken.jpg")])
+    for r in rows:
+        assert r["group"] == os.path.basename(os.path.dirname(r["path"]))
+        assert r["status"] in ("model", "make", "unsure", "no-car", "unreadable")
+    broken = next(r for r in rows if r["path"].endswith("broken.jpg"))
+    assert broken["status"] == "unreadable" and "not an image file" in broken["reason"]
+    summary_rows = _rows(out / "summary.csv")
+    assert list(summary_rows[0]) == ["group", "level", "name", "count", "share", "ci_low", "ci_high"]
+    for s in summary_rows:
+        mine = [r for r in rows if s["group"] == "(all)" or r["group"] == s["group"]]
+        readable = [r for r in mine if r["status"] != "unreadable"]
+        if s["level"] == "make":
+            count = sum(r["make"] == s["name"] and r["status"] in ("model", "make") for r in readable)
+        elif s["level"] == "model":
+            count = sum(r["model"] == s["name"] and r["status"] == "model" for r in readable)
+        else:
+            count = sum(r["status"] == s["name"] for r in (mine if s["name"] == "unreadable" else readable))
+        n = len(mine) if s["name"] == "unreadable" else len(readable)
+        assert int(s["count"]) == count and float(s["share"]) == pytest.approx(count / n, abs=1e-6), s
+        ci = binomtest(count, n).proportion_ci(0.95, method="wilson")
+        assert float(s["ci_low"]) == pytest.approx(ci.low, abs=1e-6) and float(s["ci_high"]) == pytest.approx(
+            ci.high, abs=1e-6)
+    page = (out / "report.html").read_text()
+    assert "Make share per group" in page and "north" in page and "plotly" in page.lower()
+    assert "<script src=" not in page  # self-contained: plotly.js inside the page, nothing fetched
+
+
+def test_zip_and_list_sources_and_group_csv(collection, tiny_run, tmp_path):
+    root, truth = collection
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in list(truth)[:6]:
+            z.write(path, f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}")
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,group\n" + "".join(f"{p},campaign-{i % 3}\n" for i, p in enumerate(list(truth)[:9])))
+    summary = cli_json("analyze", archive, listing, "--run", tiny_run, "--out", tmp_path / "out", "--workers", "0")
+    assert summary["images"] == 15 and set(summary["groups"]) == {"north", "south", "campaign-0", "campaign-1",
+                                                                   "campaign-2"}
+    assert all("!" in r["path"] for r in _rows(tmp_path / "out" / "predictions.csv") if "photos.zip" in r["path"])
+    groups = tmp_path / "groups.csv"
+    groups.write_text("path,group\n" + "".join(f"{p},{'even' if i % 2 == 0 else 'odd'}\n"
+                                               for i, p in enumerate(truth)))
+    summary = cli_json("analyze", root, "--run", tiny_run, "--out", tmp_path / "out2", "--group-by", groups,
+                       "--workers", "0")
+    assert set(summary["groups"]) >= {"even", "odd"}
+
+
+def test_bad_input_is_refused_with_a_message(tiny_run, tmp_path, collection):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no photos here")
+    proc = run_cli("analyze", empty, "--run", tiny_run, "--out", tmp_path / "o1", check=False)
+    assert proc.returncode == 2 and "no images found" in proc.stderr and "Traceback" not in proc.stderr
+    for name, member in (("up.zip", "../../evil.jpg"), ("abs.zip", "/etc/evil.jpg")):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            z.writestr(member, b"x")
+        proc = run_cli("analyze", tmp_path / name, "--run", tiny_run, "--out", tmp_path / "o2", check=False)
+        assert proc.returncode == 2 and "points outside the archive" in proc.stderr, proc.stderr
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big.jpg", b"\0" * (80 * 2**20))
+    proc = run_cli("analyze", tmp_path / "bomb.zip", "--run", tiny_run, "--out", tmp_path / "o3", check=False)
+    assert proc.returncode == 2 and "zip bomb" in proc.stderr
+    assert not (tmp_path / "evil.jpg").exists() and not any((tmp_path / "o2").glob("*.jpg"))
+    root, _ = collection
+    other = shutil.copytree(tiny_run, tmp_path / "other-run")
+    (other / "labels.json").write_text(json.dumps([{**c, "name": c["name"] + " II"} for c in
+                                                   json.loads((tiny_run / "labels.json").read_text())]))
+    cli_json("analyze", root / "north", "--run", tiny_run, "--out", tmp_path / "o4", "--workers", "0")
+    proc = run_cli("analyze", root / "north", "--run", other, "--out", tmp_path / "o4", check=False)
+    assert proc.returncode == 2 and "another model" in proc.stderr
+    cli_json("analyze", root / "north", "--run", other, "--out", tmp_path / "o4", "--force", "--workers", "0")
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_then_rerun_gives_every_image_exactly_once(collection, tiny_run, tmp_path):
+    root, truth = collection
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "carapp", "analyze", str(root), "--run", str(tiny_run), "--out", str(out),
+            "--batch-size", "2", "--workers", "1", "--engine", "torch"]
+    for delay in (2.5, 3.5, 4.5):
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run_cli(*args[3:])
+    paths = [r["path"] for r in _rows(out / "predictions.csv")]
+    assert len(paths) == len(set(paths)) == len(truth) + 1
+    assert json.loads((out / "progress.json").read_text())["status"] == "finished"
+    again = cli_json(*args[3:])  # a rerun of a finished analysis does nothing new
+    assert again["images"] == len(truth) + 1
+
+
+def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run, tmp_path):
+    """Public app: uploads only, capped; made-up paths and server folders refused; one analysis runs as a job."""
+    from carapp import jobs
+    from conftest import raw_call, raw_upload, serving
+    root, truth = collection
+    with serving(demo_root, tiny_run, tmp_path, public=True, analyze_max_files=2) as url:
+        uploaded = [{"path": raw_upload(url, Path(p)), "meta": {"_type": "gradio.FileData"}} for p in list(truth)[:3]]
+        ok, error = raw_call(url, "/analyze", [uploaded, None, None, "folder"])
+        assert not ok and "at most 2 files" in error
+        ok, error = raw_call(url, "/analyze", [uploaded[:1], str(root), None, "folder"])
+        assert not ok and "uploads only" in error
+        ok, error = raw_call(url, "/analyze", [[{"path": "/etc/passwd"}], None, None, "folder"])
+        assert not ok
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(2) as pool:  # two clicks racing: one analysis starts, the other is told to wait
+            answers = list(pool.map(lambda _: raw_call(url, "/analyze", [uploaded[:2], None, None, "folder"]),
+                                    range(2)))
+        assert sorted(ok for ok, _ in answers) == [False, True], answers
+        assert "one job at a time" in next(a for ok, a in answers if not ok)
+        assert len(list((tmp_path / "analyses").glob("analysis-*"))) == 1  # the refused one left nothing behind
+        out = next((tmp_path / "analyses").glob("analysis-*"))
+        deadline = time.time() + 120
+        while jobs.job_status(out / "progress.json").get("status") != "finished":
+            assert time.time() < deadline, jobs.job_status(out / "progress.json")
+            time.sleep(0.5)
+        assert len(_rows(out / "predictions.csv")) == 2 and (out / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_collection_and_rank_0_merges(collection, tiny_run, tmp_path):
+    root, truth = collection
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "carapp", "analyze", str(root), "--model", str(tiny_run), "--out", str(out),
+                           "--workers", "0", "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["images"] == len(truth) + 1  # one JSON document: rank 0 speaks
+    parts = [_rows(p) for p in sorted(out.glob(".predictions.rank*.csv"))]
+    assert len(parts) == 2 and all(parts) and not {r["path"] for r in parts[0]} & {r["path"] for r in parts[1]}
+    paths = [r["path"] for r in _rows(out / "predictions.csv")]
+    assert len(paths) == len(set(paths)) == len(truth) + 1 and (out / "summary.csv").is_file()
+
+
+def test_onnx_runtime_answers_like_pytorch_and_int8_runs(collection, tiny_run, tmp_path):
+    root, truth = collection
+    results = {}
+    for engine in ("torch", "onnx", "int8"):
+        cli_json("analyze", root, "--run", tiny_run, "--out", tmp_path / engine, "--engine", engine, "--workers", "0")
+        results[engine] = {r["path"]: r for r in _rows(tmp_path / engine / "predictions.csv")}
+    assert set(results["onnx"]) == set(results["torch"]) == set(results["int8"])
+    for path, row in results["torch"].items():
+        onnx = results["onnx"][path]
+        assert (onnx["status"], onnx["model"]) == (row["status"], row["model"])
+        if row["model_prob"]:
+            assert float(onnx["model_prob"]) == pytest.approx(float(row["model_prob"]), abs=1e-4)
+    assert all(r["status"] in ("model", "make", "unsure", "no-car", "unreadable") for r in results["int8"].values())
+    assert list((tmp_path / "int8").glob(".model-*-int8.onnx"))  # exported and quantised once, kept for a rerun
