@@ -93,12 +93,13 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
     if dist.world > 1:
         _merge(out, [out / f".predictions.rank{r}.csv" for r in range(dist.world)])
     dist.close()
-    from .report import write_report, write_summary
-    rows = read_rows(out / "predictions.csv")
-    summary = write_summary(out, rows)
-    write_report(out, rows, summary, predictor.calibration.calibrated)
-    result = _short_summary(rows, skipped, predictor.calibration.calibrated, out)
-    rundir.write_json(out / "progress.json", {"status": "finished", "done": len(rows), "total": len(rows),
+    from .report import tally, write_report, write_summary
+    counts = tally(out / "predictions.csv")  # one streaming pass: memory stays flat however many photos
+    summary = write_summary(out, counts)
+    write_report(out, counts, summary, predictor.calibration.calibrated)
+    result = _short_summary(counts, skipped, predictor.calibration.calibrated, out)
+    total = sum(counts.statuses.values())
+    rundir.write_json(out / "progress.json", {"status": "finished", "done": total, "total": total,
                                               "pid": os.getpid(), "updated": time.time()})
     return result
 
@@ -148,16 +149,33 @@ def read_done(part: Path) -> set[str]:
     predicted again and appears once."""
     if not part.is_file():
         return set()
-    data = part.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(part, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-    return {row["path"] for row in read_rows(part)}
+    _cut_torn_tail(part)
+    return {row["path"] for row in iter_rows(part)}
 
 
-def read_rows(path: Path) -> list[dict]:
+def _cut_torn_tail(path: Path, chunk: int = 1 << 16) -> None:
+    """Truncate after the last newline, reading backwards from the end: the file itself may be large."""
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(end - 1, 0))
+        if end == 0 or f.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            newline = f.read(pos - start).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
+def iter_rows(path: Path):
+    """The rows of a predictions file, one at a time."""
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        yield from csv.DictReader(f)
 
 
 def _prepare_engine(engine: str, predictor, out: Path, identity: dict, items: list[Item]) -> Path | None:
@@ -212,7 +230,7 @@ def _merge(out: Path, parts: list[Path]) -> None:
         if not done and f.tell() == 0:
             writer.writeheader()
         for part in parts:
-            for row in (read_rows(part) if part.is_file() else []):
+            for row in (iter_rows(part) if part.is_file() else []):
                 if row["path"] not in done:
                     writer.writerow(row)
                     done.add(row["path"])
@@ -220,16 +238,12 @@ def _merge(out: Path, parts: list[Path]) -> None:
         os.fsync(f.fileno())
 
 
-def _short_summary(rows: list[dict], skipped: int, calibrated: bool, out: Path) -> dict:
-    statuses = [r["status"] for r in rows]
-    makes: dict[str, int] = {}
-    for r in rows:
-        if r["status"] in ("model", "make"):
-            makes[r["make"]] = makes.get(r["make"], 0) + 1
-    return {"out": str(out), "images": len(rows), "skipped_not_images": skipped, "calibrated": calibrated,
-            "status_counts": {s: statuses.count(s) for s in ("model", "make", "unsure", "no-car", "unreadable")},
-            "groups": sorted({r["group"] for r in rows} - {ALL_GROUPS}),
-            "top_makes": dict(sorted(makes.items(), key=lambda kv: -kv[1])[:10])}
+def _short_summary(counts, skipped: int, calibrated: bool, out: Path) -> dict:
+    makes = counts.counts[ALL_GROUPS]["make"]
+    return {"out": str(out), "images": sum(counts.statuses.values()), "skipped_not_images": skipped,
+            "calibrated": calibrated,
+            "status_counts": {s: counts.statuses[s] for s in ("model", "make", "unsure", "no-car", "unreadable")},
+            "groups": sorted(set(counts.images) - {ALL_GROUPS}), "top_makes": dict(makes.most_common(10))}
 
 
 def _uncalibrated() -> str:

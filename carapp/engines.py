@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cam import head, stages
+from .evaluate import forward
 from .loader import IMAGENET_MEAN, IMAGENET_STD, to_input
 
 log = logging.getLogger("carapp")
@@ -28,8 +28,8 @@ class TorchEngine:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        mid, activations = stages(self.model, to_input(images, self.device, channels_last=True))
-        return head(self.model, activations).float().cpu().numpy(), mid.mean((2, 3)).float().cpu().numpy()
+        logits, features, _ = forward(self.model, to_input(images, self.device, channels_last=True))
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
 
 class WithFeatures(torch.nn.Module):
@@ -40,8 +40,8 @@ class WithFeatures(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        mid, activations = stages(self.model, x)
-        return head(self.model, activations), mid.mean((2, 3))
+        logits, features, _ = forward(self.model, x)
+        return logits, features
 
 
 class OnnxEngine:

@@ -19,7 +19,6 @@ from .config import TrainConfig
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 JOB_FILE = ".app-job.json"              # in the runs folder: the job the app started last
-EVAL_PROGRESS = rundir.EVAL_PROGRESS
 _START_LOCK = threading.Lock()
 
 
@@ -116,21 +115,25 @@ def _one_job(runs_dir: str | Path):
         if busy or job:
             name = busy.name if busy else job["run"]
             raise JobError(f"{name} is busy with a job now: wait for it or stop it (one job at a time)")
-        yield lambda proc, run, kind: rundir.write_json(runs_dir / JOB_FILE, {"pid": proc.pid, "run": run.name,
-                                                                            "kind": kind})
+        yield
+
+
+def _start(runs_dir: str | Path, args: list[str], folder: Path, kind: str, progress: str = "progress.json") -> Path:
+    """One background job (`python -m carapp ARGS`) writing into `folder`, once nothing else runs."""
+    with _one_job(runs_dir):
+        proc = _spawn(args, folder)
+        rundir.write_json(Path(runs_dir) / JOB_FILE, {"pid": proc.pid, "run": folder.name, "kind": kind})
+    _wait_until_started(proc, folder / progress)
+    return folder
 
 
 def start_training(cfg: TrainConfig, runs_dir: str | Path, name: str | None = None) -> Path:
     """Start a new run in the background; one active job at a time."""
     name = name or time.strftime(f"{cfg.preset}-%Y%m%d-%H%M%S")
     run = Path(runs_dir) / name
-    with _one_job(runs_dir) as record:
-        if (run / "config.json").exists():
-            raise JobError(f"a run named {name} exists already")
-        proc = _spawn(["train", "--run-dir", str(run), *train_args(cfg)], run)
-        record(proc, run, "train")
-    _wait_until_started(proc, run / "progress.json")
-    return run
+    if (run / "config.json").exists():
+        raise JobError(f"a run named {name} exists already")
+    return _start(runs_dir, ["train", "--run-dir", str(run), *train_args(cfg)], run, "train")
 
 
 def resume_training(run: str | Path, runs_dir: str | Path, epochs: int | None = None) -> Path:
@@ -138,31 +141,21 @@ def resume_training(run: str | Path, runs_dir: str | Path, epochs: int | None = 
     run = Path(run)
     if not (run / "config.json").is_file() or not (run / "split.csv").is_file():
         raise JobError(f"{run.name} has no config.json and split.csv: nothing to resume")
-    with _one_job(runs_dir) as record:
-        proc = _spawn(["train", "--resume", str(run)] + (["--epochs", str(epochs)] if epochs else []), run)
-        record(proc, run, "train")
-    _wait_until_started(proc, run / "progress.json")
-    return run
+    args = ["train", "--resume", str(run)] + (["--epochs", str(epochs)] if epochs else [])
+    return _start(runs_dir, args, run, "train")
 
 
 def start_evaluation(run: str | Path, runs_dir: str | Path, split: str = "test") -> Path:
     """Evaluate a run's best.pt in the background (its files are replaced atomically when it ends)."""
     run = Path(run)
-    with _one_job(runs_dir) as record:
-        proc = _spawn(["evaluate", "--run", str(run), "--split", split, "--workers", "0"], run)
-        record(proc, run, "evaluate")
-    _wait_until_started(proc, run / EVAL_PROGRESS)
-    return run
+    args = ["evaluate", "--run", str(run), "--split", split, "--workers", "0"]
+    return _start(runs_dir, args, run, "evaluate", rundir.EVAL_PROGRESS)
 
 
 def start_analysis(sources: list[str], model: str, out: Path, runs_dir: str | Path, group_by: str = "folder") -> Path:
     """Analyse a collection in the background into `out` (predictions.csv, summary.csv, report.html)."""
-    with _one_job(runs_dir) as record:
-        proc = _spawn(["analyze", *sources, "--run", model, "--out", str(out), "--group-by", group_by,
-                       "--workers", "1"], out)
-        record(proc, out, "analyze")
-    _wait_until_started(proc, out / "progress.json")
-    return out
+    args = ["analyze", *sources, "--run", model, "--out", str(out), "--group-by", group_by, "--workers", "1"]
+    return _start(runs_dir, args, out, "analyze")
 
 
 def job_status(progress_file: Path) -> dict:
@@ -175,7 +168,7 @@ def job_status(progress_file: Path) -> dict:
 
 def evaluation_status(run: str | Path) -> dict:
     """The evaluation progress of a run: status running | finished | failed | interrupted, done, total."""
-    return job_status(Path(run) / EVAL_PROGRESS)
+    return job_status(Path(run) / rundir.EVAL_PROGRESS)
 
 
 def started_by_app(runs_dir: str | Path, run: str | Path) -> bool:

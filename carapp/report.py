@@ -11,7 +11,7 @@ import base64
 import csv
 import html
 import io
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -22,6 +22,7 @@ from .images import open_image
 
 SUMMARY_COLUMNS = ["group", "level", "name", "count", "share", "ci_low", "ci_high"]
 THUMBNAILS = 48
+HISTOGRAM_BINS = 20
 
 
 def wilson(count: int, n: int) -> tuple[float, float]:
@@ -29,19 +30,55 @@ def wilson(count: int, n: int) -> tuple[float, float]:
     return float(interval.low), float(interval.high)
 
 
-def summary_rows(rows: list[dict]) -> list[dict]:
-    groups = sorted({r["group"] for r in rows})
+class Tally:
+    """What the summary and the report need, gathered in one pass over predictions.csv: a million rows become a
+    few counters, a histogram and the first unsure rows, never a list of a million dicts."""
+
+    def __init__(self):
+        self.counts: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))  # group→level→name
+        self.images, self.readable, self.statuses = Counter(), Counter(), Counter()
+        self.confidence = defaultdict(lambda: [0] * HISTOGRAM_BINS)  # status → photos per model-probability bin
+        self.unsure: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        status = row["status"]
+        self.statuses[status] += 1
+        for group in {row["group"], ALL_GROUPS}:
+            self.images[group] += 1
+            if status == "unreadable":
+                continue
+            self.readable[group] += 1
+            levels = self.counts[group]
+            if status in ("model", "make"):
+                levels["make"][row["make"]] += 1
+            if status == "model":
+                levels["model"][row["model"]] += 1
+            if status in ("unsure", "no-car"):
+                levels["status"][status] += 1
+        if row["model_prob"]:
+            self.confidence[status][min(int(float(row["model_prob"]) * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
+        if status == "unsure" and len(self.unsure) < THUMBNAILS:
+            self.unsure.append(row)
+
+
+def tally(predictions: Path) -> Tally:
+    result = Tally()
+    with open(predictions, newline="") as f:
+        for row in csv.DictReader(f):
+            result.add(row)
+    return result
+
+
+def summary_rows(t: Tally) -> list[dict]:
+    groups = sorted(t.images)
+    if groups != [ALL_GROUPS]:  # every group, then all of them together
+        groups = [g for g in groups if g != ALL_GROUPS] + [ALL_GROUPS]
     out = []
-    for group in ([ALL_GROUPS] if len(groups) == 1 and groups[0] == ALL_GROUPS else [*groups, ALL_GROUPS]):
-        mine = rows if group == ALL_GROUPS else [r for r in rows if r["group"] == group]
-        readable = [r for r in mine if r["status"] != "unreadable"]
-        counts = {"make": Counter(r["make"] for r in readable if r["status"] in ("model", "make")),
-                  "model": Counter(r["model"] for r in readable if r["status"] == "model"),
-                  "status": Counter(r["status"] for r in readable if r["status"] in ("unsure", "no-car"))}
-        for level, counter in counts.items():
-            for name, count in counter.most_common():
-                out.append(_row(group, level, name, count, len(readable)))
-        out.append(_row(group, "status", "unreadable", len(mine) - len(readable), len(mine)))
+    for group in groups:
+        for level in ("make", "model", "status"):
+            for name, count in t.counts[group][level].most_common():
+                out.append(_row(group, level, name, count, t.readable[group]))
+        out.append(_row(group, "status", "unreadable", t.images[group] - t.readable[group], t.images[group]))
     return out
 
 
@@ -51,8 +88,8 @@ def _row(group: str, level: str, name: str, count: int, n: int) -> dict:
             "ci_low": round(low, 6), "ci_high": round(high, 6)}
 
 
-def write_summary(out: Path, rows: list[dict]) -> list[dict]:
-    summary = summary_rows(rows)
+def write_summary(out: Path, t: Tally) -> list[dict]:
+    summary = summary_rows(t)
     tmp = out / ".summary.csv.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, SUMMARY_COLUMNS)
@@ -62,18 +99,18 @@ def write_summary(out: Path, rows: list[dict]) -> list[dict]:
     return summary
 
 
-def write_report(out: Path, rows: list[dict], summary: list[dict], calibrated: bool) -> Path:
-    statuses = Counter(r["status"] for r in rows)
+def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> Path:
+    statuses = t.statuses
     sections = [
-        f"<h1>Car makes and models in {len(rows):,} photos</h1>",
+        f"<h1>Car makes and models in {sum(statuses.values()):,} photos</h1>",
         "<p>" + " · ".join(f"<b>{s}</b>: {statuses.get(s, 0):,}" for s in
                            ("model", "make", "unsure", "no-car", "unreadable")) + "</p>",
         "" if calibrated else "<p><i>The model is not calibrated: probabilities are raw and no photo is told apart as "
                               "'no car'. Run <code>python -m carapp calibrate</code> on it.</i></p>",
         "<h2>Make share per group</h2>", _html(make_share_figure(summary), first=True),
         "<h2>Top models</h2>", _table([s for s in summary if s["group"] == ALL_GROUPS and s["level"] == "model"][:20]),
-        "<h2>How sure the answers are</h2>", _html(confidence_figure(rows)),
-        "<h2>Photos to review (unsure)</h2>", _thumbnails([r for r in rows if r["status"] == "unsure"]),
+        "<h2>How sure the answers are</h2>", _html(confidence_figure(t)),
+        "<h2>Photos to review (unsure)</h2>", _thumbnails(t.unsure, statuses["unsure"]),
     ]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>carapp analysis</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
@@ -104,12 +141,10 @@ def make_share_figure(summary: list[dict], top: int = 12) -> go.Figure:
     return fig
 
 
-def confidence_figure(rows: list[dict]) -> go.Figure:
-    fig = go.Figure()
-    for status in ("model", "make", "unsure", "no-car"):
-        probs = [float(r["model_prob"]) for r in rows if r["status"] == status and r["model_prob"]]
-        if probs:
-            fig.add_trace(go.Histogram(x=probs, name=status, xbins=dict(start=0, end=1, size=0.05)))
+def confidence_figure(t: Tally) -> go.Figure:
+    centres = [(i + 0.5) / HISTOGRAM_BINS for i in range(HISTOGRAM_BINS)]
+    fig = go.Figure([go.Bar(x=centres, y=t.confidence[status], name=status, width=1 / HISTOGRAM_BINS)
+                     for status in ("model", "make", "unsure", "no-car") if status in t.confidence])
     fig.update_layout(barmode="stack", template="plotly_white", height=320, xaxis_title="top model probability",
                       yaxis_title="photos", margin=dict(l=50, r=20, t=20, b=40))
     return fig
@@ -127,9 +162,9 @@ def _table(rows: list[dict]) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _thumbnails(rows: list[dict]) -> str:
+def _thumbnails(rows: list[dict], total: int) -> str:
     figures, archives = [], {}
-    for r in rows[:THUMBNAILS]:
+    for r in rows:
         try:
             img = open_image(item_of(r["path"]).open(archives), draft_size=256)
         except (ValueError, OSError, KeyError):
@@ -140,5 +175,5 @@ def _thumbnails(rows: list[dict]) -> str:
         figures.append(f"<figure><img src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
                        f"<figcaption>{html.escape(Path(r['path']).name)}<br>best guess {html.escape(r['model'])} "
                        f"({float(r['model_prob']):.0%})</figcaption></figure>")
-    more = f"<p>… and {len(rows) - THUMBNAILS} more in predictions.csv</p>" if len(rows) > THUMBNAILS else ""
+    more = f"<p>… and {total - len(rows)} more in predictions.csv</p>" if total > len(rows) else ""
     return ("".join(figures) + more) if figures else "<p>None.</p>"

@@ -118,8 +118,10 @@ def start_app(data: Path, runs_dir: Path, public: bool = False, **overrides):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from carapp.ui.app import build_app, launch
     from carapp.ui.settings import resolve_settings
+    # clean_cache off: many apps share one process and Gradio's content-addressed upload folder here, and an app
+    # that shuts down deletes its files there — the same paths the next app's uploads of the same photo get
     settings = dataclasses.replace(resolve_settings(str(data), None, str(runs_dir), share=False), public=public,
-                                   **overrides)
+                                   **{"clean_cache": False, **overrides})
     demo = build_app(settings)
     _, url, _ = launch(demo, settings, prevent_thread_lock=True, quiet=True, server_name="127.0.0.1",
                        server_port=free_port())

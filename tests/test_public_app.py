@@ -201,6 +201,10 @@ def test_blank_numbers_mean_the_presets_values(demo_root, tiny_run, tmp_path):
         ok, data = raw_call(url, "/start_training", [str(demo_root), *blank])
         assert ok and data[0].startswith("Started"), data
         run = next(r.path for r in jobs.list_runs(tmp_path) if r.name != "tiny")
+        deadline = time.time() + 60
+        while not (run / "config.json").is_file():  # the trainer announces itself before it writes its config
+            assert time.time() < deadline
+            time.sleep(0.2)
         cfg = json.loads((run / "config.json").read_text())
         assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["weights"]) == (12, 32, 1e-3, "none")
         stop_all_jobs(tmp_path)

@@ -9,12 +9,14 @@ from .settings import REPO, AppSettings
 MAX_UPLOAD = "10mb"
 INTRO = ("# carapp — what car is that?\n"
          "A ResNet-50 trained with focal loss on CompCars names the make and model of a car, and Grad-CAM shows "
-         "what it looked at.  \nDrop a photo on **Predict**; look at the data, train, and evaluate in the other tabs.")
+         "what it looked at — or says it is not sure.  \nDrop a photo on **Predict**, a whole collection on "
+         "**Analyze**; look at the data, train, and evaluate in the other tabs.")
 
 
 def build_app(settings: AppSettings) -> gr.Blocks:
     # delete_cache: uploads and answers older than two hours go, so a public Space's disk does not fill up
-    with gr.Blocks(title="carapp — car make and model", delete_cache=(3600, 7200)) as demo:
+    with gr.Blocks(title="carapp — car make and model",
+                   delete_cache=(3600, 7200) if settings.clean_cache else None) as demo:
         gr.Markdown(INTRO, elem_id="intro")
         if settings.is_demo_data:
             gr.Markdown("Running on the built-in **synthetic** demo dataset (drawn cars, not photos). "

@@ -21,6 +21,7 @@ class AppSettings:
     auth: tuple[str, str] | None = None
     allow_slow_cam: bool = False  # the owner's override for public mode (CARAPP_SLOW_CAM=1): ScoreCAM and friends
     queue_size: int = 32          # requests waiting in the queue at most; more are refused at once
+    clean_cache: bool = True      # delete uploads and answers older than two hours (and the app's own at exit)
     analyze_max_files: int = 500  # public mode: one analysis takes at most this many uploaded files ...
     analyze_max_mb: int = 200     # ... and megabytes (CARAPP_ANALYZE_MAX_FILES / _MB raise them)
 
