@@ -6,13 +6,13 @@ plain thresholds for older runs, saying so. The same object serves the Predictor
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .rundir import read_json
 from .trust import FeatureBank, answer_status, make_probs, softmax
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Calibration:
     def load(cls, folder: Path | None, labels: list[str], class_makes: list[str] | None = None) -> "Calibration":
         """The calibration stored in `folder` (a run or an export), or the uncalibrated default."""
         makes = class_makes or first_words(labels)
-        info = _read(folder / CALIBRATION_FILE) if folder else None
+        info = read_json(folder / CALIBRATION_FILE) if folder else None
         if info is None:
             return cls(labels, makes)
         bank = None
@@ -93,14 +93,7 @@ def first_words(labels: list[str]) -> list[str]:
 
 def class_makes_of(folder: Path | None, labels: list[str]) -> list[str] | None:
     """The make of each class from a labels.json beside the model (run directories and exports have one)."""
-    info = _read(folder / "labels.json") if folder else None
+    info = read_json(folder / "labels.json") if folder else None
     if not info or len(info) != len(labels) or any("make" not in c for c in info):
         return None
     return [c["make"] for c in info]
-
-
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
