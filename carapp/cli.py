@@ -6,12 +6,14 @@ Human-readable progress goes to stderr; with --json, stdout holds exactly one JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+from .cli_text import HUMAN
 from .config import PRESETS, TrainConfig, make_config
 
 log = logging.getLogger("carapp")
@@ -73,15 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-data", help="write the synthetic demo dataset (CompCars layout)")
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply the per-class image counts")
+    p.add_argument("--out", required=True, help="folder to write (new or empty; --force replaces an earlier demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawings (default 0)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the per-class image counts (default 1)")
+    p.add_argument("--force", action="store_true", help="replace a demo dataset written there before")
 
     p = sub.add_parser("stats", help="dataset statistics")
     p.add_argument("--data", required=True, help="dataset root")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--min-images", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="auto", help="dataset format: auto | compcars | sv | folder (default auto)")
+    p.add_argument("--min-images", type=int, default=None,
+                   help="keep classes with at least N images (default floor(mean); 0 keeps all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--verify", action="store_true", help="also open every image to find unreadable ones")
 
     p = sub.add_parser("train", help="train a run, or resume one")
@@ -105,15 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
 
     p = sub.add_parser("predict", help="classify images")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, ...)")
     p.add_argument("--run", required=True, help="run directory, checkpoint file, exported folder, or hf://owner/name")
     p.add_argument("--top-k", type=int, default=5, help="how many classes and makes to list (default 5)")
     p.add_argument("--tta", action="store_true", help="average with the mirrored photo (flip test-time augmentation)")
     p.add_argument("--cam", metavar="OUT_DIR", help="write one Grad-CAM heatmap PNG per image here")
     p.add_argument("--cam-method", default="gradcam", help="gradcam (one forward pass) | gradcam++ | scorecam | "
                    "eigencam | layercam")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
 
     p = sub.add_parser("analyze", help="analyse a photo collection: makes and models per group, with intervals")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="a folder (recursive), a .zip, or a list of paths")
@@ -132,23 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the results of another model in --out")
 
     p = sub.add_parser("export", help="export a run as safetensors or ONNX with config, labels and a model card")
-    p.add_argument("--run", required=True)
-    p.add_argument("--format", required=True, choices=["safetensors", "onnx"])
-    p.add_argument("--out", required=True)
+    p.add_argument("--run", required=True, help="run directory (its best.pt is exported)")
+    p.add_argument("--format", required=True, choices=["safetensors", "onnx"],
+                   help="safetensors: weights for PyTorch; onnx: a graph for ONNX Runtime and other engines")
+    p.add_argument("--out", required=True, help="folder to write (model, config.json, labels.json, README.md)")
 
     p = sub.add_parser("push", help="export a run and upload it to the Hugging Face Hub (HF_TOKEN)")
-    p.add_argument("--run", required=True)
-    p.add_argument("--repo", required=True, help="owner/name")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--run", required=True, help="run directory (its best.pt is uploaded)")
+    p.add_argument("--repo", required=True, help="Hub model repository, owner/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
 
     p = sub.add_parser("cache", help="write a pre-resized copy of a dataset that training then reads")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--short-side", type=int, default=256, help="short side of the copies in pixels (default 256)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
     p = sub.add_parser("sweep", help="the paper's lr x dropout grid (Table 7)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--out", required=True, help="folder for one run per cell, results.csv and results.md")
     p.add_argument("--lr", required=True, help="comma-separated learning rates, e.g. 1e-4,1e-3,1e-2")
     p.add_argument("--dropout", required=True, help="comma-separated dropout rates, e.g. 0.2,0.3,0.4")
     add_train_options(p, skip=("--lr", "--dropout"))
@@ -162,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        result, code = COMMANDS[args.command](args)
+        with _stdout_to_stderr(args.json):  # --json: nothing but the JSON value reaches stdout
+            result, code = COMMANDS[args.command](args)
     except Exception as exc:  # known failures carry their own message: show it without a traceback
         from .rundir import RunLocked
         from .train import TrainingError
@@ -170,21 +176,39 @@ def main(argv: list[str] | None = None) -> int:
             raise
         log.error("error: %s", exc)
         result, code = {"error": str(exc)}, 2
+        if not args.json:
+            return code
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
         return code
     if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    elif result is not None and args.command in ("stats", "evaluate", "sweep"):
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str), flush=True)
+    elif result is not None and args.command in HUMAN:
+        print(HUMAN[args.command](result), flush=True)
     return code
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(active: bool):
+    """Point file descriptor 1 at stderr for the command's duration: library prints and C-level output (torch.onnx,
+    onnxruntime) then cannot land before the JSON value."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def cmd_demo_data(args):
     from .demo import make_demo_dataset
-    summary = make_demo_dataset(args.out, seed=args.seed, scale=args.scale)
-    log.info("wrote a synthetic demo dataset: %d images of %d models to %s", summary["num_images"],
-             summary["num_models"], args.out)
-    return summary, 0
+    return make_demo_dataset(args.out, seed=args.seed, scale=args.scale, replace=args.force), 0
 
 
 def cmd_stats(args):
@@ -216,11 +240,7 @@ def cmd_evaluate(args):
 
 def cmd_calibrate(args):
     from .calibrate import calibrate_run
-    result = calibrate_run(args.run, args.target_accuracy, workers=args.workers, device=args.device)
-    log.info("temperature %.3f; validation ECE %.4f -> %.4f; thresholds: model %.3f, make %.3f, no-car score %.1f",
-             result["temperature"], result["ece_before"], result["ece_after"], result["thresholds"]["model"],
-             result["thresholds"]["make"], result["thresholds"]["ood"])
-    return result, 0
+    return calibrate_run(args.run, args.target_accuracy, workers=args.workers, device=args.device), 0
 
 
 def cmd_predict(args):
@@ -282,9 +302,7 @@ def cmd_push(args):
 
 def cmd_cache(args):
     from .resized import build_resized_cache
-    summary = build_resized_cache(args.data, args.short_side, args.workers)
-    log.info("wrote %d resized images to %s", summary["images"], summary["cache"])
-    return summary, 0
+    return build_resized_cache(args.data, args.short_side, args.workers), 0
 
 
 def cmd_sweep(args):

@@ -46,6 +46,18 @@ class TrainConfig:
     jitter: float = 0.2             # colour jitter strength (brightness/contrast/saturation)
     preset: str = "paper"
 
+    def __post_init__(self):
+        """Refuse values no run can train with (a blank box sent as 0, a typo), with a message that names them."""
+        checks = [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
+                  ("image_size", self.image_size >= 32, "at least 32 pixels (ResNets downsample 32x)"),
+                  ("lr", self.lr > 0, "above 0"), ("weight_decay", self.weight_decay >= 0, "0 or more"),
+                  ("dropout", 0 <= self.dropout < 1, "in [0, 1)"), ("gamma", self.gamma >= 0, "0 or more"),
+                  ("patience", self.patience >= 1, "at least 1"), ("workers", self.workers >= 0, "0 or more"),
+                  ("backbone", self.backbone in BACKBONES, "one of " + ", ".join(BACKBONES))]
+        bad = [f"{name} must be {rule} (got {getattr(self, name)!r})" for name, ok, rule in checks if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -481,13 +481,23 @@ def _write_readme(out, num_images):
     )
 
 
-def _clear_previous_demo(out):
-    """Remove images/labels of an earlier demo run (different seed/scale) so
-    stale files don't leak into counts; never touches a non-demo directory."""
-    readme = out / "README.txt"
-    if readme.is_file() and readme.read_text(errors="replace").startswith(README_MARKER):
-        for sub in ("image", "label"):
-            shutil.rmtree(out / "data" / sub, ignore_errors=True)
+def is_demo_dataset(root: str | os.PathLike) -> bool:
+    """Whether root holds a dataset this module wrote (its README carries the marker)."""
+    readme = Path(root) / "README.txt"
+    return readme.is_file() and readme.read_text(errors="replace").startswith(README_MARKER)
+
+
+def _make_room(out: Path, replace: bool) -> None:
+    """A new or empty folder is written; an earlier demo dataset is replaced only when asked; any other content is
+    never touched (the user's own dataset must not get synthetic cars mixed into it)."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not is_demo_dataset(out):
+        raise ValueError(f"{out} is not empty and holds no carapp demo dataset: choose a new folder")
+    if not replace:
+        raise ValueError(f"{out} holds a demo dataset already: use it as it is, or replace it with --force")
+    for sub in ("image", "label"):  # stale images of another seed or scale must not leak into the counts
+        shutil.rmtree(out / "data" / sub, ignore_errors=True)
 
 
 def _model_years(rng):
@@ -495,14 +505,15 @@ def _model_years(rng):
     return [str(y) for y in years]
 
 
-def make_demo_dataset(out: str | os.PathLike, seed: int = 0, scale: float = 1.0) -> dict:
-    """Write the synthetic dataset under out/data/... ; returns a summary dict:
-    {"root": str(out), "num_images": int, "num_makes": int, "num_models": int, "synthetic": True}"""
+def make_demo_dataset(out: str | os.PathLike, seed: int = 0, scale: float = 1.0, replace: bool = False) -> dict:
+    """Write the synthetic dataset under out/data/... (a new or empty folder, or an earlier demo with `replace`);
+    returns {"root": str(out), "num_images": int, "num_makes": int, "num_models": int, "synthetic": True}"""
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     out = Path(out)
+    _make_room(out, replace)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_previous_demo(out)
+    _write_readme(out, 0)  # first: a folder left half-written (killed) is still known as a demo and can be redone
     data = out / "data"
     (data / "misc").mkdir(parents=True, exist_ok=True)
 

@@ -249,6 +249,8 @@ def read_report(run: str | Path, split: str = "test") -> dict | None:
     with open(run / f"{split}_predictions.csv", newline="") as f:
         predictions = list(csv.DictReader(f))
     cm = np.loadtxt(run / f"{split}_confusion.csv", delimiter=",", dtype=np.int64, ndmin=2)
+    config = rundir.read_json(run / "config.json") or {}
     return {"metrics": rundir.read_json(run / f"{split}_metrics.json"), "per_class": per_class,
             "confusion": cm, "predictions": predictions, "names": rundir.label_names(run),
-            "data": (rundir.read_json(run / "config.json") or {}).get("data", "")}
+            "data": config.get("data", ""), "backbone": config.get("backbone", "resnet50"),
+            "image_size": config.get("image_size")}

@@ -175,12 +175,20 @@ def load_exported(folder: Path) -> tuple[torch.nn.Module, dict, list[str]]:
 
 def push(run: str | Path, repo: str, private: bool = False) -> str:
     """Export to safetensors and upload to the Hub; returns the repo URL."""
-    from huggingface_hub import HfApi
-    api = HfApi(token=os.environ.get("HF_TOKEN"))
+    from huggingface_hub import HfApi, get_token
+    token = os.environ.get("HF_TOKEN") or get_token()
+    if not token:  # checked before the export: a missing token is the usual first failure
+        raise ValueError("push needs a Hugging Face token with write access: create one at "
+                         "https://huggingface.co/settings/tokens and set HF_TOKEN=hf_... (or run `hf auth login`)")
+    api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_run(run, "safetensors", tmp)
         card = (folder / "README.md").read_text().replace("OWNER/NAME", repo)
         (folder / "README.md").write_text(card)
-        url = api.create_repo(repo, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message="carapp export")
+        try:
+            url = api.create_repo(repo, private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message="carapp export")
+        except Exception as exc:  # network, auth and Hub errors of any client library: one clear message
+            raise OSError(f"upload to the Hugging Face Hub failed ({type(exc).__name__}: {exc}); check the "
+                          f"network, that the token may write to {repo}, and try again") from None
     return str(url)

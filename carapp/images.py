@@ -46,6 +46,10 @@ def open_image(source: str | os.PathLike | BinaryIO, bbox: list[int] | None = No
         if isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:  # only on failure: no hot-path stat
             raise ImageError(name, "empty file (0 bytes)") from None
         raise ImageError(name, "not an image file (or a format Pillow cannot read)") from None
+    except FileNotFoundError:
+        raise ImageError(name, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(name, "a folder, not an image file") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(name, f"damaged or truncated image ({exc})") from None
     if min(img.size) < 1:

@@ -19,6 +19,7 @@ from .config import TrainConfig
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 JOB_FILE = ".app-job.json"              # in the runs folder: the job the app started last
+STARTING = "starting"                   # progress phase of a job whose process has not spoken yet
 _START_LOCK = threading.Lock()
 
 
@@ -42,7 +43,7 @@ def run_status(run: Path) -> str:
     progress = rundir.read_progress(run)
     status = progress.get("status", "new")
     if status == "running" and not (progress.get("pid") and rundir.pid_alive(progress["pid"])):
-        return "interrupted"
+        return "failed" if progress.get("phase") == STARTING else "interrupted"  # died before it spoke: bad options
     return status
 
 
@@ -84,15 +85,15 @@ def _spawn(args: list[str], run: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_until_started(proc: subprocess.Popen, progress: Path, timeout: float = 60) -> None:
-    """Return once the job wrote its first progress (or died, with its last words as the error)."""
+def _wait_until_started(proc: subprocess.Popen, progress: Path, timeout: float = 3) -> None:
+    """Return once the job wrote progress of its own or has lived `timeout` seconds (importing PyTorch takes longer;
+    the job file already marks it busy), or raise with its last words if it died at once (bad options)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if rundir.read_json(progress, {}).get("pid") == proc.pid:
+        if rundir.read_json(progress, {}).get("phase") != STARTING:
             return
         if proc.poll() is not None:
-            tail = (progress.parent / "console.log").read_text(errors="replace").strip().splitlines()[-3:]
-            raise JobError("the job did not start: " + " / ".join(tail))
+            raise JobError("the job did not start: " + console_tail(progress.parent))
         time.sleep(0.2)
 
 
@@ -123,6 +124,9 @@ def _start(runs_dir: str | Path, args: list[str], folder: Path, kind: str, progr
     with _one_job(runs_dir):
         proc = _spawn(args, folder)
         rundir.write_json(Path(runs_dir) / JOB_FILE, {"pid": proc.pid, "run": folder.name, "kind": kind})
+        # the job's progress, as the job itself will write it, so that every view sees it running from now on
+        rundir.write_json(folder / progress, {"status": "running", "phase": STARTING, "pid": proc.pid,
+                                              "updated": time.time()})
     _wait_until_started(proc, folder / progress)
     return folder
 
@@ -163,7 +167,16 @@ def job_status(progress_file: Path) -> dict:
     progress = rundir.read_json(progress_file, {})
     if progress.get("status") == "running" and not rundir.pid_alive(progress.get("pid", 0)):
         progress["status"] = "interrupted"
+        if progress.get("phase") == STARTING:  # died before it spoke: its last words say why
+            progress["status"], progress["error"] = "failed", console_tail(progress_file.parent)
     return progress
+
+
+def console_tail(folder: Path, lines: int = 3) -> str:
+    try:
+        return " / ".join((folder / "console.log").read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def evaluation_status(run: str | Path) -> dict:
@@ -174,6 +187,17 @@ def evaluation_status(run: str | Path) -> dict:
 def started_by_app(runs_dir: str | Path, run: str | Path) -> bool:
     job = app_job(runs_dir)
     return bool(job) and job["run"] == Path(run).name
+
+
+def run_eta(run: Path) -> float | None:
+    """Seconds until a running run's last epoch ends at its present pace (early stopping may end it sooner)."""
+    p = rundir.read_progress(run)
+    if run_status(run) != "running" or not p.get("steps") or "eta_seconds" not in p:
+        return None
+    metrics = rundir.read_metrics(run)
+    epoch_seconds = (sum(m["seconds"] for m in metrics) / len(metrics) if metrics
+                     else p["eta_seconds"] * p["steps"] / max(p["steps"] - p["step"], 1))
+    return p["eta_seconds"] + max(0, (p.get("epochs") or p["epoch"]) - p["epoch"]) * epoch_seconds
 
 
 def stop_training(run: str | Path) -> None:

@@ -65,6 +65,12 @@ class Predictor:
         calibration = Calibration.load(folder, labels, class_makes_of(folder, labels))
         return cls(model, labels, config, device, calibration)
 
+    def describe(self) -> str:
+        """One line about the model, for people: backbone, classes, input size, calibration."""
+        backbone = self.config.get("backbone", "ResNet")
+        return (f"{backbone} · {len(self.labels)} classes · {self.image_size} px input · "
+                + ("calibrated" if self.calibration.calibrated else "not calibrated"))
+
     def predict(self, image: Image.Image | str | Path, top_k: int = 5, cam: bool = True,
                 method: str = "gradcam", target: int | str | None = None, tta: bool = False,
                 thresholds: dict | None = None) -> Prediction:

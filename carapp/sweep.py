@@ -56,7 +56,7 @@ def write_table(out: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) and v < 1 else str(v))
+    fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # 1e-05, 0.9591
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -65,16 +66,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
     Under torchrun every rank calls this; rank 0 alone writes the run directory.
     """
     run = Path(run_dir)
+    if resume and not run.is_dir():
+        raise TrainingError(f"run directory {run} does not exist: nothing to resume")
     dist = init_distributed()
     handler = lock = None
+    made_here = False  # a folder this call created holds nothing of value until the run is prepared
     try:
         if dist.main:
+            made_here = not run.exists()
             run.mkdir(parents=True, exist_ok=True)
             lock = rundir.acquire_lock(run)  # before anything is written: a second trainer is refused
             # at once, so a watcher (the app) sees this process as the run's trainer before the slow set-up
             rundir.write_progress(run, status="running", phase="preparing")
             handler = _log_to(run / "train.log")
             prepared = _prepare(cfg, run, resume, epochs, split)
+            made_here = False
         else:
             log.setLevel(logging.WARNING)
         dist.barrier()  # the other ranks read what rank 0 froze: one config, one split
@@ -87,7 +93,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
             rundir.write_progress(run, status="failed", error=message)
         raise TrainingError(message) from None
     except Exception as exc:
-        if dist.main and not isinstance(exc, rundir.RunLocked):
+        if dist.main and not isinstance(exc, rundir.RunLocked) and not made_here:
             rundir.write_progress(run, status="failed", error=str(exc))
         raise
     finally:
@@ -96,6 +102,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
             handler.close()
         if lock:
             lock.unlink(missing_ok=True)
+        if made_here:  # failed before anything worth keeping (no data, bad options): leave no junk run behind
+            shutil.rmtree(run, ignore_errors=True)
         dist.close()
 
 
@@ -250,8 +258,9 @@ def _stopped(job: Job, cfg: TrainConfig, run: Path, dist: Dist, epoch: int, save
         if not saved:
             save_last(run, job, cfg)
         rundir.write_progress(run, status="stopped", epoch=epoch, epochs=cfg.epochs)
-        log.info("stopped at epoch %d step %d; resume with: python -m carapp train --resume %s", epoch,
-                 job.state["step"], run)
+        where = (f"in epoch {epoch} at step {job.state['step']}" if job.state["step"]
+                 else f"after epoch {job.state['epoch']}")
+        log.info("stopped %s; resume with: python -m carapp train --resume %s", where, run)
     return {"status": "stopped", "epochs": job.state["epoch"], "best_val_loss": job.state["best_val_loss"]}
 
 

@@ -120,3 +120,17 @@ def test_public_mode_turns_training_off(demo_root, tiny_run, tmp_path):
         with pytest.raises(AppError, match="Unknown model"):  # no free-form server paths for strangers
             c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), str(tmp_path / "tiny"),
                       api_name="/predict")
+
+
+def test_scanning_a_folder_that_is_no_dataset_clears_the_tab(app, tmp_path):
+    """The old dataset's summary and plots go; the summary says why, instead of red error badges over them."""
+    from carapp.ui import dataset_tab
+    from carapp.ui.settings import resolve_settings
+    settings = resolve_settings(str(app[2]), None, str(app[1]))
+    shown = dataset_tab.scan(str(app[2]), False, settings)
+    assert "images" in shown[0] and shown[1] is not None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    summary, *plots, classes = dataset_tab.scan(str(empty), False, settings)
+    assert "is not a dataset" in summary and plots == [None] * 4
+    assert dataset_tab.samples(str(empty), None, settings) == []

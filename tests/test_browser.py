@@ -54,46 +54,75 @@ def _click_until_answered(page, button: str, answer: str, timeout: float = 90_00
     page.locator(answer).first.wait_for(state="visible", timeout=timeout)
 
 
+def _answer_names(page, names: list[str], timeout: float = 120_000) -> None:
+    """Wait until the top-5 panel names classes of the model (what a person waits for after dropping a photo)."""
+    page.wait_for_function("names => names.some(n => document.querySelector('#top5').innerText.includes(n))",
+                           arg=names, timeout=timeout)
+
+
 def test_all_tabs(page, tmp_path):
     for name in ("Predict", "Analyze", "Dataset", "Train", "Evaluate"):
         page.get_by_role("tab", name=name).wait_for(state="visible")
     page.screenshot(path=str(tmp_path / "home.png"), full_page=True)
 
 
-def test_upload_shows_classes_and_heatmap(app, page, tmp_path):
-    names = [c["name"] for c in json.loads((app[1] / "tiny" / "labels.json").read_text())]
+def test_upload_is_classified_at_once_with_classes_and_heatmap(app, page, tmp_path):
+    """No button: dropping a photo classifies it; the answer names models and makes, with a heatmap."""
+    labels = json.loads((app[1] / "tiny" / "labels.json").read_text())
+    names, makes = [c["name"] for c in labels], {c["make"] for c in labels}
     page.get_by_role("tab", name="Predict").click()
+    page.locator("#model-line:has-text('resnet18')").wait_for(state="visible", timeout=60_000)  # model's backbone
     page.set_input_files("#input-image input[type=file]", str(ROOT / "assets/examples/elsmere_caravel.jpg"))
-    page.locator("#input-image img").wait_for(state="visible", timeout=60_000)  # the upload has arrived
-    _click_until_answered(page, "Classify", "#cam img")
-    page.wait_for_function("names => names.some(n => document.querySelector('#top5').innerText.includes(n))",
-                           arg=names, timeout=30_000)
+    _answer_names(page, names)
+    page.locator("#cam img").wait_for(state="visible", timeout=30_000)
     shown = page.locator("#top5").inner_text()
     assert sum(n in shown for n in names) >= 2     # the top class and its runners-up, by name
     answer = page.locator("#answer").inner_text()  # the answer in words, with the makes beside the models
     assert any(s in answer for s in ("sure (make", "model unsure", "Not sure", "does not look like a car")), answer
-    makes = {c["make"] for c in json.loads((app[1] / "tiny" / "labels.json").read_text())}
     assert any(m in page.locator("#makes").inner_text() for m in makes)
     page.screenshot(path=str(tmp_path / "predict.png"), full_page=True)
+    # a file that is not a photo: the message replaces the last answer, and no panel is left showing it
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    page.set_input_files("#input-image input[type=file]", str(bad))
+    page.locator("#answer:has-text('not an image file')").wait_for(state="visible", timeout=60_000)
+    assert not any(n in page.locator("#top5").inner_text() for n in names)
+    assert page.locator("#cam img").count() == 0
+
+
+def test_example_click_is_classified(app, page):
+    names = [c["name"] for c in json.loads((app[1] / "tiny" / "labels.json").read_text())]
+    page.get_by_role("tab", name="Predict").click()
+    page.locator("button.gallery-item").first.click()
+    _answer_names(page, names)
+    page.locator("#cam img").wait_for(state="visible", timeout=30_000)
 
 
 def test_evaluate_shows_the_stored_report_and_calibration_on_its_own(page, tmp_path):
     page.get_by_role("tab", name="Evaluate").click()
     page.wait_for_function("document.querySelector('#evaluate-summary').innerText.includes('make top-1')",
                            timeout=60_000)  # no button pressed: the run's stored test report appears
+    assert "resnet18" in page.locator("#evaluate-summary").inner_text()  # the run's own backbone, not "ResNet-50"
     page.locator("#reliability .js-plotly-plot").wait_for(state="visible", timeout=30_000)
     page.locator("#coverage .js-plotly-plot").wait_for(state="visible", timeout=30_000)
     page.screenshot(path=str(tmp_path / "evaluate.png"), full_page=True)
 
 
-def test_demo_training_updates_the_plot(page, tmp_path):
+def test_demo_training_updates_the_plot_and_the_run_list(page, tmp_path):
     page.get_by_role("tab", name="Train").click()
     page.get_by_role("button", name="Start").click()
     page.wait_for_function("document.querySelector('#live').innerText.includes('running')", timeout=120_000)
     page.locator("#curves .js-plotly-plot").wait_for(state="visible", timeout=240_000)
+    # the Run list follows the run: its label counts the finished epochs without a reload
+    run_box = page.locator("#run-pick input")
+    page.wait_for_function("el => /running, [1-9]\\d* of \\d+ epochs/.test(el.value)", arg=run_box.element_handle(),
+                           timeout=120_000)
     page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
     page.get_by_role("button", name="Stop").click()
     page.wait_for_function("document.querySelector('#live').innerText.match(/stopped|finished/)", timeout=120_000)
+    # the "Stopping …" line goes once the run has stopped
+    page.wait_for_function("!document.querySelector('#train-message').innerText.includes('Stopping')",
+                           timeout=30_000)
 
 
 def test_analyze_a_zip_in_the_browser(app, page, tmp_path):

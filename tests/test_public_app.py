@@ -176,6 +176,15 @@ def test_thresholds_outside_zero_one_are_refused(private):
     assert ok and data[2].startswith(("### Not sure", "### This does not look like a car")), data[2]
 
 
+def test_a_slider_left_where_the_model_put_it_keeps_the_exact_threshold():
+    """A model whose calibration found no threshold for 95% (1.0: never name one) shows its slider at 0.99; the
+    page sends 0.99 back with every photo, which must neither be refused nor become a looser threshold."""
+    own = {"model": 1.0, "make": 0.874, "ood": 3.2}
+    assert predict_tab.slider_value(own["model"]) == 0.99 and predict_tab.slider_value(own["make"]) == 0.87
+    assert predict_tab.moved_thresholds({"model": 0.99, "make": 0.87}, own) == {}
+    assert predict_tab.moved_thresholds({"model": 0.5, "make": 0.87}, own) == {"model": 0.5}
+
+
 def _trainer_pids(runs) -> set[int]:
     out = subprocess.run(["pgrep", "-f", f"carapp train --run-dir {runs}"], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
@@ -238,7 +247,7 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_again(demo_root, ti
         (run / "progress.json").write_text(json.dumps({"status": "running", "pid": 999_999_999}))
         assert jobs.run_status(run) == "interrupted"
         ok, data = raw_call(url, "/resume_training", ["killed", 1])
-        assert ok and data[0].startswith("Resumed"), data
+        assert ok and data[0].startswith("Resuming"), data
         deadline = time.time() + 180
         while jobs.run_status(run) == "running":
             assert time.time() < deadline
@@ -296,3 +305,28 @@ def test_a_huge_rgba_upload_is_reduced_while_decoding(tmp_path):
     width, height, peak_mb = map(int, out)
     assert peak_mb < 600, f"decoding an 8,900 x 8,900 RGBA PNG peaked at {peak_mb} MB"  # 317 MB is the decode itself
     assert min(width, height) >= 1024  # never below the size prediction asks for
+
+
+@pytest.mark.slow
+def test_a_fresh_public_app_trains_its_first_model_and_says_so(demo_root, tmp_path):
+    """A Space with no model and training off: the app trains the demo preset itself, and a visitor's photo gets
+    the progress of that first model instead of a dead end; the visitor cannot stop it."""
+    from carapp.ui import first_model
+    from conftest import start_app
+    runs = tmp_path / "runs"
+    demo, url = start_app(demo_root, runs, public=True)
+    try:
+        deadline = time.time() + 90
+        run = runs / first_model.NAME
+        while not ((run / "config.json").is_file() and jobs.run_status(run) == "running"):
+            assert time.time() < deadline, "the first model did not start"
+            time.sleep(0.5)
+        ok, error = raw_call(url, "/predict", photo(raw_upload(url, EXAMPLE)))
+        assert not ok and "A first model is being trained" in error, error
+        ok, error = raw_call(url, "/stop_training", [])
+        assert not ok and jobs.run_status(run) == "running"
+        config = json.loads((run / "config.json").read_text())
+        assert config["preset"] == "demo" and config["data"] == str(demo_root)
+    finally:
+        stop_all_jobs(runs)
+        demo.close()

@@ -161,3 +161,13 @@ def test_sweep_grid_on_one_split(demo_root, tmp_path):
     accs = [float(line.split(",")[6]) for line in table[1:]]
     assert accs == sorted(accs, reverse=True) and len(accs) == 2
     assert (tmp_path / "grid" / "results.md").read_text().count("\n") == 4
+
+
+def test_config_refuses_values_no_run_can_train_with():
+    """A blank box sent as 0 (a click before the page filled its boxes) or a typo is refused, naming the field."""
+    from carapp.config import make_config
+    with pytest.raises(ValueError, match="batch_size must be at least 1 .got 0.*epochs|epochs must be at least 1"):
+        make_config("demo", batch_size=0, epochs=0)
+    for field, value in (("image_size", 8), ("dropout", 1.0), ("lr", 0.0), ("backbone", "vgg16")):
+        with pytest.raises(ValueError, match=field):
+            make_config("demo", **{field: value})

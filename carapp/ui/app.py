@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import analyze_tab, dataset_tab, evaluate_tab, predict_tab, train_tab
+from . import analyze_tab, dataset_tab, evaluate_tab, first_model, predict_tab, train_tab
 from .settings import REPO, AppSettings
 
 MAX_UPLOAD = "10mb"
 INTRO = ("# carapp — what car is that?\n"
-         "A ResNet-50 trained with focal loss on CompCars names the make and model of a car, and Grad-CAM shows "
+         "A ResNet trained with focal loss on CompCars names the make and model of a car, and Grad-CAM shows "
          "what it looked at — or says it is not sure.  \nDrop a photo on **Predict**, a whole collection on "
          "**Analyze**; look at the data, train, and evaluate in the other tabs.")
 
@@ -32,7 +32,9 @@ def build_app(settings: AppSettings) -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, settings: AppSettings, share: bool = False, **kwargs):
-    """Uploads are capped; files are served only from the assets folder (examples) and Gradio's own cache."""
+    """Uploads are capped; files are served only from the assets folder (examples) and Gradio's own cache. A public
+    app with no model starts training its first one (see first_model)."""
+    first_model.start_in_background(settings)
     return demo.launch(share=share, auth=settings.auth, max_file_size=MAX_UPLOAD,
                        allowed_paths=[str(REPO / "assets")], theme=gr.themes.Soft(),
                        css_paths=[str(REPO / "assets" / "style.css")], footer_links=["api"], **kwargs)

@@ -24,7 +24,11 @@ def _index(root: str, settings: AppSettings):
 
 
 def scan(root: str, log_scale: bool, settings: AppSettings):
-    index = _index(root, settings)
+    """The whole tab for one dataset; a folder that is not one clears the tab and says why, in the summary."""
+    try:
+        index = _index(root, settings)
+    except gr.Error as exc:
+        return f"**{exc.message}**", None, None, None, None, gr.Dropdown(choices=[], value=None)
     stats = dataset_stats(index)
     counts = index.class_counts()
     keys = list(counts)
@@ -92,10 +96,10 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         sizes_plot = gr.Plot(label="Image sizes")
         with gr.Row():
             cls = gr.Dropdown(label="Sample images of class", choices=[], scale=2)
-        gallery = gr.Gallery(label="Samples", columns=6, height=300)
+        gallery = gr.Gallery(label="Samples", columns=6, rows=2, height="auto", elem_id="samples")
     outputs = [summary, counts_plot, makes_plot, views_plot, sizes_plot, cls]
     scan_fn = lambda r, log: scan(r, log, settings)
     scan_btn.click(scan_fn, [root, log_scale], outputs, api_visibility="private")
     log_scale.change(scan_fn, [root, log_scale], outputs, api_visibility="private")
-    cls.change(lambda r, k: samples(r, k, settings), [root, cls], gallery, api_visibility="private")
+    cls.change(lambda r, k: samples(r, k, settings), [root, cls], gallery, api_visibility="private")  # [] clears
     demo.load(scan_fn, [root, log_scale], outputs, api_visibility="private")

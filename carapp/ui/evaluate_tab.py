@@ -18,7 +18,12 @@ def evaluated_runs(settings: AppSettings):
     return gr.Dropdown(choices=runs, value=runs[0] if runs else None)
 
 
-EMPTY = ("", None, None, None, None, [], None, None, None)
+PAIR_COLUMNS = ["true", "predicted as", "images"]
+CLASS_COLUMNS = ["class", "accuracy", "support"]
+VIEW_COLUMNS = ["viewpoint", "accuracy", "images"]
+# summary, per_class, full, sub, pairs, gallery, reliability, coverage, viewpoints: nothing shown, headers kept
+EMPTY = ("", pd.DataFrame(columns=CLASS_COLUMNS), None, None, pd.DataFrame(columns=PAIR_COLUMNS), [], None, None,
+         pd.DataFrame(columns=VIEW_COLUMNS))
 
 
 def evaluate(name: str | None, recompute: bool, settings: AppSettings):
@@ -39,6 +44,18 @@ def evaluate(name: str | None, recompute: bool, settings: AppSettings):
     except (jobs.JobError, ValueError, OSError) as exc:
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
     return f"Evaluating **{run.name}** on its test split in the background…", *EMPTY[1:], _mtime(run / "test_metrics.json")
+
+
+def stored(name: str | None, settings: AppSettings):
+    """The chosen run's stored report, at once (no button): every run trained here has one."""
+    from ..evaluate import read_report
+    run = jobs.find_run(settings.runs_dir, name)
+    report = read_report(run) if run is not None and (run / "best.pt").is_file() else None
+    if report is None:
+        hint = "" if run is None else f"**{run.name}** has no test report yet" + (
+            ": press Evaluate." if settings.training_enabled else ".")
+        return hint, *EMPTY[1:], 0.0
+    return *render(report), _mtime(run / "test_metrics.json")
 
 
 def progress(name: str | None, shown: float, settings: AppSettings):
@@ -69,7 +86,8 @@ def _mtime(path) -> float:
 
 def render(report: dict):
     m, names, cm = report["metrics"], report["names"], report["confusion"]
-    summary = (f"**top-1** {m['top1']:.2%} · **top-5** {m['top5']:.2%} · **macro-F1** {m['macro_f1']:.3f} "
+    summary = (f"**{report['backbone']}** at {report['image_size']} px, {len(names)} classes  \n"
+               f"**top-1** {m['top1']:.2%} · **top-5** {m['top5']:.2%} · **macro-F1** {m['macro_f1']:.3f} "
                f"on {m['num_images']:,} test images  \n{trust_markdown(m)}")
     per_class = pd.DataFrame([{"class": r["name"], "accuracy": round(float(r["accuracy"]), 3) if r["accuracy"] else None,
                                "support": int(r["support"])} for r in report["per_class"]])
@@ -78,7 +96,7 @@ def render(report: dict):
     sub = plots.confusion_figure(cm[focus][:, focus], [names[i] for i in focus], "Most-confused classes") \
         if focus else None
     pairs = pd.DataFrame([{"true": names[i], "predicted as": names[j], "images": n}
-                          for i, j, n in plots.most_confused(cm, 20)], columns=["true", "predicted as", "images"])
+                          for i, j, n in plots.most_confused(cm, 20)], columns=PAIR_COLUMNS)
     return (summary, per_class, plots.confusion_figure(cm, names, f"Confusion matrix ({len(names)} classes)"),
             sub, pairs, misclassified(report), *trust_figures(m))
 
@@ -100,13 +118,13 @@ def trust_markdown(m: dict) -> str:
 
 def trust_figures(m: dict):
     if "reliability_before" not in m:
-        return None, None, None
-    views = m.get("per_viewpoint")
+        return None, None, EMPTY[-1]
+    views = m.get("per_viewpoint") or {}
     return (plots.reliability_figure(m["reliability_before"], m["reliability_after"], m["ece_uncalibrated"],
                                      m["ece"]),
             plots.coverage_figure(m["coverage_curve"], m["thresholds"]["model"]),
             pd.DataFrame([{"viewpoint": v, "accuracy": round(x["accuracy"], 3), "images": x["images"]}
-                          for v, x in views.items()]) if views else None)
+                          for v, x in views.items()], columns=VIEW_COLUMNS))
 
 
 def misclassified(report: dict, n: int = 24) -> list:
@@ -134,14 +152,16 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         with gr.Row():
             reliability = gr.Plot(label="Calibration", elem_id="reliability")
             coverage = gr.Plot(label="Accuracy against coverage", elem_id="coverage")
-        viewpoints = gr.Dataframe(label="Accuracy per viewpoint (CompCars labels)", interactive=False)
+        viewpoints = gr.Dataframe(pd.DataFrame(columns=VIEW_COLUMNS), interactive=False,
+                                  label="Accuracy per viewpoint (CompCars labels)")
         with gr.Row():
-            per_class = gr.Dataframe(label="Per-class accuracy (click a header to sort)", interactive=False,
-                                     max_height=400)
-            pairs = gr.Dataframe(label="Most-confused pairs", interactive=False, max_height=400)
+            per_class = gr.Dataframe(pd.DataFrame(columns=CLASS_COLUMNS), interactive=False,
+                                     label="Per-class accuracy (click a header to sort)", max_height=400)
+            pairs = gr.Dataframe(pd.DataFrame(columns=PAIR_COLUMNS), label="Most-confused pairs", interactive=False,
+                                 max_height=400)
         full = gr.Plot(label="Confusion matrix (hover for counts)")
         sub = gr.Plot(label="Most-confused classes")
-        gallery = gr.Gallery(label="Misclassified test images: true → predicted (confidence)", columns=6, height=320)
+        gallery = gr.Gallery(label="Misclassified test images: true → predicted (confidence)", columns=6, height="auto")
         shown = gr.State(0.0)
         timer = gr.Timer(2.0)
     report = [summary, per_class, full, sub, pairs, gallery, reliability, coverage, viewpoints]
@@ -149,3 +169,4 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     timer.tick(lambda n, t: progress(n, t, settings), [run, shown], [job_line, shown, *report],
                api_visibility="private")
     demo.load(lambda: evaluated_runs(settings), None, run, api_visibility="private")
+    run.change(lambda n: stored(n, settings), run, [*report, shown], api_visibility="private")

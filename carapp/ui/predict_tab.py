@@ -16,6 +16,7 @@ import gradio as gr
 from .. import jobs, rundir
 from ..images import PHOTO_DRAFT_SIZE, ImageError, open_image
 from ..config import CAM_METHODS
+from . import first_model
 from .settings import CONFIGURED, AppSettings
 from .uploads import EXAMPLES, accepted_upload
 
@@ -25,8 +26,11 @@ _SLOW_CAM = threading.BoundedSemaphore(1)  # ScoreCAM & co: one at a time, whate
 
 
 def model_choices(settings: AppSettings) -> list[tuple[str, str]]:
+    """The configured model first, then the trained runs, best validation accuracy first (the default is the best)."""
+    runs = sorted((r for r in jobs.list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()),
+                  key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))
     choices = [(f"{r.name} (best val acc {r.best_val_acc:.1%})" if r.best_val_acc is not None else r.name, r.name)
-               for r in jobs.list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()]
+               for r in runs]
     if settings.checkpoint:
         shown = "configured model" if settings.public else f"configured: {settings.checkpoint}"
         choices.insert(0, (shown, CONFIGURED))
@@ -40,8 +44,7 @@ def default_model(settings: AppSettings) -> str | None:
 
 def resolve_model(source: str | None, settings: AppSettings) -> str:
     if not source:
-        raise gr.Error("No trained model yet: train one in the Train tab (the demo preset takes ~5 minutes on a "
-                       "CPU) or start the app with --checkpoint.", print_exception=False)
+        raise gr.Error(no_model_message(settings), print_exception=False)
     if source == CONFIGURED and settings.checkpoint:
         return settings.checkpoint
     if source.startswith("hf://") and settings.paths_editable:
@@ -70,9 +73,11 @@ def predict(image, model: str | None = None, method: str = "gradcam", target: st
         predictor = cached_predictor(source)
     except (CheckpointError, ValueError, OSError) as exc:
         raise gr.Error(settings.redact(f"Cannot load the model: {exc}"), print_exception=False) from None
-    method = method if method in CAM_METHODS or method == "none" else "gradcam"
+    if method not in (*CAM_METHODS, "none"):
+        raise gr.Error(f"Unknown heatmap method {method!r}: one of {', '.join(CAM_METHODS)} or none.",
+                       print_exception=False)
     explain = None if target in (None, "", TOP1) else target
-    thresholds = checked_thresholds(model_threshold, make_threshold)
+    thresholds = moved_thresholds(checked_thresholds(model_threshold, make_threshold), predictor.calibration.thresholds)
     with _heatmap_slot(method, settings):  # refuses with its own message
         try:
             result = predictor.predict(photo, top_k=5, cam=method != "none", method=method, target=explain,
@@ -86,6 +91,34 @@ def predict(image, model: str | None = None, method: str = "gradcam", target: st
         result.cam.info["carapp-answer"] = uuid.uuid4().hex
     return ({label: prob for label, prob in result.top}, result.cam,
             answer_markdown(result, predictor.calibration.calibrated), {m: p for m, p in result.makes})
+
+
+def no_model_message(settings: AppSettings) -> str:
+    """What a visitor is told while there is no model: the first model's progress when it is being trained."""
+    job = first_model.progress(settings)
+    if job:
+        return job
+    if settings.training_enabled:
+        return ("No trained model yet: train one in the Train tab (the demo preset takes 3-5 minutes on a 2-core "
+                "CPU) or start the app with --checkpoint.")
+    return "No trained model yet: this app's owner has not configured one (CARAPP_CHECKPOINT)."
+
+
+def show_answer(image, model=None, method="gradcam", target=TOP1, tta=False, model_threshold=None,
+                make_threshold=None, *, settings: AppSettings):
+    """The Predict tab's own call (upload, example, Classify): a problem is shown in the answer panel, and the
+    panels of the previous photo are cleared, instead of error badges over stale results."""
+    if image is None:
+        return None, None, "", None
+    try:
+        return predict(image, model, method, target, tta, model_threshold, make_threshold, settings=settings)
+    except gr.Error as exc:
+        return None, None, f"**{exc.message}**", None
+
+
+def cam_label(method: str) -> gr.Image:
+    shown = {"none": "no heatmap", "gradcam": "Grad-CAM"}.get(method, method)
+    return gr.Image(label=f"What the network looked at ({shown}; the outlined square is what it saw)")
 
 
 def checked_thresholds(model_threshold, make_threshold) -> dict:
@@ -117,6 +150,18 @@ def answer_markdown(result, calibrated: bool) -> str:
     return text
 
 
+def slider_value(threshold: float) -> float:
+    """Where a slider shows a model's threshold: its 0.01 steps inside (0, 1). A calibrated 1.0 ("no threshold
+    reaches the target: never name one") shows as 0.99."""
+    return float(min(max(round(threshold, 2), 0.01), 0.99))
+
+
+def moved_thresholds(sent: dict, own: dict) -> dict:
+    """Only a slider moved away from the model's own threshold overrides it: a slider left where the model put it
+    stands for the exact calibrated value (which may be 1.0, where no slider can go)."""
+    return {k: v for k, v in sent.items() if own.get(k) is None or v != slider_value(own[k])}
+
+
 def model_thresholds(model: str | None, settings: AppSettings):
     """The sliders follow the chosen model's calibrated thresholds."""
     try:
@@ -124,8 +169,8 @@ def model_thresholds(model: str | None, settings: AppSettings):
         thresholds = cached_predictor(resolve_model(model, settings)).calibration.thresholds if model else {}
     except Exception:  # a model that cannot load shows its error on Predict; here it only means default sliders
         thresholds = {}
-    return (gr.Slider(value=round(thresholds.get("model", 0.5), 3)),
-            gr.Slider(value=round(thresholds.get("make", 0.5), 3)))
+    return (gr.Slider(value=slider_value(thresholds.get("model", 0.5))),
+            gr.Slider(value=slider_value(thresholds.get("make", 0.5))))
 
 
 @contextlib.contextmanager
@@ -166,13 +211,16 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         with gr.Row():
             with gr.Column():
                 image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-                                 label="Photo of a car", elem_id="input-image", height=360)
+                                 label="Photo of a car (classified as soon as it arrives)", elem_id="input-image",
+                                 height=360)
+                # choices are filled on page load; values are checked by resolve_model
+                model = gr.Dropdown(label="Model (run, checkpoint, export or hf://owner/name)", choices=[],
+                                    allow_custom_value=True, elem_id="model-choice")
                 with gr.Row():
-                    # choices are filled on page load; values are checked by resolve_model
-                    model = gr.Dropdown(label="Model (run, checkpoint, export or hf://owner/name)", choices=[],
-                                        allow_custom_value=True)
                     methods = CAM_METHODS if settings.slow_cam_enabled else ("gradcam",)
-                    method = gr.Dropdown([*methods, "none"], value="gradcam", label="Heatmap method")
+                    method = gr.Dropdown([*methods, "none"], value="gradcam", label="Heatmap method",
+                                         info="gradcam is instant" + ("; the others cost seconds of CPU per photo "
+                                                                      "(scorecam ~20 s)" if len(methods) > 1 else ""))
                     target = gr.Dropdown([TOP1], value=TOP1, label="Explain class", allow_custom_value=True)
                 with gr.Accordion("Answer thresholds", open=False):
                     gr.Markdown("A model or make is named only when its (calibrated) probability reaches these; "
@@ -182,23 +230,62 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                         make_threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Name the make from")
                     tta = gr.Checkbox(label="Also look at the mirrored photo (flip TTA: a second forward pass)")
                 button = gr.Button("Classify", variant="primary")
+                api_button = gr.Button(visible=False)  # the /predict endpoint: errors as errors, for API clients
                 examples = sorted(EXAMPLES.glob("*.jpg"))
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[image],
                                 label="Examples (synthetic demo cars, not photos)")
             with gr.Column():
+                model_line = gr.Markdown(elem_id="model-line")
                 answer = gr.Markdown(elem_id="answer")
                 with gr.Row():
                     label = gr.Label(num_top_classes=5, label="Top 5 models", elem_id="top5")
                     makes = gr.Label(num_top_classes=5, label="Top makes", elem_id="makes")
-                cam = gr.Image(label="What the network looked at (heatmap; the outlined square is what it saw)",
+                cam = gr.Image(label="What the network looked at (Grad-CAM; the outlined square is what it saw)",
                                format="png", elem_id="cam", interactive=False, height=360)
+        timer = gr.Timer(5.0, active=False)  # ticks only while the first model is being trained
+    inputs = [image, model, method, target, tta, model_threshold, make_threshold]
+    outputs = [label, cam, answer, makes]
     fn = lambda img, m=None, meth="gradcam", t=TOP1, a=False, mt=None, kt=None: predict(  # noqa: E731
         img, m, meth, t, a, mt, kt, settings=settings)
-    button.click(fn, [image, model, method, target, tta, model_threshold, make_threshold],
-                 [label, cam, answer, makes], api_name="predict", preprocess=False, concurrency_limit=2)
+    api_button.click(fn, inputs, outputs, api_name="predict", preprocess=False, concurrency_limit=2)
+    shown = lambda *values: show_answer(*values, settings=settings)  # noqa: E731
+    for event in (button.click, image.change):  # an upload, a pasted photo or an example is classified at once
+        event(shown, inputs, outputs, preprocess=False, concurrency_limit=2, concurrency_id="classify",
+              api_visibility="private")
+    method.change(cam_label, method, cam, api_visibility="private")
     demo.load(lambda: gr.Dropdown(choices=model_choices(settings), value=default_model(settings)), None, model,
               api_visibility="private")
+    demo.load(lambda: first_model_view(settings), None, [model_line, timer], api_visibility="private")
+    timer.tick(lambda m: first_model_tick(m, settings), model, [model_line, timer, model], api_visibility="private")
     model.change(lambda m: target_choices(m, settings), model, target, api_visibility="private")
     model.change(lambda m: model_thresholds(m, settings), model, [model_threshold, make_threshold],
                  api_visibility="private")
+    model.change(lambda m: model_summary(m, settings), model, model_line, api_visibility="private")
+
+
+def model_summary(model: str | None, settings: AppSettings) -> str:
+    """One line about the chosen model: backbone, classes, input size, how well it did."""
+    if not model:
+        return no_model_message(settings)
+    try:
+        from ..predict import cached_predictor
+        info = cached_predictor(resolve_model(model, settings)).describe()
+    except Exception:  # a model that cannot load shows its error when a photo is classified
+        return ""
+    return f"**Model:** {info}"
+
+
+def first_model_view(settings: AppSettings):
+    line = first_model.progress(settings)
+    return line or gr.skip(), gr.Timer(active=bool(line))
+
+
+def first_model_tick(model: str | None, settings: AppSettings):
+    """While the first model trains: its progress; once it is ready, the Model box is filled and the timer stops."""
+    line = first_model.progress(settings)
+    if line:
+        return line, gr.skip(), gr.skip()
+    choices = model_choices(settings)
+    value = model or (choices[0][1] if choices else None)
+    return model_summary(value, settings), gr.Timer(active=False), gr.Dropdown(choices=choices, value=value)

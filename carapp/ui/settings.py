@@ -24,6 +24,7 @@ class AppSettings:
     clean_cache: bool = True      # delete uploads and answers older than two hours (and the app's own at exit)
     analyze_max_files: int = 500  # public mode: one analysis takes at most this many uploaded files ...
     analyze_max_mb: int = 200     # ... and megabytes (CARAPP_ANALYZE_MAX_FILES / _MB raise them)
+    first_model: bool = True      # public, no model, demo data: train the demo preset at start (CARAPP_FIRST_MODEL=0)
 
     @property
     def training_enabled(self) -> bool:
@@ -54,6 +55,12 @@ class AppSettings:
     def is_demo_data(self) -> bool:
         return Path(self.data).resolve() == DEMO_DATA.resolve()
 
+    @property
+    def is_demo_like(self) -> bool:
+        """The built-in demo dataset, or another copy of the synthetic demo."""
+        from ..demo import is_demo_dataset
+        return self.is_demo_data or is_demo_dataset(self.data)
+
 
 def resolve_settings(data: str | None = None, checkpoint: str | None = None, runs_dir: str | None = None,
                      share: bool = False) -> AppSettings:
@@ -70,6 +77,7 @@ def resolve_settings(data: str | None = None, checkpoint: str | None = None, run
         queue_size=int(os.environ.get("CARAPP_QUEUE_SIZE") or 32),
         analyze_max_files=int(os.environ.get("CARAPP_ANALYZE_MAX_FILES") or 500),
         analyze_max_mb=int(os.environ.get("CARAPP_ANALYZE_MAX_MB") or 200),
+        first_model=os.environ.get("CARAPP_FIRST_MODEL", "1") != "0",
     )
 
 
@@ -77,5 +85,5 @@ def ensure_data(settings: AppSettings) -> str:
     """The built-in demo dataset is generated on first use (a few seconds), so start-up stays quick."""
     if settings.is_demo_data and not (DEMO_DATA / "data" / "image").is_dir():
         from ..demo import make_demo_dataset
-        make_demo_dataset(DEMO_DATA)
+        make_demo_dataset(DEMO_DATA, replace=True)  # a half-written one (killed) is redone
     return settings.data

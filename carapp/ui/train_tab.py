@@ -62,35 +62,45 @@ def stop(settings: AppSettings) -> str:
     return f"Stopping **{active.name}** after its current step…"
 
 
-def resume(name: str | None, epochs: float | None, settings: AppSettings) -> str:
+def resume(name: str | None, epochs: str | float | None, settings: AppSettings) -> str:
     if not settings.training_enabled:
         raise gr.Error(TRAINING_OFF, print_exception=False)
     run = jobs.find_run(settings.runs_dir, name)
     if run is None:
         raise gr.Error("Choose a run to resume.", print_exception=False)
     try:
-        run = jobs.resume_training(run, settings.runs_dir, int(epochs) if epochs else None)
+        more = str(epochs).strip() if epochs not in (None, "") else ""
+        if more and not (more.isdigit() and int(more) > 0):
+            raise ValueError(f"max epochs must be a whole number above 0 (or blank to keep the run's), not {more!r}")
+        run = jobs.resume_training(run, settings.runs_dir, int(more) if more else None)
     except (jobs.JobError, ValueError) as exc:
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
-    return f"Resumed **{run.name}**."
+    return f"Resuming **{run.name}**: loading PyTorch and the run (a few seconds)…"
 
 
 def watched_run(name: str | None, settings: AppSettings) -> Path | None:
-    """The training run if there is one, else the chosen run, else the newest."""
+    """The training run if there is one (or one this app is starting), else the chosen run, else the newest."""
     active = jobs.active_run(settings.runs_dir)
     if active:
         return active.path
+    job = jobs.app_job(settings.runs_dir)
+    if job and job.get("kind") == "train" and (run := jobs.find_run(settings.runs_dir, job["run"])):
+        return run
     runs = jobs.list_runs(settings.runs_dir)
     return jobs.find_run(settings.runs_dir, name) or (runs[0].path if runs else None)
+
+
+def epoch_table(metrics: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(metrics, columns=list(TABLE_COLUMNS)).rename(columns=TABLE_COLUMNS).round(4)
 
 
 def status(name: str | None, settings: AppSettings):
     run = watched_run(name, settings)
     if run is None:
-        return "No runs yet: choose a preset and press Start.", None, None, "", "", {}
+        return "No runs yet: choose a preset and press Start.", None, epoch_table([]), "", "", {}
     progress = rundir.read_progress(run)
     metrics = rundir.read_metrics(run)
-    table = pd.DataFrame(metrics, columns=list(TABLE_COLUMNS)).rename(columns=TABLE_COLUMNS).round(4)
+    table = epoch_table(metrics)
     test = progress.get("test") or rundir.read_json(run / "test_metrics.json")
     test_md = (f"**Test (best.pt):** top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%}, macro-F1 "
                f"{test['macro_f1']:.3f} on {test['num_images']} images" if test else "")
@@ -101,17 +111,28 @@ def status(name: str | None, settings: AppSettings):
 
 def status_markdown(run: Path, p: dict) -> str:
     state = jobs.run_status(run)
+    job = jobs.app_job(run.parent)
+    if state != "running" and job and job["run"] == run.name and job.get("kind") == "train":
+        return f"**{run.name}** — starting (loading PyTorch and the data)…"
     line = f"**{run.name}** — {state}"
     if p.get("epoch"):
         line += f", epoch {p['epoch']}/{p.get('epochs', '?')}"
     if state == "running" and p.get("steps"):
         line += (f", step {p['step']}/{p['steps']} — loss {p['running_loss']:.4f}, acc {p['running_acc']:.3f}, "
-                 f"{p['images_per_sec']:.1f} img/s, ETA {p['eta_seconds']:.0f} s")
+                 f"{p['images_per_sec']:.1f} img/s, epoch ETA {_duration(p['eta_seconds'])}")
+        left = jobs.run_eta(run)
+        if left is not None:
+            line += f", run ETA {_duration(left)} (at most: early stopping may end it sooner)"
     if state == "failed":
         line += f"  \n**Error:** {p.get('error', 'see the log')}"
     if state in ("stopped", "interrupted"):
         line += " — resumable"
     return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def log_tail(run: Path, lines: int = 25) -> str:
@@ -123,10 +144,27 @@ def log_tail(run: Path, lines: int = 25) -> str:
     return ""
 
 
+def run_labels(settings: AppSettings) -> list[tuple[str, str]]:
+    return [(f"{r.name} ({r.status}, {r.epochs_done} of {r.epochs or '?'} epochs)", r.name)
+            for r in jobs.list_runs(settings.runs_dir)]
+
+
 def run_choices(settings: AppSettings):
-    runs = jobs.list_runs(settings.runs_dir)
-    return gr.Dropdown(choices=[(f"{r.name} ({r.status}, {r.epochs_done} epochs)", r.name) for r in runs],
-                       value=runs[0].name if runs else None)
+    labels = run_labels(settings)
+    return gr.Dropdown(choices=labels, value=labels[0][1] if labels else None)
+
+
+def tick(name: str | None, message: str, shown: list, settings: AppSettings):
+    """The timer: the live view, the Run list's labels when they changed (the choice stays), and a 'Stopping…' or
+    'Resuming…' line dropped once it has come true."""
+    labels = [list(pair) for pair in run_labels(settings)]
+    # choices only: the value stays the page's own (a Start in flight may be changing it right now)
+    choices = gr.Dropdown(choices=labels) if labels != shown else gr.skip()
+    active = jobs.active_run(settings.runs_dir)
+    if message and (message.startswith("Stopping") and active is None
+                    or message.startswith(("Resuming", "Started")) and active is not None):
+        message = ""
+    return (*status(name, settings), choices, labels, message)
 
 
 def build(settings: AppSettings, demo: gr.Blocks) -> None:
@@ -141,33 +179,41 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                                      info="paper: the paper's recipe · demo: CPU in minutes · finetune: ImageNet start")
                 root = gr.Textbox(settings.data if settings.paths_editable else "", label="Dataset folder",
                                   placeholder="the app's dataset", interactive=settings.paths_editable)
-            with gr.Row():
-                inputs = [gr.Dropdown(list(BACKBONES), label="Backbone"),
-                          gr.Textbox(label="Weights", info="imagenet | none" + (" | path to .pth" if settings.paths_editable else "")),
-                          gr.Number(label="Max epochs", precision=0), gr.Number(label="Batch size", precision=0),
-                          gr.Number(label="Learning rate"), gr.Number(label="Weight decay"),
-                          gr.Number(label="Dropout"), gr.Number(label="Focal gamma"),
-                          gr.Number(label="Image size", precision=0), gr.Number(label="Early-stop patience", precision=0),
-                          gr.Number(label="Loader workers", precision=0)]
+            with gr.Row():  # filled with the demo preset's values from the start: a box is never blank
+                v = dict(zip(FIELDS, preset_values("demo")))
+                inputs = [gr.Dropdown(list(BACKBONES), value=v["backbone"], label="Backbone"),
+                          gr.Textbox(v["weights"], label="Weights",
+                                     info="imagenet | none" + (" | path to .pth" if settings.paths_editable else "")),
+                          gr.Number(v["epochs"], label="Max epochs", precision=0),
+                          gr.Number(v["batch_size"], label="Batch size", precision=0),
+                          gr.Number(v["lr"], label="Learning rate"), gr.Number(v["weight_decay"], label="Weight decay"),
+                          gr.Number(v["dropout"], label="Dropout"), gr.Number(v["gamma"], label="Focal gamma"),
+                          gr.Number(v["image_size"], label="Image size", precision=0),
+                          gr.Number(v["patience"], label="Early-stop patience", precision=0),
+                          gr.Number(v["workers"], label="Loader workers", precision=0)]
+        # outside the Group, one row of buttons and one of the resume controls, aligned at the bottom: no grey
+        # filler under buttons that are shorter than the labelled boxes beside them
+        with gr.Column(visible=settings.training_enabled):
             with gr.Row():
                 start_btn = gr.Button("Start", variant="primary")
                 stop_btn = gr.Button("Stop", variant="stop")
-                run_pick = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, scale=2)  # filled on load
-                more_epochs = gr.Number(None, label="Max epochs on resume (blank: keep)", precision=0)
-                resume_btn = gr.Button("Resume")
-        message = gr.Markdown()
+            with gr.Row(equal_height=True):
+                run_pick = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, scale=3, elem_id="run-pick")  # filled on load
+                more_epochs = gr.Textbox(label="Max epochs on resume", placeholder="blank: keep the run's", scale=1)
+                resume_btn = gr.Button("Resume", scale=1)
+        message = gr.Markdown(elem_id="train-message")
         live = gr.Markdown(elem_id="live")
         curves = gr.Plot(label="Loss and accuracy per epoch", elem_id="curves")
-        table = gr.Dataframe(label="Per epoch (as the paper's Table 6)", interactive=False)
+        table = gr.Dataframe(epoch_table([]), label="Per epoch (as the paper's Table 6)", interactive=False)
         test = gr.Markdown()
-        with gr.Accordion("Log", open=False):
-            log = gr.Textbox(lines=14, max_lines=14, show_label=False, autoscroll=True)
+        with gr.Accordion("Log", open=False) as log_box:
+            log = gr.Textbox(lines=14, max_lines=14, show_label=False, autoscroll=True, elem_id="train-log")
         with gr.Accordion("Raw progress", open=False):
             raw = gr.JSON()
         timer = gr.Timer(1.5)
+        shown_labels = gr.State([])
 
     view = [live, curves, table, log, test, raw]
-    demo.load(lambda: preset_values("demo"), None, inputs, api_visibility="private")
     demo.load(lambda: run_choices(settings), None, run_pick, api_visibility="private")
     demo.load(_device_markdown, None, device, api_visibility="private")
     preset.change(preset_values, preset, inputs, api_visibility="private")
@@ -176,9 +222,15 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                                                     api_visibility="private")
     stop_btn.click(lambda: stop(settings), None, message, api_name="stop_training")
     resume_btn.click(lambda n, e: resume(n, e, settings), [run_pick, more_epochs], message, api_name="resume_training")
-    status_fn = lambda n: status(n, settings)
-    timer.tick(status_fn, run_pick, view, api_visibility="private")
-    run_pick.change(status_fn, run_pick, view, api_name="training_status")
+    timer.tick(lambda n, m, s: tick(n, m, s, settings), [run_pick, message, shown_labels],
+               [*view, run_pick, shown_labels, message], api_visibility="private")
+    run_pick.change(lambda n: status(n, settings), run_pick, view, api_name="training_status")
+    # the log opens at its newest lines, where a person looks first
+    log_box.expand(None, None, None, js=SCROLL_LOG_TO_END)
+
+
+SCROLL_LOG_TO_END = """() => { setTimeout(() => { const t = document.querySelector('#train-log textarea');
+    if (t) t.scrollTop = t.scrollHeight; }, 100); }"""
 
 
 def _device_markdown() -> str:

@@ -1,0 +1,78 @@
+"""What each CLI command prints for a person (without --json): short lines on stdout, one result per line.
+
+With --json the same result goes out as one JSON value instead; logs go to stderr either way.
+"""
+from __future__ import annotations
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def demo_data(r: dict) -> str:
+    return f"Wrote a synthetic demo dataset: {r['num_images']:,} images of {r['num_models']} models in {r['root']}"
+
+
+def stats(r: dict) -> str:
+    s, imb = r["splits"], r["imbalance"]
+    lines = [f"{r['format']} dataset at {r['root']}",
+             f"{r['num_images']:,} images, {r['num_classes']:,} classes, {r['num_makes']:,} makes",
+             f"kept: {r['num_classes_kept']:,} classes with >= {r['min_images']} images, "
+             f"{r['num_images_kept']:,} images",
+             f"split: train {s['train']:,}, val {s['val']:,}, test {s['test']:,}",
+             f"imbalance: largest class {imb['largest_class']}, smallest {imb['smallest_class']} "
+             f"(ratio {imb['ratio']})"]
+    if r.get("viewpoints"):
+        lines.append("viewpoints: " + ", ".join(f"{k} {v:,}" for k, v in r["viewpoints"].items()))
+    if "unreadable" in r:
+        bad = r["unreadable"]
+        lines.append(f"unreadable: {bad['count']}" + (f" (e.g. {', '.join(bad['examples'])})" if bad["count"] else ""))
+    return "\n".join(lines)
+
+
+def evaluation(r: dict) -> str:
+    line = (f"{r.get('split', 'test')}: top-1 {_pct(r['top1'])}, top-5 {_pct(r['top5'])}, "
+            f"macro-F1 {r['macro_f1']:.3f} on {r['num_images']:,} images")
+    if "ece" in r:
+        line += (f"\nmake top-1 {_pct(r['make_top1'])}, ECE {r['ece']:.3f}; answered with a model "
+                 f"{_pct(r['coverage'])}, of those right {_pct(r['selective_accuracy'])}")
+    return line
+
+
+def train(r: dict) -> str:
+    line = f"{r['status']} after {r['epochs']} epochs"
+    if r.get("best_val_loss") is not None:
+        line += f", best val loss {r['best_val_loss']:.4f}"
+    if r.get("test"):
+        line += "\n" + evaluation(r["test"])
+    return line
+
+
+def calibrate(r: dict) -> str:
+    t = r["thresholds"]
+    return (f"temperature {r['temperature']:.3f}; validation ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f}\n"
+            f"answer thresholds: model {t['model']:.3f}, make {t['make']:.3f}")
+
+
+def export(r: dict) -> str:
+    return f"Exported to {r['out']}: {', '.join(r['files'])}"
+
+
+def push(r: dict) -> str:
+    return f"Uploaded to {r['url']}"
+
+
+def cache(r: dict) -> str:
+    return f"Wrote {r['images']:,} resized images to {r['cache']}"
+
+
+def sweep(rows: list[dict]) -> str:
+    lines = [f"{'run':<28} {'status':<10} {'epochs':>6} {'best val acc':>12} {'test top-1':>10}"]
+    for r in rows:
+        lines.append(f"{r['run']:<28} {str(r['status'])[:10]:<10} {r['epochs']:>6} {_pct(r['best_val_acc']):>12} "
+                     f"{_pct(r['test_top1']):>10}")
+    return "\n".join(lines)
+
+
+HUMAN = {"demo-data": demo_data, "stats": stats, "train": train, "evaluate": evaluation, "calibrate": calibrate,
+         "export": export, "push": push, "cache": cache, "sweep": sweep}

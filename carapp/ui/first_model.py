@@ -1,0 +1,58 @@
+"""A public app with nothing to predict with trains the demo preset once, in the background, at start-up: the first
+visitor of a fresh Space sees its progress on Predict, and real answers for the examples once it is ready."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from .. import jobs, rundir
+from ..config import make_config
+from .settings import AppSettings, ensure_data
+
+NAME = "demo-model"  # the run's name under the runs folder
+log = logging.getLogger("carapp")
+
+
+def needed(settings: AppSettings) -> bool:
+    """Public, on a demo dataset, with no configured model and no trained run (or the first model's run was cut
+    off by a restart)."""
+    if not (settings.public and settings.first_model and not settings.checkpoint and settings.is_demo_like):
+        return False
+    runs = jobs.list_runs(settings.runs_dir)
+    return not any((r.path / "best.pt").is_file() for r in runs) or \
+        any(r.name == NAME and r.status in ("interrupted", "stopped") for r in runs)
+
+
+def start_in_background(settings: AppSettings) -> threading.Thread | None:
+    if not needed(settings):
+        return None
+    thread = threading.Thread(target=_start, args=(settings,), name="carapp-first-model", daemon=True)
+    thread.start()
+    return thread
+
+
+def _start(settings: AppSettings) -> None:
+    run = Path(settings.runs_dir) / NAME
+    try:
+        ensure_data(settings)
+        if (run / "config.json").is_file():
+            jobs.resume_training(run, settings.runs_dir)
+        else:
+            jobs.start_training(make_config("demo", data=settings.data), settings.runs_dir, name=NAME)
+        log.info("no model configured: training the demo preset as %s", run)
+    except (jobs.JobError, OSError, ValueError) as exc:  # busy, or a broken folder: the app serves on without it
+        log.warning("could not start the first model: %s", exc)
+
+
+def progress(settings: AppSettings) -> str | None:
+    """One line while the first model trains, else None."""
+    run = Path(settings.runs_dir) / NAME
+    if not settings.public or not (run / "progress.json").is_file() or jobs.run_status(run) != "running":
+        return None
+    p = rundir.read_progress(run)
+    eta = jobs.run_eta(run)
+    where = f"epoch {p['epoch']} of {p.get('epochs', '?')}" if p.get("epoch") else "preparing"
+    return (f"**A first model is being trained for this app** on the synthetic demo cars ({where}"
+            + (f", about {eta / 60:.0f} min left" if eta is not None else "") +
+            "). The examples can be classified once it is ready; this page picks it up by itself.")

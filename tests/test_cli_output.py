@@ -1,0 +1,122 @@
+"""The CLI's output convention, over every command: with --json exactly one JSON value on stdout and nothing else;
+without it, human text on stdout (never JSON); errors as a message, never a traceback, and no junk left behind."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from carapp import cli
+from conftest import FAST_TRAIN
+
+TINY_TRAIN = [*FAST_TRAIN, "--epochs", "1", "--steps-per-epoch", "2"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run: evaluate and calibrate rewrite files in it."""
+    copy = tmp_path_factory.mktemp("cli-output") / "run"
+    shutil.copytree(tiny_run, copy)
+    return copy
+
+
+def commands(demo_root, run, out):
+    photo = next((demo_root / "data" / "image").rglob("*.jpg"))
+    return {  # the cache goes beside a copy: other tests must not start reading pre-resized demo images
+        "demo-data": ["--out", out / "demo", "--scale", "0.03"],
+        "stats": ["--data", demo_root],
+        "train": ["--data", demo_root, "--run-dir", out / "train", *TINY_TRAIN],
+        "evaluate": ["--run", run, "--workers", "0"],
+        "calibrate": ["--run", run, "--workers", "0"],
+        "predict": [photo, "--run", run],
+        "analyze": [photo.parent, "--run", run, "--out", out / "analysis", "--workers", "0", "--engine", "torch"],
+        "export": ["--run", run, "--format", "onnx", "--out", out / "onnx"],  # torch.onnx prints as it works
+        "cache": ["--data", shutil.copytree(demo_root, out / "copy"), "--short-side", "40", "--workers", "1"],
+        "sweep": ["--data", demo_root, "--out", out / "sweep", "--lr", "1e-3", "--dropout", "0.2", *TINY_TRAIN],
+    }
+
+
+COMMANDS = ["demo-data", "stats", "train", "evaluate", "calibrate", "predict", "analyze", "export", "cache", "sweep"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_stdout_holds_json_only_with_json(command, as_json, demo_root, run, tmp_path, capfd):
+    args = [command, *map(str, commands(demo_root, run, tmp_path)[command])] + (["--json"] if as_json else [])
+    code = cli.main(args)
+    out, err = capfd.readouterr()
+    assert code == 0, err[-2000:]
+    if as_json:
+        json.loads(out)  # the whole of stdout is one JSON value
+    else:
+        assert out.strip(), f"{command} printed nothing for a person"
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(out)
+
+
+def test_every_option_has_help():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if a.dest != "help" and not a.help]
+    assert not missing, missing
+
+
+def call(capfd, *args) -> tuple[int, object]:
+    """python -m carapp ARGS --json, in this process: (exit code, the JSON value on stdout)."""
+    code = cli.main([*map(str, args), "--json"])
+    return code, json.loads(capfd.readouterr().out)
+
+
+def test_failed_train_leaves_no_junk_run(tmp_path, capfd):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out = call(capfd, "train", "--data", empty, "--run-dir", tmp_path / "run", *FAST_TRAIN)
+    assert code == 2 and "error" in out and not (tmp_path / "run").exists()
+    code, out = call(capfd, "train", "--resume", tmp_path / "missing")
+    assert code == 2 and "does not exist" in out["error"] and not (tmp_path / "missing").exists()
+
+
+def test_push_without_a_token_says_what_to_do(run, monkeypatch, capfd):
+    import huggingface_hub
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no stored login either
+    code, out = call(capfd, "push", "--run", run, "--repo", "carfan/tiny")
+    assert code == 2 and "HF_TOKEN" in out["error"]
+
+
+def test_push_with_no_network_is_one_clear_message(run, monkeypatch):
+    import huggingface_hub
+
+    class OfflineApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, *args, **kwargs):
+            raise ConnectionError("Failed to resolve 'huggingface.co'")
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    from carapp.export import push
+    with pytest.raises(OSError, match="upload to the Hugging Face Hub failed.*check the network"):
+        push(run, "carfan/tiny")
+
+
+def test_demo_data_never_overwrites(tmp_path, capfd):
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "photo.jpg").write_bytes(b"my own")
+    code, out = call(capfd, "demo-data", "--out", mine)
+    assert code == 2 and "not empty" in out["error"]
+    assert (mine / "data" / "photo.jpg").read_bytes() == b"my own" and not (mine / "data" / "image").exists()
+    demo = tmp_path / "demo"
+    assert call(capfd, "demo-data", "--out", demo, "--scale", "0.02")[0] == 0
+    code, out = call(capfd, "demo-data", "--out", demo, "--scale", "0.02")
+    assert code == 2 and "--force" in out["error"]
+    assert call(capfd, "demo-data", "--out", demo, "--scale", "0.02", "--force")[0] == 0
+
+
+def test_missing_image_is_not_found(run, tmp_path, capfd):
+    code, out = call(capfd, "predict", tmp_path / "nope.jpg", "--run", run)
+    assert code == 1 and out[0]["error"].endswith("file not found")
