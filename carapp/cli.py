@@ -53,20 +53,14 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
 
 
+def given_options(args) -> dict:
+    """The training options given on the command line (None: not given)."""
+    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile", "data"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def config_from_args(args) -> TrainConfig:
-    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile"]
-    return make_config(args.preset, data=args.data, **{n: getattr(args, n, None) for n in names})
-
-
-def train_args(cfg: TrainConfig) -> list[str]:
-    """The command-line options that reproduce cfg (the inverse of config_from_args)."""
-    args = ["--data", cfg.data, "--preset", cfg.preset]
-    for flag, _, _ in TRAIN_OPTIONS:
-        value = getattr(cfg, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            args += [flag, str(value)]
-    return args + (["--crop-bbox"] if cfg.crop_bbox else []) + ([] if cfg.amp else ["--no-amp"]) + \
-        (["--compile"] if cfg.compile else [])
+    return make_config(args.preset, **given_options(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset root")
     p.add_argument("--run-dir", help="run directory to create (e.g. checkpoints/run1)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--config", metavar="FILE", help="a JSON file of the run's configuration (every field of "
+                   "TrainConfig, as config.json holds it): how the app hands a run over; options given too override it")
     add_train_options(p)
 
     p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
@@ -226,10 +222,13 @@ def cmd_train(args):
     from .train import train
     if args.resume:
         result = train(TrainConfig(), args.resume, resume=True, epochs=args.epochs)
+    elif args.config and args.run_dir:
+        cfg = TrainConfig.from_dict({**json.loads(Path(args.config).read_text()), **given_options(args)})
+        result = train(cfg, args.run_dir)
     elif args.data and args.run_dir:
         result = train(config_from_args(args), args.run_dir)
     else:
-        raise SystemExit("train needs --data ROOT --run-dir DIR, or --resume DIR")
+        raise SystemExit("train needs --data ROOT --run-dir DIR, --config FILE --run-dir DIR, or --resume DIR")
     return result, 0
 
 

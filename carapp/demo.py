@@ -73,7 +73,6 @@ MAKES = [
     Make(5, "Elsmere", "van"),
     Make(6, "Fennick", "coupe"),
 ]
-DEMO_MAKES = [m.name for m in MAKES]
 
 # Model id 7 is deliberately unused (a gap, like the real file) and model 12
 # has images but an empty name cell.  Four models (counts 12-21) sit clearly

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import rundir
-from .cli import train_args
 from .config import TrainConfig
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 JOB_FILE = ".app-job.json"              # in the runs folder: the job the app started last
+REQUESTED_CONFIG = "requested_config.json"  # what the app asked a new run to train with
 STARTING = "starting"                   # progress phase of a job whose process has not spoken yet
 _START_LOCK = threading.Lock()
 
@@ -132,12 +132,15 @@ def _start(runs_dir: str | Path, args: list[str], folder: Path, kind: str, progr
 
 
 def start_training(cfg: TrainConfig, runs_dir: str | Path, name: str | None = None) -> Path:
-    """Start a new run in the background; one active job at a time."""
+    """Start a new run in the background; one active job at a time. The trainer gets the config itself (every
+    field, as config.json will hold it), not a command line rebuilt from it."""
     name = name or time.strftime(f"{cfg.preset}-%Y%m%d-%H%M%S")
     run = Path(runs_dir) / name
     if (run / "config.json").exists():
         raise JobError(f"a run named {name} exists already")
-    return _start(runs_dir, ["train", "--run-dir", str(run), *train_args(cfg)], run, "train")
+    run.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(run / REQUESTED_CONFIG, cfg.to_dict())
+    return _start(runs_dir, ["train", "--run-dir", str(run), "--config", str(run / REQUESTED_CONFIG)], run, "train")
 
 
 def resume_training(run: str | Path, runs_dir: str | Path, epochs: int | None = None) -> Path:

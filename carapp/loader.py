@@ -63,7 +63,10 @@ class CarImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """`item` is an index, or (index, seed) from EpochSampler: then the augmentation draws from that seed alone,
+        whichever worker process decodes the sample and however many did before it (exact resume)."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
         path, bbox = os.path.join(self.root, self.paths[i]), self.bboxes[i]
         hit = self.cache.lookup(self.paths[i]) if self.cache else None
         if hit:  # the pre-resized copy (carapp.resized); boxes scale with it
@@ -74,7 +77,11 @@ class CarImages(Dataset):
         except (ImageError, OSError) as exc:
             log.debug("skipping %s: %s", self.paths[i], exc)
             return i, None
-        return i, (self.transform(img), self.labels[i])
+        if seed is None:
+            return i, (self.transform(img), self.labels[i])
+        with torch.random.fork_rng(devices=[]):  # the caller's own random stream stays as it was
+            torch.manual_seed(seed)
+            return i, (self.transform(img), self.labels[i])
 
 
 class Batch(NamedTuple):
@@ -94,11 +101,11 @@ def collate_skip_bad(items) -> Batch:
                  [i for i, _ in good], bad)
 
 
-class EpochSampler(Sampler[int]):
-    """Indices for one epoch, fixed by (seed, epoch): weighted with replacement or a plain shuffle.
-
-    Because the order is a function of the epoch, a run stopped at step k resumes at step k of the same order.
-    Under torch.distributed each rank takes every world-th index of the same order.
+class EpochSampler(Sampler[tuple[int, int]]):
+    """(index, augmentation seed) pairs for one epoch, fixed by (seed, epoch): weighted with replacement or a plain
+    shuffle. The order and every sample's seed are functions of the epoch and the position in it, so a run stopped
+    at step k resumes at step k of the same order with the same augmentations.
+    Under torch.distributed each rank takes every world-th position of the same order.
     """
 
     def __init__(self, labels: list[int], weighted: bool, num_samples: int, seed: int = 0,
@@ -123,7 +130,10 @@ class EpochSampler(Sampler[int]):
         return idx[self.rank:: self.world].tolist()
 
     def __iter__(self):
-        return iter(self.order()[self.start:])
+        base = (self.seed * 1_000_003 + self.epoch) * 100_000_007
+        positions = range(self.rank, self.num_samples, self.world)
+        pairs = [(i, (base + pos) % 2**62) for i, pos in zip(self.order(), positions)]
+        return iter(pairs[self.start:])
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_samples, self.world)) - self.start
@@ -138,6 +148,9 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 def make_loader(dataset: CarImages, batch_size: int, workers: int, sampler=None, pin: bool = False) -> DataLoader:
+    # its own generator: starting an iterator (a new epoch, a resumed run) draws the workers' base seed from it,
+    # never from the global stream that dropout uses
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       collate_fn=collate_skip_bad, pin_memory=pin, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers else None, worker_init_fn=ignore_stop_signals if workers else None)
+                      prefetch_factor=4 if workers else None, worker_init_fn=ignore_stop_signals if workers else None,
+                      generator=torch.Generator().manual_seed(0))

@@ -163,7 +163,11 @@ class Job:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.state.update({k: ckpt[k] for k in self.state})
-            torch.set_rng_state(ckpt["rng"])
+            torch.set_rng_state(ckpt["rng"])  # dropout's stream, mid-epoch; augmentation seeds come from the sampler
+            if ckpt.get("scaler"):  # fp16 on older GPUs: the loss scale goes on where it was
+                self.scaler.load_state_dict(ckpt["scaler"])
+            if ckpt.get("cuda_rng") and self.device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["cuda_rng"][0], self.device)
         self.model = self.net  # what the forward pass goes through: maybe DDP, maybe compiled
         if dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -339,6 +343,8 @@ def validate(job: Job, cfg: TrainConfig, dist: Dist) -> tuple[float, float]:
 def save_last(run: Path, job: Job, cfg: TrainConfig) -> None:
     save_checkpoint({"model": job.net.state_dict(), "optimizer": job.optimizer.state_dict(),
                      "scheduler": job.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                     "cuda_rng": [torch.cuda.get_rng_state(job.device)] if job.device.type == "cuda" else [],
+                     "scaler": job.scaler.state_dict() if job.scaler.is_enabled() else {},
                      "config": cfg.to_dict(), "labels": rundir.label_names(run), **job.state}, run / "last.pt")
 
 

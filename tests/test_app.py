@@ -134,3 +134,25 @@ def test_scanning_a_folder_that_is_no_dataset_clears_the_tab(app, tmp_path):
     summary, *plots, classes = dataset_tab.scan(str(empty), False, settings)
     assert "is not a dataset" in summary and plots == [None] * 4
     assert dataset_tab.samples(str(empty), None, settings) == []
+
+
+@pytest.mark.slow
+def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
+    """Start from the app's job layer with every field away from its default: the run's config.json holds them
+    all (a command line rebuilt from the config used to drop val_frac, test_frac, jitter and channels_last)."""
+    import dataclasses
+    from carapp import jobs
+    from carapp.config import TrainConfig, make_config
+    cfg = make_config("demo", data=str(demo_root), format="compcars", min_images=2, crop_bbox=True, val_frac=0.2,
+                      test_frac=0.1, image_size=32, backbone="resnet18", dropout=0.1, sampler="none", alpha="effective",
+                      gamma=1.5, epochs=1, batch_size=4, lr=2e-3, weight_decay=0.0, lr_factor=0.5, lr_patience=2,
+                      patience=5, steps_per_epoch=1, seed=3, workers=0, device="cpu", amp=False, channels_last=False,
+                      jitter=0.05)
+    same = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) == getattr(TrainConfig(), f.name)}
+    assert same == {"weights", "compile"}  # imagenet weights would need the network; compile takes minutes
+    run = jobs.start_training(cfg, tmp_path)
+    deadline = time.time() + 120
+    while jobs.app_job(tmp_path) and time.time() < deadline:
+        time.sleep(0.5)
+    assert jobs.run_status(run) == "finished", (run / "console.log").read_text()[-2000:]
+    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()

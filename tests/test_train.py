@@ -171,3 +171,36 @@ def test_config_refuses_values_no_run_can_train_with():
     for field, value in (("image_size", 8), ("dropout", 1.0), ("lr", 0.0), ("backbone", "vgg16")):
         with pytest.raises(ValueError, match=field):
             make_config("demo", **{field: value})
+
+
+def _exact_config(demo_root):
+    from carapp.config import make_config
+    return make_config("paper", data=str(demo_root), backbone="resnet18", image_size=32, batch_size=8, epochs=3,
+                       steps_per_epoch=3, workers=2, patience=10)  # loader workers on: their seeds must not matter
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_root, tmp_path_factory):
+    from carapp.train import train
+    run = tmp_path_factory.mktemp("exact") / "straight"
+    train(_exact_config(demo_root), run)
+    return read_metrics(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [6, 4], ids=["mid-epoch", "epoch-boundary"])
+def test_stop_then_resume_reproduces_the_uninterrupted_run(demo_root, tmp_path, monkeypatch, uninterrupted,
+                                                           stop_at):
+    """The README's "continue exactly", checked by numbers: a run stopped mid-epoch (in epoch 2, after its step 2)
+    or at an epoch boundary (after epoch 1), then resumed in a new trainer, logs the same losses and accuracies as the
+    run that was never stopped, to every printed digit."""
+    from carapp import rundir
+    from carapp.train import train
+    calls = []  # the trainer asks "stop?" once per step and once after each epoch: 1-3 epoch 1, 4 its end, ...
+    monkeypatch.setattr(rundir, "stop_requested", lambda run: calls.append(1) or len(calls) == stop_at)
+    run = tmp_path / "stopped"
+    assert train(_exact_config(demo_root), run)["status"] == "stopped"
+    monkeypatch.undo()
+    assert train(_exact_config(demo_root), run, resume=True)["status"] == "finished"
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+    assert [{k: m[k] for k in keys} for m in read_metrics(run)] == [{k: m[k] for k in keys} for m in uninterrupted]
