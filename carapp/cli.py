@@ -14,40 +14,44 @@ import sys
 from pathlib import Path
 
 from .cli_text import HUMAN
-from .config import PRESETS, TrainConfig, make_config
+from .config import BACKBONES, PRESETS, TrainConfig, make_config
 
 log = logging.getLogger("carapp")
 
 # (flag, type, help) for every training option; all default to None so presets and resumes can tell "not given".
 TRAIN_OPTIONS = [
     ("--format", str, "dataset format: auto | compcars | sv | folder"),
-    ("--backbone", str, "resnet18 | resnet34 | resnet50 | resnet101 (default resnet50)"),
-    ("--weights", str, "imagenet | none | PATH to a torchvision-format .pth (default none)"),
-    ("--epochs", int, "maximum epochs (default 100)"),
-    ("--batch-size", int, "batch size (default 64)"),
-    ("--lr", float, "Adam learning rate (default 1e-3)"),
-    ("--weight-decay", float, "Adam weight decay (default 1e-5)"),
-    ("--dropout", float, "dropout before the classifier (default 0.2)"),
-    ("--gamma", float, "focal loss gamma (default 2)"),
-    ("--alpha", str, "focal loss alpha: inverse | effective | none (default inverse)"),
-    ("--sampler", str, "weighted | none (default weighted)"),
-    ("--image-size", int, "input size in pixels (default 224)"),
-    ("--patience", int, "early stopping: epochs without val-loss improvement (default 3)"),
-    ("--lr-patience", int, "ReduceLROnPlateau patience (default 1)"),
-    ("--lr-factor", float, "ReduceLROnPlateau factor (default 0.1)"),
+    ("--backbone", str, " | ".join(BACKBONES)),
+    ("--weights", str, "imagenet | none | PATH to a torchvision-format .pth"),
+    ("--epochs", int, "maximum epochs"),
+    ("--batch-size", int, "batch size"),
+    ("--lr", float, "Adam learning rate"),
+    ("--weight-decay", float, "Adam weight decay"),
+    ("--dropout", float, "dropout before the classifier"),
+    ("--gamma", float, "focal loss gamma"),
+    ("--alpha", str, "focal loss alpha: inverse | effective | none"),
+    ("--sampler", str, "weighted | none"),
+    ("--image-size", int, "input size in pixels"),
+    ("--patience", int, "early stopping: epochs without val-loss improvement"),
+    ("--lr-patience", int, "ReduceLROnPlateau patience"),
+    ("--lr-factor", float, "ReduceLROnPlateau factor"),
     ("--min-images", int, "keep classes with at least N images (default floor(mean); 0 keeps all)"),
     ("--steps-per-epoch", int, "steps per epoch (default: one pass over the training split)"),
-    ("--seed", int, "seed of the split and the sampler (default 0)"),
-    ("--workers", int, "data loader worker processes (default 2)"),
-    ("--device", str, "auto | cpu | cuda | mps (default auto)"),
+    ("--seed", int, "seed of the split and the sampler"),
+    ("--workers", int, "data loader worker processes"),
+    ("--device", str, "auto | cpu | cuda | mps"),
 ]
 
 
 def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="recipe preset (default paper)")
+    defaults = TrainConfig()
     for flag, typ, text in TRAIN_OPTIONS:
         if flag not in skip:
-            p.add_argument(flag, type=typ, default=None, help=text)
+            default = getattr(defaults, flag.lstrip("-").replace("-", "_"))  # the one source of the defaults
+            help_text = text if "(default" in text else f"{text} (default {default:g})" if isinstance(default, float) \
+                else f"{text} (default {default})"
+            p.add_argument(flag, type=typ, default=None, help=help_text)
     p.add_argument("--crop-bbox", action="store_true", default=None, help="crop images to the labelled car box")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")

@@ -13,15 +13,19 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from .checkpoint import load_state_file
+from .config import BACKBONES
 
 log = logging.getLogger(__name__)
 
-BACKBONES = {
+# torchvision's builder and ImageNet weights for each of config.BACKBONES (the one list of names, importable
+# without torch): the two must name the same backbones
+_TORCHVISION = {
     "resnet18": (tvm.resnet18, "ResNet18_Weights", "IMAGENET1K_V1"),
     "resnet34": (tvm.resnet34, "ResNet34_Weights", "IMAGENET1K_V1"),
     "resnet50": (tvm.resnet50, "ResNet50_Weights", "IMAGENET1K_V2"),
     "resnet101": (tvm.resnet101, "ResNet101_Weights", "IMAGENET1K_V2"),
 }
+assert tuple(_TORCHVISION) == BACKBONES, "config.BACKBONES and model._TORCHVISION name different backbones"
 
 
 class DropoutLinear(nn.Linear):
@@ -41,7 +45,7 @@ def build_model(backbone: str = "resnet50", num_classes: int = 1000, dropout: fl
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
     # zero-init of each block's last BN: residual blocks start as identities, which steadies training from scratch
-    model = BACKBONES[backbone][0](weights=None, zero_init_residual=True)
+    model = _TORCHVISION[backbone][0](weights=None, zero_init_residual=True)
     trunk_state = _pretrained_state(backbone, weights)
     if trunk_state is not None:
         load_trunk(model, trunk_state)
@@ -65,7 +69,7 @@ def _pretrained_state(backbone: str, weights: str | None) -> dict | None:
 
 def _imagenet_state(backbone: str) -> dict | None:
     """torchvision's ImageNet weights from the hub cache, or a download; offline → a warning and None."""
-    enum_name, member = BACKBONES[backbone][1:]
+    enum_name, member = _TORCHVISION[backbone][1:]
     weights = getattr(tvm, enum_name)[member]
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)  # a closed network must not hang training
