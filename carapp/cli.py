@@ -57,14 +57,14 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
 
 
-def given_options(args) -> dict:
-    """The training options given on the command line (None: not given)."""
+def given_options(args, skip: tuple[str, ...] = ()) -> dict:
+    """The training options given on the command line (None: not given), less those named in skip."""
     names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile", "data"]
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return {n: getattr(args, n) for n in names if n not in skip and getattr(args, n, None) is not None}
 
 
-def config_from_args(args) -> TrainConfig:
-    return make_config(args.preset, **given_options(args))
+def config_from_args(args, skip: tuple[str, ...] = ()) -> TrainConfig:
+    return make_config(args.preset, **given_options(args, skip))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,7 +312,7 @@ def cmd_sweep(args):
     from .sweep import sweep
     lrs = [float(v) for v in args.lr.split(",")]
     dropouts = [float(v) for v in args.dropout.split(",")]
-    return sweep(config_from_args(args), args.out, lrs, dropouts), 0
+    return sweep(config_from_args(args, skip=("lr", "dropout")), args.out, lrs, dropouts), 0  # the grid's own lists
 
 
 COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "train": cmd_train, "evaluate": cmd_evaluate,

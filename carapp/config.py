@@ -50,7 +50,7 @@ class TrainConfig:
         """Refuse values no run can train with (a blank box sent as 0, a typo), with a message that names them."""
         checks = [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
                   ("image_size", self.image_size >= 32, "at least 32 pixels (ResNets downsample 32x)"),
-                  ("lr", self.lr > 0, "above 0"), ("weight_decay", self.weight_decay >= 0, "0 or more"),
+                  ("lr", self.lr >= 0, "0 or more"), ("weight_decay", self.weight_decay >= 0, "0 or more"),
                   ("dropout", 0 <= self.dropout < 1, "in [0, 1)"), ("gamma", self.gamma >= 0, "0 or more"),
                   ("patience", self.patience >= 1, "at least 1"), ("workers", self.workers >= 0, "0 or more"),
                   ("backbone", self.backbone in BACKBONES, "one of " + ", ".join(BACKBONES))]

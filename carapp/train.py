@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
@@ -77,6 +78,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
             run.mkdir(parents=True, exist_ok=True)
             lock = rundir.acquire_lock(run)  # before anything is written: a second trainer is refused
             # at once, so a watcher (the app) sees this process as the run's trainer before the slow set-up
+            # A STOP is stale (left by an earlier trainer) unless it was asked of this very process: the app records
+            # a job's PID before the job starts, and a Stop can come while PyTorch is still being imported.
+            for_me = rundir.read_progress(run).get("pid") == os.getpid()
+            if not (for_me and rundir.stop_requested(run)):
+                (run / "STOP").unlink(missing_ok=True)
             rundir.write_progress(run, status="running", phase="preparing")
             handler = _log_to(run / "train.log")
             prepared = _prepare(cfg, run, resume, epochs, split)
@@ -109,7 +115,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
 
 def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, split: Split | None):
     """Fresh run: index, split and freeze. Resume: read back config, split and last.pt."""
-    (run / "STOP").unlink(missing_ok=True)
     rundir.remove_stale_temp_files(run)
     if resume:
         if rundir.read_json(run / "config.json") is None or not (run / "split.csv").is_file():

@@ -156,3 +156,19 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
         time.sleep(0.5)
     assert jobs.run_status(run) == "finished", (run / "console.log").read_text()[-2000:]
     assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+
+
+def test_a_stop_pressed_while_the_job_starts_is_not_lost(demo_root, tmp_path):
+    """Stop right after Start, while the trainer is still importing PyTorch: it stops after its first step instead
+    of dropping the request and training all its epochs."""
+    from carapp import jobs
+    from carapp.config import make_config
+    cfg = make_config("demo", data=str(demo_root), backbone="resnet18", image_size=32, batch_size=8, epochs=50,
+                      workers=0, patience=50)
+    run = jobs.start_training(cfg, tmp_path)
+    jobs.stop_training(run)
+    deadline = time.time() + 90
+    while jobs.app_job(tmp_path) and time.time() < deadline:
+        time.sleep(0.5)
+    assert jobs.run_status(run) == "stopped", (run / "console.log").read_text()[-2000:]
+    assert json.loads((run / "progress.json").read_text())["epoch"] <= 1

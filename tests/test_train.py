@@ -160,7 +160,8 @@ def test_sweep_grid_on_one_split(demo_root, tmp_path):
     assert table[0].startswith("run,lr,dropout,weight_decay,status,epochs,best_val_acc")
     accs = [float(line.split(",")[6]) for line in table[1:]]
     assert accs == sorted(accs, reverse=True) and len(accs) == 2
-    assert (tmp_path / "grid" / "results.md").read_text().count("\n") == 4
+    md = (tmp_path / "grid" / "results.md").read_text()
+    assert md.count("\n") == 4 and "| 1e-05 |" in md  # weight decay as written, not 0.0000
 
 
 def test_config_refuses_values_no_run_can_train_with():
@@ -168,7 +169,7 @@ def test_config_refuses_values_no_run_can_train_with():
     from carapp.config import make_config
     with pytest.raises(ValueError, match="batch_size must be at least 1 .got 0.*epochs|epochs must be at least 1"):
         make_config("demo", batch_size=0, epochs=0)
-    for field, value in (("image_size", 8), ("dropout", 1.0), ("lr", 0.0), ("backbone", "vgg16")):
+    for field, value in (("image_size", 8), ("dropout", 1.0), ("lr", -1e-3), ("backbone", "vgg16")):
         with pytest.raises(ValueError, match=field):
             make_config("demo", **{field: value})
 
@@ -200,6 +201,8 @@ def test_stop_then_resume_reproduces_the_uninterrupted_run(demo_root, tmp_path, 
     monkeypatch.setattr(rundir, "stop_requested", lambda run: calls.append(1) or len(calls) == stop_at)
     run = tmp_path / "stopped"
     assert train(_exact_config(demo_root), run)["status"] == "stopped"
+    said = {6: "stopped in epoch 2 at step 2", 4: "stopped after epoch 1;"}[stop_at]  # not "epoch 2 step 0"
+    assert said in (run / "train.log").read_text()
     monkeypatch.undo()
     assert train(_exact_config(demo_root), run, resume=True)["status"] == "finished"
     keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
