@@ -3,7 +3,8 @@
     python app.py [--data ROOT] [--checkpoint RUN_OR_FILE] [--runs-dir checkpoints] [--share]
 
 Host and port: GRADIO_SERVER_NAME / GRADIO_SERVER_PORT. Environment: CARAPP_DATA, CARAPP_CHECKPOINT,
-CARAPP_ALLOW_TRAINING=1 (public mode), CARAPP_AUTH=user:password.
+CARAPP_ALLOW_TRAINING=1 (public mode), CARAPP_AUTH=user:password, CARAPP_FIRST_MODEL=0 (a public app with no model
+does not train the demo preset at start-up); the README lists the limits (CARAPP_QUEUE_SIZE, ...).
 """
 import argparse
 import os
