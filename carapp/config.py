@@ -27,11 +27,14 @@ class TrainConfig:
     sampler: str = "weighted"       # weighted | none
     alpha: str = "inverse"          # inverse | effective | none
     gamma: float = 2.0
+    label_smoothing: float = 0.0    # focal loss against (1 - e) one_hot + e / K (see losses.focal_loss)
     # optimisation
     epochs: int = 100
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-5
+    schedule: str = "plateau"       # plateau: ReduceLROnPlateau on val loss (the paper) | cosine: per step
+    warmup_epochs: float = 0.0      # cosine only: linear warmup from 0 over this many epochs
     lr_factor: float = 0.1          # ReduceLROnPlateau
     lr_patience: int = 1
     patience: int = 3               # early stopping: epochs in a row without val-loss improvement
@@ -53,6 +56,9 @@ class TrainConfig:
                   ("lr", self.lr >= 0, "0 or more"), ("weight_decay", self.weight_decay >= 0, "0 or more"),
                   ("dropout", 0 <= self.dropout < 1, "in [0, 1)"), ("gamma", self.gamma >= 0, "0 or more"),
                   ("patience", self.patience >= 1, "at least 1"), ("workers", self.workers >= 0, "0 or more"),
+                  ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                  ("schedule", self.schedule in ("plateau", "cosine"), "plateau or cosine"),
+                  ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, "0 or more and below epochs"),
                   ("backbone", self.backbone in BACKBONES, "one of " + ", ".join(BACKBONES))]
         bad = [f"{name} must be {rule} (got {getattr(self, name)!r})" for name, ok, rule in checks if not ok]
         if bad:

@@ -9,14 +9,22 @@ import torch.nn.functional as F
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: torch.Tensor | None = None,
-               gamma: float = 2.0, reduction: str = "mean") -> torch.Tensor:
+               gamma: float = 2.0, reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
     """FL = -alpha_t (1 - p_t)^gamma log p_t, with p_t the softmax probability of the true class.
 
+    With label smoothing e over K classes the target becomes q = (1 - e) one_hot(t) + e / K, and every class k
+    contributes with its own focal factor:  FL = -alpha_t * sum_k q_k (1 - p_k)^gamma log p_k.
+    At e = 0 this is the focal loss above; at gamma = 0 it is cross-entropy with label smoothing (as PyTorch's).
     `reduction="mean"` is the plain average over samples of the alpha_t-weighted terms (not divided by sum alpha_t).
     """
-    log_p_t = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
-    p_t = log_p_t.exp()
-    loss = -((1.0 - p_t) ** gamma) * log_p_t
+    log_p = F.log_softmax(logits.float(), dim=1)
+    if label_smoothing:
+        q = torch.full_like(log_p, label_smoothing / log_p.shape[1])
+        q.scatter_add_(1, targets[:, None], torch.full_like(log_p[:, :1], 1.0 - label_smoothing))
+        loss = -(q * (1.0 - log_p.exp()) ** gamma * log_p).sum(1)
+    else:
+        log_p_t = log_p.gather(1, targets[:, None]).squeeze(1)
+        loss = -((1.0 - log_p_t.exp()) ** gamma) * log_p_t
     if alpha is not None:
         loss = alpha.to(loss.device, loss.dtype)[targets] * loss
     if reduction == "mean":
@@ -29,14 +37,16 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: torch.Tensor 
 
 
 class FocalLoss(nn.Module):
-    def __init__(self, alpha: torch.Tensor | None = None, gamma: float = 2.0, reduction: str = "mean"):
+    def __init__(self, alpha: torch.Tensor | None = None, gamma: float = 2.0, reduction: str = "mean",
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.register_buffer("alpha", None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32))
         self.gamma = gamma
         self.reduction = reduction
+        self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return focal_loss(logits, targets, self.alpha, self.gamma, self.reduction)
+        return focal_loss(logits, targets, self.alpha, self.gamma, self.reduction, self.label_smoothing)
 
 
 def class_alpha(counts: Sequence[int], kind: str = "inverse", beta: float = 0.999) -> torch.Tensor | None:

@@ -157,10 +157,11 @@ class Job:
         self.net.to(self.device)
         if cfg.channels_last and self.device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.criterion = FocalLoss(class_alpha(split.counts("train"), cfg.alpha), cfg.gamma).to(self.device)
+        self.criterion = FocalLoss(class_alpha(split.counts("train"), cfg.alpha), cfg.gamma,
+                                   label_smoothing=cfg.label_smoothing).to(self.device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=cfg.lr_factor,
-                                                                    patience=cfg.lr_patience)
+        self._loaders(cfg, split, dist)
+        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, cfg.amp))
         self.state = {"epoch": 0, "step": 0, "partial": None, "best_val_loss": math.inf, "bad_epochs": 0}
         if ckpt:
@@ -180,7 +181,6 @@ class Job:
                                                  self.device.type == "cuda" else None)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        self._loaders(cfg, split, dist)
 
     def _loaders(self, cfg: TrainConfig, split: Split, dist: Dist) -> None:
         paths, labels, boxes = split.subset("train")
@@ -203,6 +203,20 @@ class Job:
                  f", {dist.world} processes" if dist.world > 1 else "")
 
 
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """plateau: ReduceLROnPlateau, stepped with the val loss after each epoch (the paper's). cosine: stepped after
+    every optimizer step, linear warmup over warmup_epochs, then half a cosine down to 0 at the last epoch's end."""
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.lr_factor, patience=cfg.lr_patience)
+    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _fit(cfg: TrainConfig, run: Path, split: Split, ckpt: dict | None, dist: Dist) -> dict:
     job = Job(cfg, split, ckpt, dist)
     stop = StopSignal(run)
@@ -223,7 +237,8 @@ def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop:
         if result is None:  # stopped mid-epoch: everything needed to continue is in last.pt
             return _stopped(job, cfg, run, dist, epoch)
         val_loss, val_acc = validate(job, cfg, dist)
-        job.scheduler.step(val_loss)  # the same all-reduced figure on every rank: the same decisions
+        if cfg.schedule == "plateau":
+            job.scheduler.step(val_loss)  # the same all-reduced figure on every rank: the same decisions
         row = {"epoch": epoch, **result, "val_loss": val_loss, "val_acc": val_acc,
                "lr": job.optimizer.param_groups[0]["lr"]}
         improved = val_loss < state["best_val_loss"]
@@ -301,6 +316,8 @@ def train_one_epoch(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epo
         job.scaler.scale(loss).backward()
         job.scaler.step(job.optimizer)
         job.scaler.update()
+        if cfg.schedule == "cosine":
+            job.scheduler.step()
         if weight:
             p["loss_sum"] += loss.item() * len(labels)
             p["correct"] += (logits.argmax(1) == labels).sum().item()

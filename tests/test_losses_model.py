@@ -82,3 +82,20 @@ def test_offline_imagenet_warns_and_trains_from_scratch(tmp_path, monkeypatch, c
     assert time.time() - started < 30
     assert model.fc.weight.shape == (3, 512)
     assert any("training from scratch" in r.message for r in caplog.records)
+
+
+def test_focal_loss_with_label_smoothing_matches_a_hand_computation():
+    """FL = -alpha_t * sum_k q_k (1 - p_k)^gamma log p_k with q = (1 - e) one_hot + e / K, worked by hand."""
+    import math
+    logits, target, e, gamma = [2.0, 0.5, -1.0], 0, 0.3, 2.0
+    z = sum(math.exp(v) for v in logits)
+    p = [math.exp(v) / z for v in logits]
+    q = [(1 - e) * (k == target) + e / 3 for k in range(3)]
+    expected = -sum(q[k] * (1 - p[k]) ** gamma * math.log(p[k]) for k in range(3)) * 0.5  # alpha_t = 0.5
+    got = focal_loss(torch.tensor([logits]), torch.tensor([target]), torch.tensor([0.5, 1.0, 1.5]), gamma=gamma,
+                     label_smoothing=e)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    many, targets = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    assert torch.allclose(focal_loss(many, targets, gamma=0.0, label_smoothing=0.1),
+                          F.cross_entropy(many, targets, label_smoothing=0.1), atol=1e-6)  # PyTorch's at gamma 0
+    assert torch.allclose(focal_loss(many, targets, label_smoothing=0.0), focal_loss(many, targets))

@@ -207,3 +207,15 @@ def test_stop_then_resume_reproduces_the_uninterrupted_run(demo_root, tmp_path, 
     assert train(_exact_config(demo_root), run, resume=True)["status"] == "finished"
     keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
     assert [{k: m[k] for k in keys} for m in read_metrics(run)] == [{k: m[k] for k in keys} for m in uninterrupted]
+
+
+def test_cosine_schedule_warms_up_then_decays_and_label_smoothing_is_recorded(demo_root, tmp_path):
+    """--schedule cosine --warmup-epochs 2 over 4 epochs of 2 steps: the lr logged after each epoch is
+    0.75, 1, 0.5, 0 times the base (linear warmup over 4 steps, then half a cosine over the other 4)."""
+    out = cli_json("train", "--data", demo_root, "--run-dir", tmp_path / "cos", "--epochs", "4", "--steps-per-epoch",
+                   "2", "--schedule", "cosine", "--warmup-epochs", "2", "--label-smoothing", "0.1", "--lr", "0.002",
+                   "--patience", "10", *FAST)
+    assert out["status"] == "finished"
+    assert [m["lr"] for m in read_metrics(tmp_path / "cos")] == pytest.approx([0.0015, 0.002, 0.001, 0.0], abs=1e-12)
+    config = json.loads((tmp_path / "cos" / "config.json").read_text())
+    assert (config["schedule"], config["warmup_epochs"], config["label_smoothing"]) == ("cosine", 2.0, 0.1)
