@@ -40,7 +40,11 @@ class RunInfo:
 
 def run_status(run: Path) -> str:
     """'running' only while the trainer's process lives; a dead 'running' run was interrupted (resumable)."""
-    progress = rundir.read_progress(run)
+    return status_of(rundir.read_progress(run))
+
+
+def status_of(progress: dict) -> str:
+    """run_status of a progress record already read."""
     status = progress.get("status", "new")
     if status == "running" and not (progress.get("pid") and rundir.pid_alive(progress["pid"])):
         return "failed" if progress.get("phase") == STARTING else "interrupted"  # died before it spoke: bad options
@@ -192,12 +196,11 @@ def started_by_app(runs_dir: str | Path, run: str | Path) -> bool:
     return bool(job) and job["run"] == Path(run).name
 
 
-def run_eta(run: Path) -> float | None:
-    """Seconds until a running run's last epoch ends at its present pace (early stopping may end it sooner)."""
-    p = rundir.read_progress(run)
-    if run_status(run) != "running" or not p.get("steps") or "eta_seconds" not in p:
+def run_eta(p: dict, metrics: list[dict]) -> float | None:
+    """Seconds until a running run's last epoch ends at its present pace (early stopping may end it sooner), from
+    its progress record and epoch lines as the caller read them."""
+    if status_of(p) != "running" or not p.get("steps") or "eta_seconds" not in p:
         return None
-    metrics = rundir.read_metrics(run)
     epoch_seconds = (sum(m["seconds"] for m in metrics) / len(metrics) if metrics
                      else p["eta_seconds"] * p["steps"] / max(p["steps"] - p["step"], 1))
     return p["eta_seconds"] + max(0, (p.get("epochs") or p["epoch"]) - p["epoch"]) * epoch_seconds

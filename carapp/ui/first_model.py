@@ -48,10 +48,10 @@ def _start(settings: AppSettings) -> None:
 def progress(settings: AppSettings) -> str | None:
     """One line while the first model trains, else None."""
     run = Path(settings.runs_dir) / NAME
-    if not settings.public or not (run / "progress.json").is_file() or jobs.run_status(run) != "running":
+    p = rundir.read_progress(run) if settings.public else {}
+    if jobs.status_of(p) != "running":
         return None
-    p = rundir.read_progress(run)
-    eta = jobs.run_eta(run)
+    eta = jobs.run_eta(p, rundir.read_metrics(run))
     where = f"epoch {p['epoch']} of {p.get('epochs', '?')}" if p.get("epoch") else "preparing"
     return (f"**A first model is being trained for this app** on the synthetic demo cars ({where}"
             + (f", about {eta / 60:.0f} min left" if eta is not None else "") +

@@ -78,24 +78,22 @@ def resume(name: str | None, epochs: str | float | None, settings: AppSettings) 
     return f"Resuming **{run.name}**: loading PyTorch and the run (a few seconds)…"
 
 
-def watched_run(name: str | None, settings: AppSettings) -> Path | None:
-    """The training run if there is one (or one this app is starting), else the chosen run, else the newest."""
-    active = jobs.active_run(settings.runs_dir)
-    if active:
-        return active.path
+def watched_run(name: str | None, runs: list, settings: AppSettings) -> Path | None:
+    """Among `runs` (jobs.list_runs, newest first): the training run if there is one (or one this app is
+    starting), else the chosen run, else the newest."""
     job = jobs.app_job(settings.runs_dir)
-    if job and job.get("kind") == "train" and (run := jobs.find_run(settings.runs_dir, job["run"])):
-        return run
-    runs = jobs.list_runs(settings.runs_dir)
-    return jobs.find_run(settings.runs_dir, name) or (runs[0].path if runs else None)
+    starting = job["run"] if job and job.get("kind") == "train" else None
+    by_name = {r.name: r.path for r in runs}
+    active = next((r.path for r in runs if r.status == "running"), None)
+    return active or by_name.get(starting) or by_name.get(name) or (runs[0].path if runs else None)
 
 
 def epoch_table(metrics: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(metrics, columns=list(TABLE_COLUMNS)).rename(columns=TABLE_COLUMNS).round(4)
 
 
-def status(name: str | None, settings: AppSettings):
-    run = watched_run(name, settings)
+def status(name: str | None, settings: AppSettings, runs: list | None = None):
+    run = watched_run(name, jobs.list_runs(settings.runs_dir) if runs is None else runs, settings)
     if run is None:
         return "No runs yet: choose a preset and press Start.", None, epoch_table([]), "", "", {}
     progress = rundir.read_progress(run)
@@ -104,13 +102,13 @@ def status(name: str | None, settings: AppSettings):
     test = progress.get("test") or rundir.read_json(run / "test_metrics.json")
     test_md = (f"**Test (best.pt):** top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%}, macro-F1 "
                f"{test['macro_f1']:.3f} on {test['num_images']} images" if test else "")
-    raw = json.loads(settings.redact(json.dumps({**progress, "run": run.name, "status": jobs.run_status(run)})))
-    return (settings.redact(status_markdown(run, progress)), plots.curves_figure(metrics) if metrics else None,
+    raw = json.loads(settings.redact(json.dumps({**progress, "run": run.name, "status": jobs.status_of(progress)})))
+    return (settings.redact(status_markdown(run, progress, metrics)), plots.curves_figure(metrics) if metrics else None,
             table, settings.redact(log_tail(run)), test_md, raw)
 
 
-def status_markdown(run: Path, p: dict) -> str:
-    state = jobs.run_status(run)
+def status_markdown(run: Path, p: dict, metrics: list[dict]) -> str:
+    state = jobs.status_of(p)
     job = jobs.app_job(run.parent)
     if state != "running" and job and job["run"] == run.name and job.get("kind") == "train":
         return f"**{run.name}** — starting (loading PyTorch and the data)…"
@@ -120,7 +118,7 @@ def status_markdown(run: Path, p: dict) -> str:
     if state == "running" and p.get("steps"):
         line += (f", step {p['step']}/{p['steps']} — loss {p['running_loss']:.4f}, acc {p['running_acc']:.3f}, "
                  f"{p['images_per_sec']:.1f} img/s, epoch ETA {_duration(p['eta_seconds'])}")
-        left = jobs.run_eta(run)
+        left = jobs.run_eta(p, metrics)
         if left is not None:
             line += f", run ETA {_duration(left)} (at most: early stopping may end it sooner)"
     if state == "failed":
@@ -144,27 +142,27 @@ def log_tail(run: Path, lines: int = 25) -> str:
     return ""
 
 
-def run_labels(settings: AppSettings) -> list[tuple[str, str]]:
-    return [(f"{r.name} ({r.status}, {r.epochs_done} of {r.epochs or '?'} epochs)", r.name)
-            for r in jobs.list_runs(settings.runs_dir)]
+def run_labels(runs: list) -> list[tuple[str, str]]:
+    return [(f"{r.name} ({r.status}, {r.epochs_done} of {r.epochs or '?'} epochs)", r.name) for r in runs]
 
 
 def run_choices(settings: AppSettings):
-    labels = run_labels(settings)
+    labels = run_labels(jobs.list_runs(settings.runs_dir))
     return gr.Dropdown(choices=labels, value=labels[0][1] if labels else None)
 
 
 def tick(name: str | None, message: str, shown: list, settings: AppSettings):
     """The timer: the live view, the Run list's labels when they changed (the choice stays), and a 'Stopping…' or
     'Resuming…' line dropped once it has come true."""
-    labels = [list(pair) for pair in run_labels(settings)]
+    runs = jobs.list_runs(settings.runs_dir)  # once per tick: the labels, the busy test and the live view share it
+    labels = [list(pair) for pair in run_labels(runs)]
     # choices only: the value stays the page's own (a Start in flight may be changing it right now)
     choices = gr.Dropdown(choices=labels) if labels != shown else gr.skip()
-    active = jobs.active_run(settings.runs_dir)
-    if message and (message.startswith("Stopping") and active is None
-                    or message.startswith(("Resuming", "Started")) and active is not None):
+    busy = any(r.status == "running" for r in runs)
+    if message and (message.startswith("Stopping") and not busy
+                    or message.startswith(("Resuming", "Started")) and busy):
         message = ""
-    return (*status(name, settings), choices, labels, message)
+    return (*status(name, settings, runs), choices, labels, message)
 
 
 def build(settings: AppSettings, demo: gr.Blocks) -> None:
