@@ -1,5 +1,5 @@
-"""Command line: python -m carapp {demo-data,stats,train,evaluate,calibrate,predict,analyze,export,push,cache,
-sweep} --help
+"""Command line: python -m carapp {demo-data,stats,health,train,evaluate,calibrate,predict,analyze,export,push,
+cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """
@@ -58,11 +58,16 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     p.add_argument("--crop-bbox", action="store_true", default=None, help="crop images to the labelled car box")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--group-duplicates", action="store_true", default=None,
+                   help="keep each group of exact and near-duplicate photos in one split (no train/test leak)")
+    p.add_argument("--exclude", metavar="FILE", default=None,
+                   help="CSV of photos to leave out (path,reason; paths relative to the dataset root)")
 
 
 def given_options(args, skip: tuple[str, ...] = ()) -> dict:
     """The training options given on the command line (None: not given), less those named in skip."""
-    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile", "data"]
+    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile", "data",
+                                                                          "group_duplicates", "exclude"]
     return {n: getattr(args, n) for n in names if n not in skip and getattr(args, n, None) is not None}
 
 
@@ -88,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep classes with at least N images (default floor(mean); 0 keeps all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--verify", action="store_true", help="also open every image to find unreadable ones")
+
+    p = sub.add_parser("health", help="duplicates, leaks, unreadable, tiny and greyscale photos, boxes outside")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--format", default="auto", help="dataset format: auto | compcars | sv | folder (default auto)")
+    p.add_argument("--run", help="a run of this dataset: also list the duplicate groups its split puts on both "
+                   "sides (leaks)")
+    p.add_argument("--near-bits", type=int, default=6, help="pHash bits (of 64) two near duplicates may differ "
+                   "in, 0..6 (default 6)")
+    p.add_argument("--workers", type=int, default=None, help="hashing processes (default: all cores, up to 8)")
 
     p = sub.add_parser("train", help="train a run, or resume one")
     p.add_argument("--data", help="dataset root")
@@ -225,6 +239,11 @@ def cmd_stats(args):
     return stats, 0
 
 
+def cmd_health(args):
+    from .health import check_health
+    return check_health(args.data, args.format, args.run, args.workers, args.near_bits), 0
+
+
 def cmd_train(args):
     from .train import train
     if args.resume:
@@ -318,6 +337,6 @@ def cmd_sweep(args):
     return sweep(config_from_args(args, skip=("lr", "dropout")), args.out, lrs, dropouts), 0  # the grid's own lists
 
 
-COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "train": cmd_train, "evaluate": cmd_evaluate,
+COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "health": cmd_health, "train": cmd_train, "evaluate": cmd_evaluate,
             "calibrate": cmd_calibrate, "analyze": cmd_analyze,
             "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep}

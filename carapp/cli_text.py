@@ -30,6 +30,25 @@ def stats(r: dict) -> str:
     return "\n".join(lines)
 
 
+def health(r: dict) -> str:
+    c = r["counts"]
+    lines = [f"{r['num_images']:,} images at {r['root']}",
+             f"exact duplicates: {c['exact_duplicates']} groups; near duplicates: {c['near_duplicates']} groups; "
+             f"{c['duplicate_files']} files are copies of another",
+             f"label conflicts (a group in two classes): {c['label_conflicts']}",
+             f"unreadable: {c['unreadable']}; tiny (< 64 px): {c['tiny']}; extreme aspect: {c['extreme_aspect']}; "
+             f"greyscale: {c['grayscale']} ({c['grayscale_share']:.1%}); boxes outside the image: {c['bbox_outside']}"]
+    if "leaks" in r:
+        lines.append(f"leaks (a group on two sides of the run's split): {c['leaks']}")
+    for title, groups in (("exact", r["exact_duplicates"]), ("near", r["near_duplicates"]),
+                          ("leak", [g["paths"] for g in r.get("leaks", [])])):
+        lines += [f"  {title}: " + "  ".join(g) for g in groups[:5]]
+        if len(groups) > 5:
+            lines.append(f"  ... {len(groups) - 5} more {title} groups (--json lists all)")
+    lines += [f"  unreadable: {u['reason']}" for u in r["unreadable"][:5]]
+    return "\n".join(lines)
+
+
 def evaluation(r: dict) -> str:
     line = (f"{r.get('split', 'test')}: top-1 {_pct(r['top1'])}, top-5 {_pct(r['top5'])}, "
             f"macro-F1 {r['macro_f1']:.3f} on {r['num_images']:,} images")
@@ -74,5 +93,5 @@ def sweep(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-HUMAN = {"demo-data": demo_data, "stats": stats, "train": train, "evaluate": evaluation, "calibrate": calibrate,
+HUMAN = {"demo-data": demo_data, "stats": stats, "health": health, "train": train, "evaluate": evaluation, "calibrate": calibrate,
          "export": export, "push": push, "cache": cache, "sweep": sweep}

@@ -39,6 +39,14 @@ class DatasetIndex:
     bboxes: list[list[int] | None] = field(default_factory=list)  # x1 y1 x2 y2, 1-based
     attributes: dict[str, dict] = field(default_factory=dict)     # CompCars model id -> attributes
 
+    def without(self, paths) -> "DatasetIndex":
+        """The index less the given paths (an exclusion list), classes and attributes unchanged."""
+        drop = set(paths)
+        keep = [i for i, p in enumerate(self.paths) if p not in drop]
+        pick = lambda values: [values[i] for i in keep] if values else values
+        return DatasetIndex(self.root, self.format, pick(self.paths), pick(self.keys), self.classes,
+                            pick(self.viewpoints), pick(self.bboxes), self.attributes)
+
     def class_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for k in self.keys:
@@ -307,27 +315,39 @@ def _natural_key(key: str):
 
 
 def stratified_split(labels: list[int], val_frac: float = 0.15, test_frac: float = 0.15,
-                     seed: int = 0) -> list[str]:
+                     seed: int = 0, groups: list[list[int]] | None = None) -> list[str]:
     """train/val/test per image, split class by class so every split keeps the class proportions.
 
     A class with at least 3 images gets at least one val and one test image; smaller classes stay in train.
+    `groups` (lists of positions: duplicates of one photo) are kept whole: a group counts for the class of its first
+    member, goes to val or test only where it fits whole, and all its members go where it goes. Without groups
+    every image is its own unit and the split is the same as it always was for a seed.
     """
     rng = np.random.default_rng(seed)
     labels_arr = np.asarray(labels)
+    unit = np.arange(len(labels_arr))       # the representative (lowest position) of each image's group
+    for g in groups or ():
+        unit[list(g)] = min(g)
+    size = np.bincount(unit, minlength=len(unit))
     split = np.full(len(labels_arr), "train", dtype=object)
     small = []
     for c in np.unique(labels_arr):
-        idx = rng.permutation(np.flatnonzero(labels_arr == c))
-        if len(idx) < 3:
+        members = np.flatnonzero(labels_arr == c)
+        order = rng.permutation(members[unit[members] == members])
+        if len(order) < 3:
             small.append(int(c))
             continue
-        n_val = max(1, round(val_frac * len(idx)))
-        n_test = max(1, round(test_frac * len(idx)))
-        split[idx[:n_val]] = "val"
-        split[idx[n_val:n_val + n_test]] = "test"
+        n_val = max(1, round(val_frac * len(members)))
+        n_test = max(1, round(test_frac * len(members)))
+        room = {"val": n_val, "test": n_test}
+        for u in order:  # val first, then test, then train; a group goes only where it fits whole
+            which = next((s for s in ("val", "test") if size[u] <= room[s]), "train")
+            split[u] = which
+            if which != "train":
+                room[which] -= size[u]
     if small:
         log.warning("%d classes have fewer than 3 images: all their images go to train", len(small))
-    return split.tolist()
+    return split[unit].tolist()
 
 
 @dataclass
@@ -352,7 +372,8 @@ class Split:
 
 
 def make_split(index: DatasetIndex, min_images: int | None = None, val_frac: float = 0.15,
-               test_frac: float = 0.15, seed: int = 0) -> Split:
+               test_frac: float = 0.15, seed: int = 0, groups: list[list[str]] | None = None) -> Split:
+    """The kept classes' images, split; `groups` (of paths, from carapp.health) each stay in one split."""
     keys, _ = kept_classes(index, min_images)
     if not keys:
         raise DatasetError("no class has enough images: lower --min-images")
@@ -361,17 +382,25 @@ def make_split(index: DatasetIndex, min_images: int | None = None, val_frac: flo
     labels = [position[index.keys[i]] for i in chosen]
     counts = index.class_counts()
     class_info = [{"key": k, **index.classes[k], "count": counts[k]} for k in keys]
-    return Split(paths=[index.paths[i] for i in chosen], labels=labels,
-                 splits=stratified_split(labels, val_frac, test_frac, seed),
+    paths = [index.paths[i] for i in chosen]
+    return Split(paths=paths, labels=labels,
+                 splits=stratified_split(labels, val_frac, test_frac, seed, _positions(groups, paths)),
                  bboxes=[index.bboxes[i] for i in chosen], class_info=class_info)
 
 
+def _positions(groups: list[list[str]] | None, paths: list[str]) -> list[list[int]]:
+    """Path groups as position groups among the kept images (members of dropped classes fall out)."""
+    where = {p: i for i, p in enumerate(paths)}
+    found = ([where[p] for p in g if p in where] for g in groups or ())
+    return [g for g in found if len(g) > 1]
+
+
 def dataset_stats(index: DatasetIndex, min_images: int | None = None, val_frac: float = 0.15,
-                  test_frac: float = 0.15, seed: int = 0) -> dict:
-    """The figures `carapp stats` prints and the Dataset tab shows."""
+                  test_frac: float = 0.15, seed: int = 0, groups: list[list[str]] | None = None) -> dict:
+    """The figures `carapp stats` prints and the Dataset tab shows; with duplicate groups, the grouped split."""
     counts = index.class_counts()
     keys, threshold = kept_classes(index, min_images)
-    split = make_split(index, min_images, val_frac, test_frac, seed) if keys else None
+    split = make_split(index, min_images, val_frac, test_frac, seed, groups) if keys else None
     kept_counts = sorted((counts[k] for k in keys), reverse=True)
     viewpoints: dict[str, int] = {}
     for v in index.viewpoints:
@@ -394,4 +423,6 @@ def dataset_stats(index: DatasetIndex, min_images: int | None = None, val_frac: 
             "ratio": round(kept_counts[0] / kept_counts[-1], 2) if kept_counts else 0,
         },
         "viewpoints": viewpoints,
+        **({"duplicate_groups_merged": len(_positions(groups, split.paths)) if split else 0}
+           if groups is not None else {}),
     }

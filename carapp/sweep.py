@@ -10,8 +10,7 @@ from pathlib import Path
 
 from . import rundir
 from .config import TrainConfig
-from .data import index_dataset, make_split
-from .train import train
+from .train import make_run_split, train
 
 log = logging.getLogger("carapp")
 
@@ -21,8 +20,7 @@ COLUMNS = ["run", "lr", "dropout", "weight_decay", "status", "epochs", "best_val
 def sweep(base: TrainConfig, out: str | Path, lrs: list[float], dropouts: list[float]) -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    split = make_split(index_dataset(base.data, base.format), base.min_images, base.val_frac, base.test_frac,
-                       base.seed)
+    split, _ = make_run_split(base)
     rundir.write_split(out, split)  # the shared split, also kept beside the runs
     rows = []
     for lr in lrs:

@@ -24,6 +24,8 @@ from . import rundir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Split, index_dataset, make_split
+from .exclusions import read_exclusions
+from .health import duplicate_groups
 from .loader import CarImages, EpochSampler, build_transform, make_loader, to_input
 from .losses import FocalLoss, class_alpha
 from .model import build_model
@@ -125,14 +127,36 @@ def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, spli
     else:
         if (run / "last.pt").exists():
             raise TrainingError(f"{run} already holds a run: resume it with --resume, or pick a new --run-dir")
+        recorded: dict = {}
         if split is None:
-            split = make_split(index_dataset(cfg.data, cfg.format), cfg.min_images, cfg.val_frac, cfg.test_frac,
-                               cfg.seed)
+            split, recorded = make_run_split(cfg)
         rundir.write_split(run, split)
         rundir.truncate_metrics(run, 0)  # a run that died before its first last.pt may have left epoch lines
         ckpt = None
-    rundir.write_json(run / "config.json", cfg.to_dict())
+    if resume:  # what the first start recorded besides the config (the photos it left out) stays
+        old = rundir.read_json(run / "config.json") or {}
+        recorded = {k: v for k, v in old.items() if k not in cfg.to_dict()}
+    rundir.write_json(run / "config.json", cfg.to_dict() | recorded)
     return cfg, split, ckpt
+
+
+def make_run_split(cfg: TrainConfig) -> tuple[Split, dict]:
+    """A new run's split: the dataset less the exclusion list, duplicate groups kept together if asked; and what
+    config.json records of it besides the config (the excluded photos, the groups kept together)."""
+    index = index_dataset(cfg.data, cfg.format)
+    recorded: dict = {}
+    if cfg.exclude:
+        excluded = read_exclusions(cfg.exclude)
+        index = index.without(excluded)
+        recorded["excluded"] = [{"path": p, "reason": r} for p, r in sorted(excluded.items())]
+        log.info("left out %d photos listed in %s", len(excluded), cfg.exclude)
+    groups = None
+    if cfg.group_duplicates:
+        groups = duplicate_groups(index)
+        recorded["duplicate_groups"] = len(groups)
+        log.info("kept %d groups of duplicate photos (%d photos) in one split each", len(groups),
+                 sum(map(len, groups)))
+    return make_split(index, cfg.min_images, cfg.val_frac, cfg.test_frac, cfg.seed, groups), recorded
 
 
 def _read_prepared(run: Path):
