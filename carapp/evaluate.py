@@ -4,7 +4,8 @@ accuracy per viewpoint.
 
     python -m carapp evaluate --run checkpoints/run1 [--split test] [--tta] [--json]
 
-Writes <split>_metrics.json, <split>_per_class.csv, <split>_confusion.csv and <split>_predictions.csv in the run.
+Writes <split>_metrics.json, <split>_per_class.csv, <split>_confusion.csv, <split>_predictions.csv (with each image's
+probability of its own label, for the top losses) and <split>_label_issues.csv (label suspects) in the run.
 """
 from __future__ import annotations
 
@@ -233,10 +234,28 @@ def _save(run: Path, split: str, metrics: dict, names: list[str], paths: list[st
     pred = probs.argmax(1)
     with rundir.atomic_writer(run / f"{split}_predictions.csv", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "pred", "prob", "status", "make", "make_prob"])
-        w.writerows((p, int(t), int(q), round(float(probs[i, q]), 6), a.status, a.make[0], round(a.make[1], 6))
-                    for i, (p, t, q, a) in enumerate(zip(paths, labels, pred, answers)))
+        w.writerow(["path", "label", "pred", "prob", "status", "make", "make_prob", "true_prob"])
+        w.writerows((p, int(t), int(q), round(float(probs[i, q]), 6), a.status, a.make[0], round(a.make[1], 6),
+                     round(float(probs[i, t]), 6)) for i, (p, t, q, a) in enumerate(zip(paths, labels, pred, answers)))
+    with rundir.atomic_writer(run / f"{split}_label_issues.csv", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "suggested", "label_quality"])
+        w.writerows((paths[i], int(labels[i]), int(pred[i]), round(float(probs[i, labels[i]]), 6))
+                    for i in label_suspects(probs, labels))
     rundir.write_json(run / f"{split}_metrics.json", summary | {"split": split})  # last: it marks a report done
+
+
+def label_suspects(probs: np.ndarray, labels: np.ndarray) -> list[int]:
+    """Images whose label the held-out predictions doubt, most doubtful first: cleanlab's confident learning
+    (find_label_issues, ranked by self-confidence) on the calibrated probabilities of images the run never trained
+    on. Classes with few images get few flags (cleanlab needs examples to estimate a class's threshold)."""
+    import warnings
+    from cleanlab.filter import find_label_issues
+    if len(labels) < 2 or probs.shape[1] < 2:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "too few examples in class k": expected on small test splits
+        return [int(i) for i in find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")]
 
 
 def read_report(run: str | Path, split: str = "test") -> dict | None:
@@ -249,8 +268,12 @@ def read_report(run: str | Path, split: str = "test") -> dict | None:
     with open(run / f"{split}_predictions.csv", newline="") as f:
         predictions = list(csv.DictReader(f))
     cm = np.loadtxt(run / f"{split}_confusion.csv", delimiter=",", dtype=np.int64, ndmin=2)
+    suspects = []
+    if (run / f"{split}_label_issues.csv").is_file():  # reports from before label suspects lack it
+        with open(run / f"{split}_label_issues.csv", newline="") as f:
+            suspects = list(csv.DictReader(f))
     config = rundir.read_json(run / "config.json") or {}
     return {"metrics": rundir.read_json(run / f"{split}_metrics.json"), "per_class": per_class,
-            "confusion": cm, "predictions": predictions, "names": rundir.label_names(run),
+            "confusion": cm, "predictions": predictions, "label_issues": suspects, "names": rundir.label_names(run),
             "data": config.get("data", ""), "backbone": config.get("backbone", "resnet50"),
             "image_size": config.get("image_size")}

@@ -4,6 +4,7 @@ directory. It outlives the browser tab and the app itself; after a restart, runs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import subprocess
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import rundir
+from . import exclusions, rundir
 from .config import TrainConfig
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
@@ -143,6 +144,9 @@ def start_training(cfg: TrainConfig, runs_dir: str | Path, name: str | None = No
     if (run / "config.json").exists():
         raise JobError(f"a run named {name} exists already")
     run.mkdir(parents=True, exist_ok=True)
+    marks = Path(runs_dir) / exclusions.FILE_NAME  # photos marked in the app: every new run leaves them out
+    if not cfg.exclude and marks.is_file():
+        cfg = dataclasses.replace(cfg, exclude=str(marks.resolve()))
     rundir.write_json(run / REQUESTED_CONFIG, cfg.to_dict())
     return _start(runs_dir, ["train", "--run-dir", str(run), "--config", str(run / REQUESTED_CONFIG)], run, "train")
 

@@ -108,6 +108,26 @@ def test_evaluate_shows_the_stored_report_and_calibration_on_its_own(page, tmp_p
     page.screenshot(path=str(tmp_path / "evaluate.png"), full_page=True)
 
 
+def test_evaluate_click_through_to_the_photos_and_mark_one(app, page):
+    """A row of the most-confused pairs → those test photos with heatmaps; a top-loss photo marked → the owner's
+    exclusion list beside the runs."""
+    page.get_by_role("tab", name="Evaluate").click()
+    first = page.locator('#pairs [data-testid="cell-0-0"]')
+    first.wait_for(state="visible", timeout=60_000)
+    true_name = first.inner_text().strip()
+    first.click()
+    page.locator("#pair-photos img").first.wait_for(state="visible", timeout=60_000)
+    assert page.locator("#pair input").input_value().startswith(f"{true_name} → ")
+    assert true_name in page.locator("#pair-photos").inner_text()  # each caption: true → predicted
+    page.locator("#top-losses img").first.click()
+    page.wait_for_function("document.querySelector('#mark-line').innerText.includes('Selected')", timeout=30_000)
+    chosen = page.locator("#mark-line code").inner_text()
+    page.get_by_role("button", name="Mark", exact=True).click()
+    page.wait_for_function("document.querySelector('#marks').innerText.includes('wrong label')", timeout=30_000)
+    lines = (app[1] / "exclusions.csv").read_text().splitlines()
+    assert lines == ["path,reason", f"{chosen},wrong label"]
+
+
 def test_demo_training_updates_the_plot_and_the_run_list(page, tmp_path):
     page.get_by_role("tab", name="Train").click()
     page.get_by_role("button", name="Start").click()

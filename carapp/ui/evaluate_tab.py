@@ -4,12 +4,11 @@ per-class accuracy, the confusion matrix (whole, and the most-confused classes),
 misclassified test images."""
 from __future__ import annotations
 
-import os
 import gradio as gr
 import pandas as pd
 
-from .. import jobs, plots
-from ..images import ImageError, open_image
+from .. import exclusions, jobs, plots
+from . import error_analysis as errors
 from .settings import AppSettings
 
 
@@ -21,9 +20,10 @@ def evaluated_runs(settings: AppSettings):
 PAIR_COLUMNS = ["true", "predicted as", "images"]
 CLASS_COLUMNS = ["class", "accuracy", "support"]
 VIEW_COLUMNS = ["viewpoint", "accuracy", "images"]
-# summary, per_class, full, sub, pairs, gallery, reliability, coverage, viewpoints: nothing shown, headers kept
+# summary, per_class, full, sub, pairs, top losses, reliability, coverage, viewpoints, pair box, top-loss paths,
+# suspects, suspect paths: nothing shown, headers kept
 EMPTY = ("", pd.DataFrame(columns=CLASS_COLUMNS), None, None, pd.DataFrame(columns=PAIR_COLUMNS), [], None, None,
-         pd.DataFrame(columns=VIEW_COLUMNS))
+         pd.DataFrame(columns=VIEW_COLUMNS), gr.Dropdown(choices=[], value=None), [], [], [])
 
 
 def evaluate(name: str | None, recompute: bool, settings: AppSettings):
@@ -97,8 +97,10 @@ def render(report: dict):
         if focus else None
     pairs = pd.DataFrame([{"true": names[i], "predicted as": names[j], "images": n}
                           for i, j, n in plots.most_confused(cm, 20)], columns=PAIR_COLUMNS)
+    losses, loss_paths = errors.top_losses(report)
     return (summary, per_class, plots.confusion_figure(cm, names, f"Confusion matrix ({len(names)} classes)"),
-            sub, pairs, misclassified(report), *trust_figures(m))
+            sub, pairs, losses, *trust_figures(m), errors.pair_choices(report), loss_paths,
+            *errors.label_suspects(report))
 
 
 def trust_markdown(m: dict) -> str:
@@ -127,19 +129,6 @@ def trust_figures(m: dict):
                           for v, x in views.items()], columns=VIEW_COLUMNS))
 
 
-def misclassified(report: dict, n: int = 24) -> list:
-    names, items = report["names"], []
-    wrong = [p for p in report["predictions"] if p["label"] != p["pred"]]
-    for row in sorted(wrong, key=lambda p: -float(p["prob"]))[:n]:
-        try:
-            img = open_image(os.path.join(report["data"], row["path"]))
-        except (ImageError, OSError):
-            continue
-        img.thumbnail((256, 256))
-        items.append((img, f"{names[int(row['label'])]} → {names[int(row['pred'])]} ({float(row['prob']):.0%})"))
-    return items
-
-
 def build(settings: AppSettings, demo: gr.Blocks) -> None:
     with gr.Tab("Evaluate"):
         with gr.Row():
@@ -157,16 +146,52 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         with gr.Row():
             per_class = gr.Dataframe(pd.DataFrame(columns=CLASS_COLUMNS), interactive=False,
                                      label="Per-class accuracy (click a header to sort)", max_height=400)
-            pairs = gr.Dataframe(pd.DataFrame(columns=PAIR_COLUMNS), label="Most-confused pairs", interactive=False,
+            pairs = gr.Dataframe(pd.DataFrame(columns=PAIR_COLUMNS), label="Most-confused pairs (click a row)",
+                                 interactive=False, elem_id="pairs",
                                  max_height=400)
         full = gr.Plot(label="Confusion matrix (hover for counts)")
         sub = gr.Plot(label="Most-confused classes")
-        gallery = gr.Gallery(label="Misclassified test images: true → predicted (confidence)", columns=6, height="auto")
+        gr.Markdown("### Error analysis\nChoose a true → predicted pair (or click a row of the most-confused pairs) "
+                    "to see those test photos with the heatmap of the predicted class.")
+        pair = gr.Dropdown(label="True → predicted", choices=[], elem_id="pair")
+        pair_gallery = gr.Gallery(label="Photos of the pair, over the heatmap of the predicted class", columns=6,
+                                  height="auto", elem_id="pair-photos")
+        gallery = gr.Gallery(label="Top losses: the test photos whose own label looked least likely (true → "
+                             "predicted, loss)", columns=6, height="auto", elem_id="top-losses")
+        suspects = gr.Gallery(label="Label suspects (confident learning on held-out predictions)", columns=6,
+                              height="auto", elem_id="label-suspects")
+        with gr.Row(visible=settings.training_enabled):
+            reason = gr.Radio([*exclusions.REASONS, exclusions.KEEP], value="wrong label", scale=3,
+                              label="Mark the photo clicked in a gallery", info="'keep' takes it off the list")
+            mark_button = gr.Button("Mark", scale=1)
+        selected_line = gr.Markdown(elem_id="mark-line", visible=settings.training_enabled)
+        marks = gr.Dataframe(pd.DataFrame(columns=errors.MARK_COLUMNS), interactive=False, max_height=250,
+                             visible=settings.training_enabled, elem_id="marks",
+                             label="Exclusion list (beside the runs): new runs started here leave these out")
         shown = gr.State(0.0)
+        pair_paths, loss_paths, suspect_paths, selected = gr.State([]), gr.State([]), gr.State([]), gr.State(None)
         timer = gr.Timer(2.0)
-    report = [summary, per_class, full, sub, pairs, gallery, reliability, coverage, viewpoints]
+    report = [summary, per_class, full, sub, pairs, gallery, reliability, coverage, viewpoints, pair, loss_paths,
+              suspects, suspect_paths]
+    _wire_error_analysis(settings, run, pairs, pair, pair_gallery, pair_paths, gallery, loss_paths, suspects,
+                         suspect_paths, selected, selected_line, reason, mark_button, marks)
+    demo.load(lambda: errors.marks_table(settings), None, marks, api_visibility="private")
     button.click(lambda n, r: evaluate(n, r, settings), [run, recompute], [*report, shown], api_name="evaluate")
     timer.tick(lambda n, t: progress(n, t, settings), [run, shown], [job_line, shown, *report],
                api_visibility="private")
     demo.load(lambda: evaluated_runs(settings), None, run, api_visibility="private")
     run.change(lambda n: stored(n, settings), run, [*report, shown], api_visibility="private")
+
+
+def _wire_error_analysis(settings, run, pairs, pair, pair_gallery, pair_paths, gallery, loss_paths, suspects,
+                         suspect_paths, selected, selected_line, reason, mark_button, marks) -> None:
+    def on_pair_row(name, table, evt: gr.SelectData):
+        return errors.pair_from_row(settings, name, table, evt)
+
+    pairs.select(on_pair_row, [run, pairs], pair, api_visibility="private")
+    pair.change(lambda n, p: errors.pair_photos(n, p, settings), [run, pair], [pair_gallery, pair_paths],
+                api_name="pair_photos")
+    for shown_gallery, paths in ((pair_gallery, pair_paths), (gallery, loss_paths), (suspects, suspect_paths)):
+        shown_gallery.select(errors.select_photo, paths, [selected, selected_line], api_visibility="private")
+    mark_button.click(lambda p, r: errors.mark_photo(p, r, settings), [selected, reason], [selected_line, marks],
+                      api_name="mark_photo")
