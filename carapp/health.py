@@ -127,8 +127,10 @@ def _write_cache(path: Path, files: dict) -> None:
         log.warning("health cache not written (%s)", exc)
 
 
-def collect_facts(index: DatasetIndex, workers: int | None = None, on_progress=None) -> dict[str, dict]:
-    """Facts for every file of the index: cached ones when size and mtime still match, new ones in parallel."""
+def collect_facts(index: DatasetIndex, workers: int | None = None, on_progress=None,
+                  cached_only: bool = False) -> dict[str, dict]:
+    """Facts for every file of the index: cached ones when size and mtime still match, new ones in parallel.
+    cached_only refuses to read any file anew (a public app: a visitor must not start minutes of hashing)."""
     cache_path = _cache_file(index.root)
     cached, facts, todo = _read_cache(cache_path), {}, []
     for rel in index.paths:
@@ -142,6 +144,9 @@ def collect_facts(index: DatasetIndex, workers: int | None = None, on_progress=N
             facts[rel] = hit
         else:
             todo.append((rel, stamp))
+    if todo and cached_only:
+        raise HealthError(f"{len(todo):,} of {len(index.paths):,} photos have not been checked yet: the owner runs "
+                          "`python -m carapp health --data DATASET` once, then this view is quick")
     workers = workers or min(8, os.cpu_count() or 1)
     jobs = [(index.root, rel) for rel, _ in todo]
     if len(jobs) >= PARALLEL_FROM and workers > 1:
@@ -269,10 +274,10 @@ def find_duplicates(paths: list[str], facts: dict[str, dict], max_bits: int = NE
 # ---------------------------------------------------------------------------------------------------- the report
 
 def check_health(root: str, fmt: str = "auto", run: str | None = None, workers: int | None = None,
-                 max_bits: int = NEAR_BITS, on_progress=None) -> dict:
+                 max_bits: int = NEAR_BITS, on_progress=None, cached_only: bool = False) -> dict:
     """The health report of a dataset (and, with a run of it, the duplicate groups its split leaks)."""
     index = index_dataset(root, fmt)
-    facts = collect_facts(index, workers, on_progress)
+    facts = collect_facts(index, workers, on_progress, cached_only)
     dups = find_duplicates(index.paths, facts, max_bits)
     class_of = {p: index.classes[k]["name"] for p, k in zip(index.paths, index.keys)}
     good = [(p, facts[p]) for p in index.paths if "sha1" in facts[p]]

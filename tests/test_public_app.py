@@ -108,6 +108,19 @@ def test_public_evaluate_is_read_only(public):
         (runs / "tiny" / "hidden.json").rename(report)
 
 
+def test_public_health_reads_only_the_owners_cached_check_and_marks_are_refused(public, monkeypatch, tmp_path):
+    from carapp.health import check_health
+    url, runs, demo_root = public
+    monkeypatch.setenv("CARAPP_CACHE", str(tmp_path / "cache"))  # nothing checked yet
+    ok, data = raw_call(url, "/health", ["/etc", "(no run)"])   # a server path sent by hand is ignored
+    assert ok and "have not been checked yet" in data[0] and "/etc" not in data[0]
+    owners = check_health(str(demo_root))                         # the owner's CLI run fills the cache
+    ok, data = raw_call(url, "/health", ["/etc", "tiny"])
+    assert ok and f"**{owners['num_images']:,}** photos checked" in data[0] and "leaks" in data[0]
+    ok, error = raw_call(url, "/mark_photo", [owners["tiny"][0] if owners["tiny"] else "data/x.jpg", "exclude"])
+    assert not ok and "for the app's owner" in error and not (runs / "exclusions.csv").exists()
+
+
 @pytest.mark.slow
 def test_private_reevaluation_is_one_background_job_and_readers_never_see_half_a_report(private):
     url, runs, _ = private

@@ -1,5 +1,5 @@
 """Dataset tab: what is in the dataset — classes before/after the filter, split sizes, imbalance, makes, viewpoints,
-image sizes, and sample images of a class."""
+image sizes, sample images of a class — and its health (duplicates, leaks, problem files)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ import gradio as gr
 from .. import plots
 from ..data import DatasetError, dataset_stats, index_dataset, kept_classes
 from ..images import ImageError, open_image, sample_sizes
+from . import health_panel
 from .settings import AppSettings, ensure_data
 
 
@@ -97,6 +98,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         with gr.Row():
             cls = gr.Dropdown(label="Sample images of class", choices=[], scale=2)
         gallery = gr.Gallery(label="Samples", columns=6, rows=2, height="auto", elem_id="samples")
+        health_panel.build(settings, demo, root)
     outputs = [summary, counts_plot, makes_plot, views_plot, sizes_plot, cls]
     scan_fn = lambda r, log: scan(r, log, settings)
     scan_btn.click(scan_fn, [root, log_scale], outputs, api_visibility="private")

@@ -155,7 +155,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                     "to see those test photos with the heatmap of the predicted class.")
         pair = gr.Dropdown(label="True → predicted", choices=[], elem_id="pair")
         pair_gallery = gr.Gallery(label="Photos of the pair, over the heatmap of the predicted class", columns=6,
-                                  height="auto", elem_id="pair-photos")
+                                  height=320, object_fit="contain", elem_id="pair-photos")
         gallery = gr.Gallery(label="Top losses: the test photos whose own label looked least likely (true → "
                              "predicted, loss)", columns=6, height="auto", elem_id="top-losses")
         suspects = gr.Gallery(label="Label suspects (confident learning on held-out predictions)", columns=6,
