@@ -26,6 +26,7 @@ def commands(demo_root, run, out):
     return {  # the cache goes beside a copy: other tests must not start reading pre-resized demo images
         "demo-data": ["--out", out / "demo", "--scale", "0.03"],
         "stats": ["--data", demo_root],
+        "health": ["--data", demo_root, "--run", run, "--workers", "1"],
         "train": ["--data", demo_root, "--run-dir", out / "train", *TINY_TRAIN],
         "evaluate": ["--run", run, "--workers", "0"],
         "calibrate": ["--run", run, "--workers", "0"],
@@ -37,7 +38,7 @@ def commands(demo_root, run, out):
     }
 
 
-COMMANDS = ["demo-data", "stats", "train", "evaluate", "calibrate", "predict", "analyze", "export", "cache", "sweep"]
+COMMANDS = ["demo-data", "stats", "health", "train", "evaluate", "calibrate", "predict", "analyze", "export", "cache", "sweep"]
 
 
 @pytest.mark.slow
