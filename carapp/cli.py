@@ -59,7 +59,8 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--group-duplicates", action="store_true", default=None,
-                   help="keep each group of exact and near-duplicate photos in one split (no train/test leak)")
+                   help="keep each group of exact and near-duplicate photos in one split, so no copy of a test photo "
+                   "is trained on (hashes the dataset once, cached; default off: the paper's photo-by-photo split)")
     p.add_argument("--exclude", metavar="FILE", default=None,
                    help="CSV of photos to leave out (path,reason; paths relative to the dataset root)")
 
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep classes with at least N images (default floor(mean); 0 keeps all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--verify", action="store_true", help="also open every image to find unreadable ones")
+    p.add_argument("--group-duplicates", action="store_true",
+                   help="show the split train --group-duplicates makes: duplicate groups kept together (hashes the "
+                   "dataset once, cached)")
 
     p = sub.add_parser("health", help="duplicates, leaks, unreadable, tiny and greyscale photos, boxes outside")
     p.add_argument("--data", required=True, help="dataset root")
@@ -231,7 +235,11 @@ def cmd_demo_data(args):
 def cmd_stats(args):
     from .data import dataset_stats, index_dataset
     index = index_dataset(args.data, args.format)
-    stats = dataset_stats(index, args.min_images, seed=args.seed)
+    groups = None
+    if args.group_duplicates:
+        from .health import duplicate_groups
+        groups = duplicate_groups(index)
+    stats = dataset_stats(index, args.min_images, seed=args.seed, groups=groups)
     if args.verify:
         from .images import find_unreadable
         bad = find_unreadable(index)

@@ -19,7 +19,9 @@ def stats(r: dict) -> str:
              f"{r['num_images']:,} images, {r['num_classes']:,} classes, {r['num_makes']:,} makes",
              f"kept: {r['num_classes_kept']:,} classes with >= {r['min_images']} images, "
              f"{r['num_images_kept']:,} images",
-             f"split: train {s['train']:,}, val {s['val']:,}, test {s['test']:,}",
+             f"split: train {s['train']:,}, val {s['val']:,}, test {s['test']:,}"
+             + (f" ({r['duplicate_groups_merged']} duplicate groups kept in one split each)"
+                if "duplicate_groups_merged" in r else ""),
              f"imbalance: largest class {imb['largest_class']}, smallest {imb['smallest_class']} "
              f"(ratio {imb['ratio']})"]
     if r.get("viewpoints"):

@@ -168,8 +168,9 @@ def _evaluate(run: Path, split: str, workers: int, batch_size: int, device: str,
     paths = [dataset.paths[i] for i in out.kept]
     metrics = compute_metrics(probs, out.labels, len(names))
     trust, answers = trust_metrics(calibration, out, probs, _viewpoints(cfg, paths))
-    metrics |= trust | {"tta": tta}
-    _save(run, split, metrics, names, paths, probs, out.labels, answers)
+    suspects = label_suspects(probs, out.labels)
+    metrics |= trust | {"tta": tta, "label_suspects": len(suspects)}
+    _save(run, split, metrics, names, paths, probs, out.labels, answers, suspects)
     return {k: v for k, v in metrics.items() if k not in REPORT_ONLY} | {
         "split": split, "skipped_images": len(dataset) - len(out.labels)}
 
@@ -222,7 +223,7 @@ def _viewpoints(cfg: TrainConfig, paths: list[str]) -> list[int | None] | None:
 
 
 def _save(run: Path, split: str, metrics: dict, names: list[str], paths: list[str], probs: np.ndarray,
-          labels: np.ndarray, answers: list) -> None:
+          labels: np.ndarray, answers: list, suspects: list[int]) -> None:
     summary = {k: v for k, v in metrics.items() if k not in ("confusion", "per_class_accuracy", "support")}
     with rundir.atomic_writer(run / f"{split}_per_class.csv", newline="") as f:
         w = csv.writer(f)
@@ -241,7 +242,7 @@ def _save(run: Path, split: str, metrics: dict, names: list[str], paths: list[st
         w = csv.writer(f)
         w.writerow(["path", "label", "suggested", "label_quality"])
         w.writerows((paths[i], int(labels[i]), int(pred[i]), round(float(probs[i, labels[i]]), 6))
-                    for i in label_suspects(probs, labels))
+                    for i in suspects)
     rundir.write_json(run / f"{split}_metrics.json", summary | {"split": split})  # last: it marks a report done
 
 

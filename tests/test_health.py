@@ -88,6 +88,9 @@ def test_problem_files_are_reported_not_fatal(report, sick):
 
 
 def test_second_pass_reads_the_cache_and_sees_a_changed_file(sick, report, monkeypatch):
+    """...and writes nothing beside the dataset (it may be on a read-only disk): the cache is the user's."""
+    tree = lambda: sorted(p for p in Path(sick["root"]).rglob("*"))
+    before = tree()
     calls = []
     real = health.file_facts
     monkeypatch.setattr(health, "file_facts", lambda p: calls.append(p) or real(p))
@@ -99,6 +102,7 @@ def test_second_pass_reads_the_cache_and_sees_a_changed_file(sick, report, monke
     assert [Path(p).name for p in calls] == ["grey.jpg"] and again["grayscale"] == []
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (70, 90), np.uint8)).save(grey)  # grey again
     health.check_health(str(sick["root"]), workers=1)
+    assert tree() == before
 
 
 def test_hashes_in_worker_processes_equal_hashes_in_process(sick, monkeypatch, tmp_path):
@@ -203,3 +207,34 @@ def test_file_facts_of_a_decompression_bomb_is_a_reason_not_a_crash(tmp_path):
     make_bomb(tmp_path / "bomb.png")
     assert health.file_facts(str(tmp_path / "bomb.png")) == {
         "error": "bomb.png: image too large to decode safely (over 80,000,000 pixels)"}
+
+
+def test_label_suspects_are_the_flipped_labels():
+    from carapp.evaluate import label_suspects
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(5), 40)
+    sure = rng.uniform(0.4, 0.9, len(truth))             # a model that mostly knows the true classes
+    flipped = [3, 50, 97, 140, 188]
+    sure[flipped] = 0.95                                 # and is sure of these photos' true class
+    probs = rng.dirichlet(np.ones(5), len(truth)) * (1 - sure)[:, None]
+    probs[np.arange(len(truth)), truth] += sure
+    labels = truth.copy()
+    labels[flipped] = (truth[flipped] + 1) % 5           # five wrong labels
+    assert sorted(label_suspects(probs, labels)) == flipped
+
+
+def test_train_with_group_duplicates_and_exclude_records_both(sick, tmp_path):
+    from conftest import FAST_TRAIN
+    marks = tmp_path / "marks.csv"
+    mark(marks, sick["wide"], "not a car")
+    run = tmp_path / "run"
+    cli_json("train", "--data", sick["root"], "--run-dir", run, "--epochs", "1", "--steps-per-epoch", "1",
+             "--min-images", "0", "--group-duplicates", "--exclude", marks, *FAST_TRAIN)
+    config = json.loads((run / "config.json").read_text())
+    assert config["group_duplicates"] is True and config["exclude"] == str(marks)
+    assert config["excluded"] == [{"path": sick["wide"], "reason": "not a car"}] and config["duplicate_groups"] >= 1
+    with open(run / "split.csv", newline="") as f:
+        where = {r["path"]: r["split"] for r in csv.DictReader(f)}
+    assert sick["wide"] not in where and len({where[p] for p in [sick["original"], *sick["copies"]]}) == 1
+    cli_json("train", "--resume", run, "--epochs", "2")  # what the first start recorded stays
+    assert json.loads((run / "config.json").read_text())["excluded"] == config["excluded"]
