@@ -19,6 +19,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -118,10 +119,14 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, files: dict) -> None:
+    _write_json(path, {"version": CACHE_VERSION, "files": files})
+
+
+def _write_json(path: Path, obj) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "files": files}))
+        tmp.write_text(json.dumps(obj))
         os.replace(tmp, path)
     except OSError as exc:  # a full or read-only cache costs the next pass its speed, nothing else
         log.warning("health cache not written (%s)", exc)
@@ -278,7 +283,7 @@ def check_health(root: str, fmt: str = "auto", run: str | None = None, workers: 
     """The health report of a dataset (and, with a run of it, the duplicate groups its split leaks)."""
     index = index_dataset(root, fmt)
     facts = collect_facts(index, workers, on_progress, cached_only)
-    dups = find_duplicates(index.paths, facts, max_bits)
+    dups = cached_duplicates(index, facts, max_bits)
     class_of = {p: index.classes[k]["name"] for p, k in zip(index.paths, index.keys)}
     good = [(p, facts[p]) for p in index.paths if "sha1" in facts[p]]
     report = {
@@ -340,5 +345,24 @@ def find_leaks(run: Path, index: DatasetIndex, linked: list[list[str]]) -> list[
 
 def duplicate_groups(index: DatasetIndex, workers: int | None = None) -> list[list[str]]:
     """The groups a leak-free split keeps together (exact and near duplicates, linked)."""
-    return find_duplicates(index.paths, collect_facts(index, workers)).linked
+    return cached_duplicates(index, collect_facts(index, workers)).linked
+
+
+def cached_duplicates(index: DatasetIndex, facts: dict[str, dict], max_bits: int = NEAR_BITS) -> Duplicates:
+    """find_duplicates, remembered for the same files with the same hashes: the pair search is the costly part of
+    a second pass over a big tree (~10 s at CompCars' size), and its answer only changes when a file does."""
+    digest = hashlib.sha1(f"{max_bits}|{CROPS}".encode())
+    for p in index.paths:
+        f = facts.get(p, {})
+        digest.update(f"{p}|{f.get('sha1')}|{f.get('colour')}|{f.get('phash')}\n".encode())
+    path = _cache_file(index.root).with_suffix(".groups.json")
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("digest") == digest.hexdigest():
+            return Duplicates(cached["exact"], cached["near"], cached["linked"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    dups = find_duplicates(index.paths, facts, max_bits)
+    _write_json(path, {"digest": digest.hexdigest(), **dataclasses.asdict(dups)})
+    return dups
 

@@ -108,6 +108,15 @@ def test_evaluate_shows_the_stored_report_and_calibration_on_its_own(page, tmp_p
     page.screenshot(path=str(tmp_path / "evaluate.png"), full_page=True)
 
 
+def test_dataset_health_in_the_browser(page):
+    page.get_by_role("tab", name="Dataset").click()
+    page.get_by_role("button", name="Check health").click()
+    page.wait_for_function("document.querySelector('#health-summary').innerText.includes('photos checked')",
+                           timeout=120_000)
+    assert "0** groups of exact duplicates" in page.locator("#health-summary").inner_text() or \
+        "0 groups of exact duplicates" in page.locator("#health-summary").inner_text()
+
+
 def test_evaluate_click_through_to_the_photos_and_mark_one(app, page):
     """A row of the most-confused pairs → those test photos with heatmaps; a top-loss photo marked → the owner's
     exclusion list beside the runs."""
