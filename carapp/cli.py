@@ -17,6 +17,7 @@ from .cli_text import HUMAN
 from .config import BACKBONES, PRESETS, TrainConfig, make_config
 
 log = logging.getLogger("carapp")
+EMA_DECAY = 0.9998  # --ema alone: an average over about the last 5,000 steps (a few CompCars epochs at batch 64)
 
 # (flag, type, help) for every training option; all default to None so presets and resumes can tell "not given".
 TRAIN_OPTIONS = [
@@ -25,13 +26,17 @@ TRAIN_OPTIONS = [
     ("--weights", str, "imagenet | none | PATH to a torchvision-format .pth"),
     ("--epochs", int, "maximum epochs"),
     ("--batch-size", int, "batch size"),
-    ("--lr", float, "Adam learning rate"),
-    ("--weight-decay", float, "Adam weight decay"),
+    ("--lr", float, "learning rate (of the head, with --layer-lr-decay)"),
+    ("--weight-decay", float, "weight decay"),
+    ("--optimizer", str, "adam (the paper) | adamw (decoupled weight decay) | sgd (momentum 0.9, Nesterov)"),
+    ("--freeze-epochs", int, "train only the head for the first N epochs, then the whole network"),
+    ("--layer-lr-decay", float, "lr multiplier per ResNet stage below the head (head x1, layer4 x d, ... stem x d^5)"),
     ("--dropout", float, "dropout before the classifier"),
     ("--gamma", float, "focal loss gamma"),
     ("--alpha", str, "focal loss alpha: inverse | effective | none"),
     ("--sampler", str, "weighted | none"),
     ("--image-size", int, "input size in pixels"),
+    ("--resize", str, "crop (short side, centre crop) | pad (letterbox the whole photo: keeps a wide car's ends)"),
     ("--patience", int, "early stopping: epochs without val-loss improvement"),
     ("--label-smoothing", float, "label smoothing combined with the focal loss (0: none)"),
     ("--schedule", str, "learning-rate schedule: plateau (ReduceLROnPlateau on val loss) | cosine (per step)"),
@@ -55,6 +60,11 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
             help_text = text if "(default" in text else f"{text} (default {default:g})" if isinstance(default, float) \
                 else f"{text} (default {default})"
             p.add_argument(flag, type=typ, default=None, help=help_text)
+    p.add_argument("--ema", type=float, nargs="?", const=EMA_DECAY, default=None, metavar="DECAY",
+                   help=f"keep an exponential moving average of the weights (--ema alone: decay {EMA_DECAY}); "
+                   "validation and best.pt use it when it validates better (default 0: off)")
+    p.add_argument("--no-decay-norm-bias", dest="decay_norm_bias", action="store_false", default=None,
+                   help="no weight decay on normalisation weights and biases")
     p.add_argument("--crop-bbox", action="store_true", default=None, help="crop images to the labelled car box")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -62,7 +72,8 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
 
 def given_options(args, skip: tuple[str, ...] = ()) -> dict:
     """The training options given on the command line (None: not given), less those named in skip."""
-    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile", "data"]
+    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile", "data", "ema",
+                                                                          "decay_norm_bias"]
     return {n: getattr(args, n) for n in names if n not in skip and getattr(args, n, None) is not None}
 
 
