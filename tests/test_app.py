@@ -12,7 +12,12 @@ from PIL import Image
 from conftest import ROOT, serving
 
 START_TINY = dict(preset="demo", backbone="resnet18", weights="none", epochs=50, batch_size=8, lr=1e-3,
-                  weight_decay=1e-5, dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0)
+                  weight_decay=1e-5, dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0,
+                  # the Advanced accordion's recipe options, after the basic fields
+                  optimizer="adamw", schedule="cosine", warmup_epochs=1, label_smoothing=0.1, decay_norm_bias=False,
+                  freeze_epochs=1, layer_lr_decay=0.8, ema=0.5, resize="pad")
+ADVANCED = ("optimizer", "schedule", "warmup_epochs", "label_smoothing", "decay_norm_bias", "freeze_epochs",
+            "layer_lr_decay", "ema", "resize")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +84,8 @@ def test_training_job_through_the_api(app):
         assert time.time() < deadline
         time.sleep(0.5)
     assert s["steps"] > 0 and s["images_per_sec"] > 0
+    config = json.loads((runs / s["run"] / "config.json").read_text())
+    assert {k: config[k] for k in ADVANCED} == {k: START_TINY[k] for k in ADVANCED}  # the accordion reached the run
     with pytest.raises(AppError, match="one job at a time"):
         c.predict(str(data), *START_TINY.values(), api_name="/start_training")
     other = client(url)  # a new visitor sees the same job

@@ -9,11 +9,16 @@ import gradio as gr
 import pandas as pd
 
 from .. import jobs, plots, rundir
-from ..config import BACKBONES, PRESETS, make_config
+from ..config import BACKBONES, OPTIMIZERS, PRESETS, RESIZES, make_config
 from .settings import AppSettings, ensure_data
 
-FIELDS = ["backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "dropout", "gamma", "image_size",
-          "patience", "workers"]
+BASIC_FIELDS = ["backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "dropout", "gamma", "image_size",
+                "patience", "workers"]
+# the "Advanced" accordion's recipe options: after the basic ones in /start_training's positional inputs, so a
+# caller that sends only the basic ones keeps working (a missing or blank value means the preset's)
+ADVANCED_FIELDS = ["optimizer", "schedule", "warmup_epochs", "label_smoothing", "decay_norm_bias", "freeze_epochs",
+                   "layer_lr_decay", "ema", "resize"]
+FIELDS = BASIC_FIELDS + ADVANCED_FIELDS
 TABLE_COLUMNS = {"epoch": "Epoch", "train_loss": "Train Loss", "train_acc": "Train Accuracy",
                  "val_loss": "Validation Loss", "val_acc": "Validation Accuracy", "lr": "LR", "seconds": "Seconds"}
 
@@ -23,7 +28,7 @@ def preset_values(preset: str) -> list:
     return [getattr(cfg, f) for f in FIELDS]
 
 
-INTEGER_FIELDS = ("epochs", "batch_size", "image_size", "patience", "workers")
+INTEGER_FIELDS = ("epochs", "batch_size", "image_size", "patience", "workers", "freeze_epochs")
 PUBLIC_WEIGHTS = ("none", "imagenet")   # a public app never opens a file path a visitor typed
 TRAINING_OFF = "Training is turned off on this public app."
 
@@ -165,6 +170,22 @@ def tick(name: str | None, message: str, shown: list, settings: AppSettings):
     return (*status(name, settings, runs), choices, labels, message)
 
 
+def advanced_inputs(v: dict) -> list:
+    """The recipe options beyond the paper's (the finetune preset sets them all), in ADVANCED_FIELDS order."""
+    return [gr.Dropdown(list(OPTIMIZERS), value=v["optimizer"], label="Optimizer",
+                        info="adam: the paper · adamw: decoupled decay · sgd: Nesterov momentum 0.9"),
+            gr.Dropdown(["plateau", "cosine"], value=v["schedule"], label="LR schedule",
+                        info="plateau: on val loss (the paper) · cosine: per step"),
+            gr.Number(v["warmup_epochs"], label="Warmup epochs", info="cosine: linear warmup"),
+            gr.Number(v["label_smoothing"], label="Label smoothing", info="0: none"),
+            gr.Checkbox(v["decay_norm_bias"], label="Weight decay on norm/bias", info="off: the fine-tuning way"),
+            gr.Number(v["freeze_epochs"], label="Head-only epochs", precision=0, info="trunk frozen first"),
+            gr.Number(v["layer_lr_decay"], label="Layer-wise LR decay", info="per stage below the head; 1: off"),
+            gr.Number(v["ema"], label="EMA decay", info="weights average; 0: off"),
+            gr.Dropdown(list(RESIZES), value=v["resize"], label="Resize",
+                        info="crop: centre crop · pad: whole photo, letterboxed")]
+
+
 def build(settings: AppSettings, demo: gr.Blocks) -> None:
     with gr.Tab("Train"):
         device = gr.Markdown("Device: …")
@@ -189,6 +210,9 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                           gr.Number(v["image_size"], label="Image size", precision=0),
                           gr.Number(v["patience"], label="Early-stop patience", precision=0),
                           gr.Number(v["workers"], label="Loader workers", precision=0)]
+            with gr.Accordion("Advanced: fine-tuning recipe", open=False):
+                with gr.Row():
+                    inputs += advanced_inputs(v)
         # outside the Group, one row of buttons and one of the resume controls, aligned at the bottom: no grey
         # filler under buttons that are shorter than the labelled boxes beside them
         with gr.Column(visible=settings.training_enabled):
