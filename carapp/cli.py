@@ -1,5 +1,5 @@
-"""Command line: python -m carapp {demo-data,stats,train,evaluate,calibrate,predict,analyze,export,push,cache,
-sweep} --help
+"""Command line: python -m carapp {demo-data,stats,train,lr-find,evaluate,calibrate,predict,analyze,export,push,
+cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """
@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", required=True, help="comma-separated dropout rates, e.g. 0.2,0.3,0.4")
     add_train_options(p, skip=("--lr", "--dropout"))
 
+    p = sub.add_parser("lr-find", help="learning-rate range test on the configured data and model (writes no run)")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--steps", type=int, default=100, help="steps of the exponential sweep at most (default 100)")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate of the sweep (default 1e-07)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep (default 10)")
+    add_train_options(p, skip=("--steps-per-epoch", "--epochs", "--patience", "--lr-patience", "--lr-factor"))
+
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
@@ -329,6 +336,12 @@ def cmd_sweep(args):
     return sweep(config_from_args(args, skip=("lr", "dropout")), args.out, lrs, dropouts), 0  # the grid's own lists
 
 
-COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "train": cmd_train, "evaluate": cmd_evaluate,
+def cmd_lr_find(args):
+    from .lrfind import lr_find
+    skip = ("steps_per_epoch", "epochs", "patience", "lr_patience", "lr_factor")
+    return lr_find(config_from_args(args, skip), args.start_lr, args.end_lr, args.steps), 0
+
+
+COMMANDS = {"demo-data": cmd_demo_data, "lr-find": cmd_lr_find, "stats": cmd_stats, "train": cmd_train, "evaluate": cmd_evaluate,
             "calibrate": cmd_calibrate, "analyze": cmd_analyze,
             "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep}

@@ -99,6 +99,19 @@ def test_training_job_through_the_api(app):
     assert (runs / s["run"] / "last.pt").is_file()
 
 
+def test_find_lr_button_plots_the_range_test(app, monkeypatch):
+    from carapp.ui import train_tab
+    monkeypatch.setattr(train_tab, "LR_FIND_STEPS", 20)  # the app serves from this process: a short sweep
+    url, runs, data = app
+    before = sorted(p.name for p in runs.iterdir())
+    text, figure = client(url).predict(str(data), *START_TINY.values(), api_name="/find_lr")
+    assert text.startswith("**Suggested learning rate: ") and "Learning rate box" in text
+    plot = json.loads(figure["plot"])
+    lrs = plot["data"][0]["x"]
+    assert len(lrs) >= 10 and lrs == sorted(lrs) and plot["layout"]["xaxis"]["type"] == "log"
+    assert sorted(p.name for p in runs.iterdir()) == before  # no run written
+
+
 def test_no_trained_model_yet_says_what_to_do(demo_root, tmp_path):
     from conftest import start_app
     demo, url = start_app(demo_root, tmp_path)  # an empty runs folder, as on a fresh clone
@@ -122,6 +135,8 @@ def test_public_mode_turns_training_off(demo_root, tiny_run, tmp_path):
         c = client(url)
         with pytest.raises(AppError, match="turned off"):
             c.predict(str(demo_root), *START_TINY.values(), api_name="/start_training")
+        with pytest.raises(AppError, match="turned off"):  # the range test trains too: the owner's alone
+            c.predict(str(demo_root), *START_TINY.values(), api_name="/find_lr")
         label, *_ = c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
         assert label["confidences"]
         with pytest.raises(AppError, match="Unknown model"):  # no free-form server paths for strangers

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -197,3 +198,30 @@ def test_a_recipe_run_stopped_mid_epoch_resumes_exactly(demo_root, tmp_path, mon
             "val_weights")
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "stopped")
     assert [{k: m[k] for k in keys} for m in resumed] == [{k: m[k] for k in keys} for m in straight]
+
+
+def test_lr_suggestion_is_the_steepest_descent_before_the_minimum():
+    """A textbook range-test curve: flat, a descent steepest at 1e-3, a minimum at 1e-2, then divergence."""
+    from carapp.lrfind import suggest_lr
+    lrs = list(np.logspace(-6, 0, 61))
+    x = np.log10(lrs)
+    losses = list(2.0 - np.tanh(2 * (x + 3)) + np.where(x > -2, 8 * (x + 2) ** 2, 0.0))
+    suggested, at_min = suggest_lr(lrs, losses)
+    assert suggested == pytest.approx(1e-3, rel=0.3) and at_min == pytest.approx(1e-2, rel=0.3)
+    assert suggest_lr([1e-4, 1e-3, 1e-2], [1.0, 0.5, 3.0]) == (pytest.approx(1e-4), 1e-3)  # too short: min / 10
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".venv" not in p.parts)
+
+
+def test_lr_find_sweeps_exponentially_stops_on_divergence_and_writes_no_run(demo_root):
+    repo = Path(__file__).parents[1]
+    before, data_before = _listing(repo / "checkpoints"), _listing(demo_root)
+    result = cli_json("lr-find", "--data", demo_root, *FAST, "--steps", "40", "--start-lr", "1e-5", "--end-lr", "100")
+    lrs, losses = result["lrs"], result["losses"]
+    assert len(lrs) == len(losses) == len(result["raw_losses"]) == result["steps"] <= 40
+    assert lrs[0] == pytest.approx(1e-5) and np.allclose(np.diff(np.log(lrs)), np.log(100 / 1e-5) / 39)
+    assert result["diverged"] and result["steps"] < 40  # lr 100 blows the loss up well before the end
+    assert lrs[0] <= result["suggested_lr"] <= result["min_loss_lr"] <= lrs[-1]
+    assert _listing(repo / "checkpoints") == before and _listing(demo_root) == data_before

@@ -31,9 +31,11 @@ def preset_values(preset: str) -> list:
 INTEGER_FIELDS = ("epochs", "batch_size", "image_size", "patience", "workers", "freeze_epochs")
 PUBLIC_WEIGHTS = ("none", "imagenet")   # a public app never opens a file path a visitor typed
 TRAINING_OFF = "Training is turned off on this public app."
+LR_FIND_STEPS = 100  # the range test's sweep: fastai's default length
 
 
-def start(root: str, preset: str, *values, settings: AppSettings) -> str:
+def form_config(root: str, preset: str, values: tuple, settings: AppSettings):
+    """The TrainConfig of the form (a blank box: the preset's value); refused like Start when training is off."""
     if not settings.training_enabled:
         raise gr.Error(TRAINING_OFF, print_exception=False)
     if not settings.paths_editable or not root:
@@ -41,16 +43,36 @@ def start(root: str, preset: str, *values, settings: AppSettings) -> str:
     if root == settings.data:
         ensure_data(settings)
     fields = {k: v for k, v in zip(FIELDS, values) if v not in (None, "")}  # blank: the preset's value
+    for key in INTEGER_FIELDS:
+        if key in fields:
+            fields[key] = int(fields[key])
+    if not settings.paths_editable and fields.get("weights", "none") not in PUBLIC_WEIGHTS:
+        raise ValueError(f"on a public app the weights are one of: {', '.join(PUBLIC_WEIGHTS)}")
+    return make_config(preset, data=root, **fields)
+
+
+def start(root: str, preset: str, *values, settings: AppSettings) -> str:
     try:
-        for key in INTEGER_FIELDS:
-            if key in fields:
-                fields[key] = int(fields[key])
-        if not settings.paths_editable and fields.get("weights", "none") not in PUBLIC_WEIGHTS:
-            raise ValueError(f"on a public app the weights are one of: {', '.join(PUBLIC_WEIGHTS)}")
-        run = jobs.start_training(make_config(preset, data=root, **fields), settings.runs_dir)
+        run = jobs.start_training(form_config(root, preset, values, settings), settings.runs_dir)
     except (jobs.JobError, ValueError, TypeError) as exc:
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
     return f"Started **{run.name}**."
+
+
+def find_lr(root: str, preset: str, *values, settings: AppSettings):
+    """The learning-rate range test on the form's settings, in this process (a minute or two; it writes no run).
+    Not beside a training run: both would compete for the same cores or GPU."""
+    from ..lrfind import lr_find
+    try:
+        cfg = form_config(root, preset, values, settings)
+        if jobs.active_run(settings.runs_dir) is not None:
+            raise jobs.JobError("a run is training: find the learning rate before or after it (one job at a time)")
+        result = lr_find(cfg, steps=LR_FIND_STEPS)
+    except (jobs.JobError, ValueError, TypeError, OSError) as exc:
+        raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
+    return (f"**Suggested learning rate: {result['suggested_lr']:.1e}** (steepest descent of the smoothed loss; "
+            f"lowest loss at {result['min_loss_lr']:.1e}, {result['steps']} steps). Put it in the Learning rate box."
+            ), plots.lr_find_figure(result)
 
 
 def stop(settings: AppSettings) -> str:
@@ -219,11 +241,14 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
             with gr.Row():
                 start_btn = gr.Button("Start", variant="primary")
                 stop_btn = gr.Button("Stop", variant="stop")
+                lr_btn = gr.Button("Find learning rate")
             with gr.Row(equal_height=True):
                 run_pick = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, scale=3, elem_id="run-pick")  # filled on load
                 more_epochs = gr.Textbox(label="Max epochs on resume", placeholder="blank: keep the run's", scale=1)
                 resume_btn = gr.Button("Resume", scale=1)
         message = gr.Markdown(elem_id="train-message")
+        with gr.Accordion("Learning-rate range test", open=False, visible=settings.training_enabled) as lr_box:
+            lr_plot = gr.Plot(label="Loss against learning rate", elem_id="lr-find")
         live = gr.Markdown(elem_id="live")
         curves = gr.Plot(label="Loss and accuracy per epoch", elem_id="curves")
         table = gr.Dataframe(epoch_table([]), label="Per epoch (as the paper's Table 6)", interactive=False)
@@ -243,6 +268,9 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                     api_name="start_training").then(lambda: run_choices(settings), None, run_pick,
                                                     api_visibility="private")
     stop_btn.click(lambda: stop(settings), None, message, api_name="stop_training")
+    lr_btn.click(lambda: gr.Accordion(open=True), None, lr_box, api_visibility="private").then(
+        lambda r, p, *v: find_lr(r, p, *v, settings=settings), [root, preset, *inputs], [message, lr_plot],
+        api_name="find_lr")
     resume_btn.click(lambda n, e: resume(n, e, settings), [run_pick, more_epochs], message, api_name="resume_training")
     timer.tick(lambda n, m, s: tick(n, m, s, settings), [run_pick, message, shown_labels],
                [*view, run_pick, shown_labels, message], api_visibility="private")
