@@ -19,13 +19,23 @@ from .config import BACKBONES, PRESETS, TrainConfig, make_config
 log = logging.getLogger("carapp")
 EMA_DECAY = 0.9998  # --ema alone: an average over about the last 5,000 steps (a few CompCars epochs at batch 64)
 
+def batch_size_arg(text: str) -> int | str:
+    """--batch-size N or --batch-size auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, not {text!r}") from None
+
+
 # (flag, type, help) for every training option; all default to None so presets and resumes can tell "not given".
 TRAIN_OPTIONS = [
     ("--format", str, "dataset format: auto | compcars | sv | folder"),
     ("--backbone", str, " | ".join(BACKBONES)),
     ("--weights", str, "imagenet | none | PATH to a torchvision-format .pth"),
     ("--epochs", int, "maximum epochs"),
-    ("--batch-size", int, "batch size"),
+    ("--batch-size", batch_size_arg, "batch size, or auto: the largest that fits on the GPU (CPU: 64)"),
     ("--lr", float, "learning rate (of the head, with --layer-lr-decay)"),
     ("--weight-decay", float, "weight decay"),
     ("--optimizer", str, "adam (the paper) | adamw (decoupled weight decay) | sgd (momentum 0.9, Nesterov)"),

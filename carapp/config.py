@@ -33,7 +33,7 @@ class TrainConfig:
     label_smoothing: float = 0.0    # focal loss against (1 - e) one_hot + e / K (see losses.focal_loss)
     # optimisation
     epochs: int = 100
-    batch_size: int = 64
+    batch_size: int | str = 64     # or "auto": the largest that fits on the GPU, found before the run (autobatch)
     lr: float = 1e-3
     weight_decay: float = 1e-5
     optimizer: str = "adam"         # adam (the paper) | adamw | sgd (momentum 0.9, Nesterov)
@@ -59,7 +59,9 @@ class TrainConfig:
 
     def __post_init__(self):
         """Refuse values no run can train with (a blank box sent as 0, a typo), with a message that names them."""
-        checks = [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
+        checks = [("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size == "auto" or
+                                                                          isinstance(self.batch_size, int) and
+                                                                          self.batch_size >= 1, "at least 1 or auto"),
                   ("image_size", self.image_size >= 32, "at least 32 pixels (ResNets downsample 32x)"),
                   ("lr", self.lr >= 0, "0 or more"), ("weight_decay", self.weight_decay >= 0, "0 or more"),
                   ("dropout", 0 <= self.dropout < 1, "in [0, 1)"), ("gamma", self.gamma >= 0, "0 or more"),

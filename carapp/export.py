@@ -82,7 +82,9 @@ def model_card(run: Path, config: dict, labels: list[str]) -> str:
     shown = ", ".join(labels[:40]) + (f", … ({len(labels) - 40} more in labels.json)" if len(labels) > 40 else "")
     recipe = "\n".join(f"| {k} | {config.get(k)} |" for k in ("backbone", "weights", "image_size", "epochs",
                                                              "batch_size", "lr", "weight_decay", "dropout", "gamma",
-                                                             "alpha", "sampler", "min_images", "crop_bbox", "seed"))
+                                                             "alpha", "sampler", "min_images", "crop_bbox", "seed",
+                                                             "optimizer", "schedule", "label_smoothing", "ema",
+                                                             "freeze_epochs", "resize"))
     return f"""---
 library_name: pytorch
 pipeline_tag: image-classification

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import torch
 
+from .autobatch import resolve_batch_size
 from .config import TrainConfig
 from .data import index_dataset, make_split
 from .loader import to_input
@@ -35,6 +36,7 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
     from .train import Job
     cfg = dataclasses.replace(cfg, steps_per_epoch=steps, freeze_epochs=0, ema=0.0)  # the whole network, raw
     split = make_split(index_dataset(cfg.data, cfg.format), cfg.min_images, cfg.val_frac, cfg.test_frac, cfg.seed)
+    cfg = resolve_batch_size(cfg, len(split.class_info))
     job = Job(cfg, split, None, Dist())
     ratios = [g["lr"] / cfg.lr if cfg.lr else 1.0 for g in job.optimizer.param_groups]  # layer-wise lrs keep shape
     lrs, raw, smoothed = [], [], []

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import rundir
+from .autobatch import resolve_batch_size
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Split, index_dataset, make_split
@@ -93,8 +94,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
         cfg, split, ckpt = prepared if dist.main else _read_prepared(run)
         return _fit(cfg, run, split, ckpt, dist)
     except torch.cuda.OutOfMemoryError:
+        smaller = max(1, cfg.batch_size // 2) if isinstance(cfg.batch_size, int) else 32
         message = (f"GPU out of memory at batch size {cfg.batch_size}: resume with a smaller batch, e.g. "
-                   f"--batch-size {max(1, cfg.batch_size // 2)} (last.pt keeps the last finished epoch)")
+                   f"--batch-size {smaller} (last.pt keeps the last finished epoch)")
         if dist.main:
             rundir.write_progress(run, status="failed", error=message)
         raise TrainingError(message) from None
@@ -129,6 +131,7 @@ def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, spli
             split = make_split(index_dataset(cfg.data, cfg.format), cfg.min_images, cfg.val_frac, cfg.test_frac,
                                cfg.seed)
         rundir.write_split(run, split)
+        resolve_batch_size(cfg, len(split.class_info))  # "auto" becomes a number before config.json freezes it
         rundir.truncate_metrics(run, 0)  # a run that died before its first last.pt may have left epoch lines
         ckpt = None
     rundir.write_json(run / "config.json", cfg.to_dict())

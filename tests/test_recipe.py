@@ -225,3 +225,44 @@ def test_lr_find_sweeps_exponentially_stops_on_divergence_and_writes_no_run(demo
     assert result["diverged"] and result["steps"] < 40  # lr 100 blows the loss up well before the end
     assert lrs[0] <= result["suggested_lr"] <= result["min_loss_lr"] <= lrs[-1]
     assert _listing(repo / "checkpoints") == before and _listing(demo_root) == data_before
+
+
+def _out_of_memory_above(limit: int, tried: list):
+    def trial(size):
+        tried.append(size)
+        if size > limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory at {size}")
+    return trial
+
+
+def test_auto_batch_size_halves_until_the_trial_steps_fit(monkeypatch):
+    from carapp import autobatch, runtime
+    tried = []
+    assert autobatch.largest_fitting(_out_of_memory_above(200, tried)) == 128
+    assert tried == [1024, 512, 256, 128]
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="not even a batch of 1"):
+        autobatch.largest_fitting(_out_of_memory_above(0, []))
+    # the CUDA path of a config, with the GPU's trial steps faked: the size found replaces "auto"
+    tried = []
+    monkeypatch.setattr(runtime, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(autobatch, "trial_steps", lambda cfg, n, device, size: _out_of_memory_above(100, tried)(size))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a fake GPU")
+    cfg = autobatch.resolve_batch_size(make_config("paper", batch_size="auto"), 10)
+    assert cfg.batch_size == 64 and tried == [1024, 512, 256, 128, 64]
+
+
+def test_auto_batch_size_on_a_cpu_trains_at_the_papers_batch(demo_root, tmp_path, caplog):
+    from carapp.cli import build_parser, config_from_args
+    from carapp.train import train
+    args = build_parser().parse_args(["train", "--data", str(demo_root), "--run-dir", "x", "--batch-size", "auto"])
+    assert config_from_args(args).batch_size == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--batch-size", "many"])
+    with pytest.raises(ValueError, match="batch_size"):
+        make_config("paper", batch_size="lots")
+    cfg = make_config("paper", data=str(demo_root), backbone="resnet18", image_size=32, batch_size="auto", epochs=1,
+                      steps_per_epoch=1, workers=0, device="cpu")
+    with caplog.at_level("INFO", logger="carapp"):
+        assert train(cfg, tmp_path / "auto")["status"] == "finished"
+    assert "--batch-size auto: no CUDA device (cpu), using batch size 64" in caplog.text
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["batch_size"] == 64
