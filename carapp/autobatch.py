@@ -3,7 +3,8 @@
 Sizes are tried from MAX_BATCH down, halving on every out-of-memory error; each trial runs TRIAL_STEPS full training
 steps (forward, focal loss, backward, optimizer step: the optimizer's state is part of what must fit) on random
 images of the run's size, with the run's model, optimizer and precision. Found once, the size is written into the
-run's config.json: a resumed run keeps it, and its sample positions stay exact.
+run's config.json: a resumed run keeps it, and its sample positions stay exact. An out-of-memory error later in
+the run (a larger batch of big photos, memory another process took) halves it and goes on (train.halve_batch).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def resolve_batch_size(cfg: TrainConfig, num_classes: int) -> TrainConfig:
         cfg.batch_size = CPU_BATCH
         return cfg
     cfg.batch_size = largest_fitting(lambda size: trial_steps(cfg, num_classes, device, size))
+    cfg.batch_size_auto = True
     log.info("--batch-size auto: %d fits on %s", cfg.batch_size, torch.cuda.get_device_name(device))
     return cfg
 

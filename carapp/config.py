@@ -34,6 +34,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 100
     batch_size: int | str = 64     # or "auto": the largest that fits on the GPU, found before the run (autobatch)
+    batch_size_auto: bool = False   # batch_size was found by "auto" on CUDA: an out-of-memory error halves it
     lr: float = 1e-3
     weight_decay: float = 1e-5
     optimizer: str = "adam"         # adam (the paper) | adamw | sgd (momentum 0.9, Nesterov)

@@ -53,11 +53,17 @@ class Letterbox(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[-2:]
-        scale = self.size / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        image = v2.functional.resize(image, [nh, nw], antialias=True)
-        left, top = (self.size - nw) // 2, (self.size - nh) // 2
-        return v2.functional.pad(image, [left, top, self.size - nw - left, self.size - nh - top], fill=list(self.FILL))
+        left, top, right, bottom = letterbox_box((w, h), self.size)
+        image = v2.functional.resize(image, [bottom - top, right - left], antialias=True)
+        return v2.functional.pad(image, [left, top, self.size - right, self.size - bottom], fill=list(self.FILL))
+
+
+def letterbox_box(size: tuple[int, int], square: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a (width, height) photo letterboxed into a square of that side."""
+    scale = square / max(size)
+    w, h = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+    left, top = (square - w) // 2, (square - h) // 2
+    return left, top, left + w, top + h
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,7 +21,7 @@ from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .evaluate import forward
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .images import open_image
-from .loader import build_transform, resize_size, to_input
+from .loader import build_transform, letterbox_box, resize_size, to_input
 from .model import model_from_checkpoint
 from .runtime import pick_device
 
@@ -130,14 +130,6 @@ def seen_region(size: tuple[int, int], image_size: int, resize: str = "crop") ->
     return left, top, left + side, top + side
 
 
-def photo_in_input(size: tuple[int, int], image_size: int) -> tuple[int, int, int, int]:
-    """Letterbox: (left, top, right, bottom) of the photo inside the padded network input."""
-    scale = image_size / max(size)
-    w, h = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-    left, top = (image_size - w) // 2, (image_size - h) // 2
-    return left, top, left + w, top + h
-
-
 def overlay_on_photo(image: Image.Image, heat, image_size: int, resize: str = "crop") -> Image.Image:
     """The heatmap over the region the network saw, outlined, inside the whole photo at display size: a user sees
     what was cut away as well as what counted. The cut-away margins are dimmed."""
@@ -145,7 +137,7 @@ def overlay_on_photo(image: Image.Image, heat, image_size: int, resize: str = "c
     photo = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
     box = tuple(round(v * scale) for v in seen_region(image.size, image_size, resize))
     if resize == "pad":  # the heatmap covers the padded square: keep the part over the photo
-        left, top, right, bottom = photo_in_input(image.size, image_size)
+        left, top, right, bottom = letterbox_box(image.size, image_size)
         heat = heat[top:bottom, left:right]
     canvas = Image.blend(Image.new("RGB", photo.size), photo, 0.6)
     canvas.paste(overlay(photo.crop(box), heat), box[:2])

@@ -163,6 +163,7 @@ class Job:
         self.criterion = FocalLoss(class_alpha(split.counts("train"), cfg.alpha), cfg.gamma,
                                    label_smoothing=cfg.label_smoothing).to(self.device)
         self.optimizer = make_optimizer(self.net, cfg)
+        self.split = split  # kept: a batch halved after an out-of-memory error rebuilds the loaders
         self._loaders(cfg, split, dist)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, cfg.amp))
@@ -197,13 +198,13 @@ class Job:
         if cache:
             log.info("reading pre-resized images from %s", cache.folder)
         pin = self.device.type == "cuda"
-        train_set = CarImages(cfg.data, paths, labels, boxes, build_transform(cfg.image_size, True, cfg.jitter, cfg.resize),
-                              cfg.crop_bbox, cfg.image_size, cache)
+        train_set = CarImages(cfg.data, paths, labels, boxes,
+                              build_transform(cfg.image_size, True, cfg.jitter, cfg.resize), cfg.crop_bbox,
+                              cfg.image_size, cache)
         self.train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, self.sampler, pin)
         paths, labels, boxes = split.subset("val")
         val_set = CarImages(cfg.data, paths, labels, boxes, build_transform(cfg.image_size, False, resize=cfg.resize),
-                            cfg.crop_bbox,
-                            cfg.image_size, cache)
+                            cfg.crop_bbox, cfg.image_size, cache)
         shard = list(range(dist.rank, len(val_set), dist.world)) if dist.world > 1 else None
         self.val_loader = make_loader(val_set, cfg.batch_size, cfg.workers, shard, pin)
         log.info("%d classes, %d train / %d val images, %s, %s%s", len(split.class_info), len(train_set),
@@ -349,13 +350,48 @@ def _stopped(job: Job, cfg: TrainConfig, run: Path, dist: Dist, epoch: int, save
 
 def train_one_epoch(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epoch: int, bad_paths: set[str],
                     dist: Dist) -> dict | None:
-    """One pass of the sampler; returns the epoch's figures, or None if asked to stop (job.state holds the step)."""
+    """One pass of the sampler; returns the epoch's figures, or None if asked to stop (job.state holds the step).
+    A batch size found by --batch-size auto is halved on a CUDA out-of-memory error, and the pass goes on from the
+    last good step."""
+    while True:
+        try:
+            return _train_pass(job, cfg, run, stop, epoch, bad_paths, dist)
+        except torch.cuda.OutOfMemoryError:
+            if not (cfg.batch_size_auto and dist.world == 1 and cfg.batch_size % 2 == 0):
+                raise  # under torchrun the other ranks wait in an all-reduce: no rank may change course alone
+            halve_batch(job, cfg, run, epoch, dist)
+
+
+def halve_batch(job: Job, cfg: TrainConfig, run: Path, epoch: int, dist: Dist) -> None:
+    """Half the batch, twice the steps: the same samples per epoch, the epoch's position kept in samples (step k of
+    size b is step 2k of size b/2), the loaders and a cosine schedule rebuilt, config.json rewritten (resume exact)."""
+    job.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    old = cfg.batch_size
+    cfg.batch_size //= 2
+    if cfg.steps_per_epoch:
+        cfg.steps_per_epoch *= 2
+    job.state["step"] *= 2
+    job._loaders(cfg, job.split, dist)
+    job.sampler.set_epoch(epoch, job.state["step"] * cfg.batch_size)
+    if cfg.schedule == "cosine":  # stepped per optimizer step: its count doubles with the steps
+        done = job.scheduler.last_epoch
+        job.scheduler = make_scheduler(job.optimizer, cfg, len(job.train_loader) + job.state["step"])
+        job.scheduler.last_epoch = 2 * done - 1
+        job.scheduler.step()  # the lr of step 2 * done, where the run is
+    rundir.write_json(run / "config.json", cfg.to_dict())
+    log.warning("GPU out of memory at batch size %d in epoch %d: going on at batch size %d from step %d", old,
+                epoch, cfg.batch_size, job.state["step"] + 1)
+
+
+def _train_pass(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epoch: int, bad_paths: set[str],
+                dist: Dist) -> dict | None:
     job.model.train()
     frozen = epoch <= cfg.freeze_epochs  # a function of the epoch alone: a resumed run freezes the same epochs
     if frozen:
         freeze_trunk_statistics(job.net)
     state, loader, device = job.state, job.train_loader, job.device
-    p = state["partial"] or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    p = state["partial"] = state["partial"] or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     steps = len(loader) + state["step"]
     started, last_write = time.time() - p["seconds"], 0.0
     bar = tqdm(loader, total=steps, initial=state["step"], desc=f"epoch {epoch}/{cfg.epochs}",

@@ -1,5 +1,6 @@
 """The fine-tuning recipe options: optimizer and its parameter groups, frozen-trunk epochs, EMA weights, letterbox
-resizing, and the finetune preset from a torchvision-format .pth (tiny images, ResNet-18, CPU)."""
+resizing, the finetune preset from a torchvision-format .pth, lr-find and --batch-size auto (tiny images, ResNet-18,
+CPU; the GPU's out-of-memory errors simulated)."""
 from __future__ import annotations
 
 import json
@@ -266,3 +267,34 @@ def test_auto_batch_size_on_a_cpu_trains_at_the_papers_batch(demo_root, tmp_path
         assert train(cfg, tmp_path / "auto")["status"] == "finished"
     assert "--batch-size auto: no CUDA device (cpu), using batch size 64" in caplog.text
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["batch_size"] == 64
+
+
+def test_an_out_of_memory_error_halves_an_auto_batch_and_goes_on_from_the_last_good_step(demo_root, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """Steps 1-2 at batch 16 fit, step 3 runs out of memory: the epoch goes on at batch 8 from sample 32, so two
+    more batches of 8 finish its 48 samples, and the run's config.json holds the new size."""
+    from carapp import train as train_module
+    from carapp.train import train
+    sizes, real_to_input = [], train_module.to_input
+
+    def to_input(images, device, channels_last=False):
+        if torch.is_grad_enabled():  # training steps only: validation runs under no_grad
+            sizes.append(len(images))
+        if len(images) == 16 and len(sizes) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_to_input(images, device, channels_last)
+    monkeypatch.setattr(train_module, "to_input", to_input)
+    cfg = make_config("paper", data=str(demo_root), backbone="resnet18", image_size=32, batch_size=16, epochs=1,
+                      steps_per_epoch=3, workers=0, schedule="cosine", batch_size_auto=True)
+    with caplog.at_level("WARNING", logger="carapp"):
+        assert train(cfg, tmp_path / "oom")["status"] == "finished"
+    assert sizes == [16, 16, 16, 8, 8]
+    assert "GPU out of memory at batch size 16 in epoch 1: going on at batch size 8 from step 5" in caplog.text
+    config = json.loads((tmp_path / "oom" / "config.json").read_text())
+    assert (config["batch_size"], config["steps_per_epoch"]) == (8, 6)
+    assert read_metrics(tmp_path / "oom")[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ended on time
+    monkeypatch.setattr(train_module, "to_input", lambda images, *a, **k: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("simulated")))
+    with pytest.raises(train_module.TrainingError, match="resume with a smaller batch"):  # a fixed batch: as before
+        train(make_config("paper", data=str(demo_root), backbone="resnet18", image_size=32, batch_size=16, epochs=1,
+                          steps_per_epoch=3, workers=0), tmp_path / "fixed")

@@ -217,7 +217,8 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         with gr.Group(visible=settings.training_enabled):
             with gr.Row():
                 preset = gr.Dropdown(list(PRESETS), value="demo", label="Preset",
-                                     info="paper: the paper's recipe · demo: CPU in minutes · finetune: ImageNet start")
+                                     info="paper: the paper's recipe · demo: CPU in minutes · "
+                                     "finetune: ImageNet start, the full fine-tuning recipe")
                 root = gr.Textbox(settings.data if settings.paths_editable else "", label="Dataset folder",
                                   placeholder="the app's dataset", interactive=settings.paths_editable)
             with gr.Row():  # filled with the demo preset's values from the start: a box is never blank
