@@ -169,7 +169,9 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
                       test_frac=0.1, image_size=32, backbone="resnet18", dropout=0.1, sampler="none", alpha="effective",
                       gamma=1.5, epochs=1, batch_size=4, lr=2e-3, weight_decay=0.0, lr_factor=0.5, lr_patience=2,
                       patience=5, steps_per_epoch=1, seed=3, workers=0, device="cpu", amp=False, channels_last=False,
-                      jitter=0.05, label_smoothing=0.1, schedule="cosine", warmup_epochs=0.5)
+                      jitter=0.05, label_smoothing=0.1, schedule="cosine", warmup_epochs=0.5, optimizer="adamw",
+                      decay_norm_bias=False, freeze_epochs=1, layer_lr_decay=0.5, ema=0.5, resize="pad",
+                      batch_size_auto=True)
     same = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) == getattr(TrainConfig(), f.name)}
     assert same == {"weights", "compile"}  # imagenet weights would need the network; compile takes minutes
     run = jobs.start_training(cfg, tmp_path)
