@@ -37,8 +37,9 @@ CALIBRATION_PHOTOS = 64   # photos that set the int8 activation ranges
 class CollectionImages(Dataset):
     """Decoded, eval-transformed images of a collection; an unreadable one yields its reason instead."""
 
-    def __init__(self, items: list[Item], image_size: int):
-        self.items, self.transform, self.draft = items, build_transform(image_size, False), resize_size(image_size)
+    def __init__(self, items: list[Item], image_size: int, resize: str = "crop"):
+        self.items, self.draft = items, resize_size(image_size)
+        self.transform = build_transform(image_size, False, resize=resize)
         self.archives: dict = {}  # zip files, opened once per worker process
 
     def __len__(self) -> int:
@@ -107,7 +108,7 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
 def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_size: int, workers: int,
                   progress_dir, already: int, total: int, world: int) -> None:
     """Batches of decoded images through the network; every batch's rows appended, flushed and fsynced."""
-    dataset = CollectionImages(pending, predictor.image_size)
+    dataset = CollectionImages(pending, predictor.image_size, predictor.resize)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         worker_init_fn=ignore_stop_signals if workers else None)
     new_file = not part.exists() or part.stat().st_size == 0
@@ -194,7 +195,7 @@ def _prepare_engine(engine: str, predictor, out: Path, identity: dict, items: li
     int8_file = out / f".model-{tag}-int8.onnx"
     if not int8_file.is_file():
         log.info("quantising to int8, calibrated on the first %d photos", min(len(items), CALIBRATION_PHOTOS))
-        dataset = CollectionImages(items[:CALIBRATION_PHOTOS], predictor.image_size)
+        dataset = CollectionImages(items[:CALIBRATION_PHOTOS], predictor.image_size, predictor.resize)
         engine_input = OnnxEngine(float_file)
         batches = [engine_input.prepare(images) for _, images, _ in DataLoader(dataset, 16, collate_fn=collate)
                    if images is not None]

@@ -1,5 +1,5 @@
-"""Command line: python -m carapp {demo-data,stats,health,train,evaluate,calibrate,predict,analyze,export,push,
-cache,sweep} --help
+"""Command line: python -m carapp {demo-data,stats,health,train,lr-find,evaluate,calibrate,predict,analyze,export,
+push,cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """
@@ -17,6 +17,17 @@ from .cli_text import HUMAN
 from .config import BACKBONES, PRESETS, TrainConfig, make_config
 
 log = logging.getLogger("carapp")
+EMA_DECAY = 0.9998  # --ema alone: an average over about the last 5,000 steps (a few CompCars epochs at batch 64)
+
+def batch_size_arg(text: str) -> int | str:
+    """--batch-size N or --batch-size auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, not {text!r}") from None
+
 
 # (flag, type, help) for every training option; all default to None so presets and resumes can tell "not given".
 TRAIN_OPTIONS = [
@@ -24,14 +35,18 @@ TRAIN_OPTIONS = [
     ("--backbone", str, " | ".join(BACKBONES)),
     ("--weights", str, "imagenet | none | PATH to a torchvision-format .pth"),
     ("--epochs", int, "maximum epochs"),
-    ("--batch-size", int, "batch size"),
-    ("--lr", float, "Adam learning rate"),
-    ("--weight-decay", float, "Adam weight decay"),
+    ("--batch-size", batch_size_arg, "batch size, or auto: the largest that fits on the GPU (CPU: 64)"),
+    ("--lr", float, "learning rate (of the head, with --layer-lr-decay)"),
+    ("--weight-decay", float, "weight decay"),
+    ("--optimizer", str, "adam (the paper) | adamw (decoupled weight decay) | sgd (momentum 0.9, Nesterov)"),
+    ("--freeze-epochs", int, "train only the head for the first N epochs, then the whole network"),
+    ("--layer-lr-decay", float, "lr multiplier per ResNet stage below the head (head x1, layer4 x d, ... stem x d^5)"),
     ("--dropout", float, "dropout before the classifier"),
     ("--gamma", float, "focal loss gamma"),
     ("--alpha", str, "focal loss alpha: inverse | effective | none"),
     ("--sampler", str, "weighted | none"),
     ("--image-size", int, "input size in pixels"),
+    ("--resize", str, "crop (short side, centre crop) | pad (letterbox the whole photo: keeps a wide car's ends)"),
     ("--patience", int, "early stopping: epochs without val-loss improvement"),
     ("--label-smoothing", float, "label smoothing combined with the focal loss (0: none)"),
     ("--schedule", str, "learning-rate schedule: plateau (ReduceLROnPlateau on val loss) | cosine (per step)"),
@@ -55,6 +70,11 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
             help_text = text if "(default" in text else f"{text} (default {default:g})" if isinstance(default, float) \
                 else f"{text} (default {default})"
             p.add_argument(flag, type=typ, default=None, help=help_text)
+    p.add_argument("--ema", type=float, nargs="?", const=EMA_DECAY, default=None, metavar="DECAY",
+                   help=f"keep an exponential moving average of the weights (--ema alone: decay {EMA_DECAY}); "
+                   "validation and best.pt use it when it validates better (default 0: off)")
+    p.add_argument("--no-decay-norm-bias", dest="decay_norm_bias", action="store_false", default=None,
+                   help="no weight decay on normalisation weights and biases")
     p.add_argument("--crop-bbox", action="store_true", default=None, help="crop images to the labelled car box")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
@@ -67,8 +87,8 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
 
 def given_options(args, skip: tuple[str, ...] = ()) -> dict:
     """The training options given on the command line (None: not given), less those named in skip."""
-    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + ["crop_bbox", "amp", "compile", "data",
-                                                                          "group_duplicates", "exclude"]
+    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + [
+        "crop_bbox", "amp", "compile", "data", "ema", "decay_norm_bias", "group_duplicates", "exclude"]
     return {n: getattr(args, n) for n in names if n not in skip and getattr(args, n, None) is not None}
 
 
@@ -178,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", required=True, help="comma-separated learning rates, e.g. 1e-4,1e-3,1e-2")
     p.add_argument("--dropout", required=True, help="comma-separated dropout rates, e.g. 0.2,0.3,0.4")
     add_train_options(p, skip=("--lr", "--dropout"))
+
+    p = sub.add_parser("lr-find", help="learning-rate range test on the configured data and model (writes no run)")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--steps", type=int, default=100, help="steps of the exponential sweep at most (default 100)")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate of the sweep (default 1e-07)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep (default 10)")
+    add_train_options(p, skip=("--steps-per-epoch", "--epochs", "--patience", "--lr-patience", "--lr-factor"))
 
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -345,6 +372,13 @@ def cmd_sweep(args):
     return sweep(config_from_args(args, skip=("lr", "dropout")), args.out, lrs, dropouts), 0  # the grid's own lists
 
 
-COMMANDS = {"demo-data": cmd_demo_data, "stats": cmd_stats, "health": cmd_health, "train": cmd_train, "evaluate": cmd_evaluate,
+def cmd_lr_find(args):
+    from .lrfind import lr_find
+    skip = ("steps_per_epoch", "epochs", "patience", "lr_patience", "lr_factor")
+    return lr_find(config_from_args(args, skip), args.start_lr, args.end_lr, args.steps), 0
+
+
+COMMANDS = {"demo-data": cmd_demo_data, "lr-find": cmd_lr_find, "stats": cmd_stats, "health": cmd_health,
+            "train": cmd_train, "evaluate": cmd_evaluate,
             "calibrate": cmd_calibrate, "analyze": cmd_analyze,
             "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep}

@@ -95,5 +95,11 @@ def sweep(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-HUMAN = {"demo-data": demo_data, "stats": stats, "health": health, "train": train, "evaluate": evaluation, "calibrate": calibrate,
-         "export": export, "push": push, "cache": cache, "sweep": sweep}
+def lr_find(r: dict) -> str:
+    return (f"suggested learning rate {r['suggested_lr']:.2e} (steepest descent of the smoothed loss); "
+            f"lowest loss at {r['min_loss_lr']:.2e}\n{r['steps']} steps from {r['lrs'][0]:.1e} to {r['lrs'][-1]:.1e}"
+            + (", stopped when the loss diverged" if r["diverged"] else ""))
+
+
+HUMAN = {"demo-data": demo_data, "stats": stats, "health": health, "train": train, "evaluate": evaluation,
+         "calibrate": calibrate, "export": export, "push": push, "cache": cache, "sweep": sweep, "lr-find": lr_find}

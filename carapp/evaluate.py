@@ -98,8 +98,8 @@ def split_dataset(run: Path, cfg: TrainConfig, split: str, per_class: int | None
             if seen[y] <= per_class:
                 keep.append(i)
         paths, labels, bboxes = [paths[i] for i in keep], [labels[i] for i in keep], [bboxes[i] for i in keep]
-    return CarImages(cfg.data, paths, labels, bboxes, build_transform(cfg.image_size, False), cfg.crop_bbox,
-                     cfg.image_size, ResizedCache.find(cfg.data, cfg.image_size))
+    return CarImages(cfg.data, paths, labels, bboxes, build_transform(cfg.image_size, False, resize=cfg.resize),
+                     cfg.crop_bbox, cfg.image_size, ResizedCache.find(cfg.data, cfg.image_size))
 
 
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:

@@ -18,17 +18,21 @@ import torch
 from . import rundir
 from .answers import BANK_FILE, CALIBRATION_FILE
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from .loader import IMAGENET_MEAN, IMAGENET_STD, resize_size
+from .loader import IMAGENET_MEAN, IMAGENET_STD, Letterbox, resize_size
 from .model import model_from_checkpoint
 
 FORMAT_TAG = "carapp-export"
 ONNX_OPSET = 18
 
 
-def preprocessing(image_size: int) -> dict:
+def preprocessing(image_size: int, resize: str = "crop") -> dict:
     """What an exported model expects, so other runtimes can feed it without carapp."""
-    return {"input": "float32 NCHW, RGB, batch of any size", "resize_short_side": resize_size(image_size),
-            "center_crop": image_size, "scale": "pixel / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+    if resize == "pad":
+        fit = {"resize": "pad", "resize_long_side": image_size, "pad_to_square": image_size,
+               "pad_fill": list(Letterbox.FILL)}
+    else:
+        fit = {"resize": "crop", "resize_short_side": resize_size(image_size), "center_crop": image_size}
+    return {"input": "float32 NCHW, RGB, batch of any size", **fit, "scale": "pixel / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "output": "logits, one per class in labels.json order: softmax(logits / temperature) for probabilities, "
                       "with the temperature from calibration.json (1 when absent)"}
 
@@ -49,7 +53,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
     info = rundir.read_json(run / "labels.json") if run.is_dir() else None
     rundir.write_json(out / "labels.json", info or [{"index": i, "name": n} for i, n in enumerate(labels)])
     rundir.write_json(out / "config.json", {"format": FORMAT_TAG, "version": 1, "weights": fmt,
-                                            "num_classes": len(labels), "preprocessing": preprocessing(image_size),
+                                            "num_classes": len(labels), "preprocessing": preprocessing(image_size, config.get("resize", "crop")),
                                             "training": config})
     for name in (CALIBRATION_FILE, BANK_FILE):  # the temperature, thresholds and "not a car" score travel along
         source = (run if run.is_dir() else run.parent) / name
@@ -78,7 +82,9 @@ def model_card(run: Path, config: dict, labels: list[str]) -> str:
     shown = ", ".join(labels[:40]) + (f", … ({len(labels) - 40} more in labels.json)" if len(labels) > 40 else "")
     recipe = "\n".join(f"| {k} | {config.get(k)} |" for k in ("backbone", "weights", "image_size", "epochs",
                                                              "batch_size", "lr", "weight_decay", "dropout", "gamma",
-                                                             "alpha", "sampler", "min_images", "crop_bbox", "seed"))
+                                                             "alpha", "sampler", "min_images", "crop_bbox", "seed",
+                                                             "optimizer", "schedule", "label_smoothing", "ema",
+                                                             "freeze_epochs", "resize"))
     return f"""---
 library_name: pytorch
 pipeline_tag: image-classification

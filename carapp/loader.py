@@ -24,15 +24,46 @@ def resize_size(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def build_transform(image_size: int, train: bool, jitter: float = 0.2) -> v2.Compose:
-    """PIL image → uint8 CHW tensor; augmentations run on uint8. Normalisation happens later, on the device."""
+def build_transform(image_size: int, train: bool, jitter: float = 0.2, resize: str = "crop") -> v2.Compose:
+    """PIL image → uint8 CHW tensor; augmentations run on uint8. Normalisation happens later, on the device.
+
+    resize crop: the short side is resized and the centre kept (a wide photo loses its ends); pad: the whole photo is
+    letterboxed into the square first (grey bands), so the ends of a wide car stay in view."""
+    fit = [Letterbox(image_size)] if resize == "pad" else []
     if train:
-        steps = [v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        steps = [*fit, v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
         if jitter:
             steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    elif fit:
+        steps = fit
     else:
         steps = [v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose([v2.ToImage(), *steps])
+
+
+class Letterbox(torch.nn.Module):
+    """Resize the long side to `size` and pad the short one, centred, with the ImageNet mean colour: the bands
+    normalise to about 0 and carry no signal."""
+
+    FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        left, top, right, bottom = letterbox_box((w, h), self.size)
+        image = v2.functional.resize(image, [bottom - top, right - left], antialias=True)
+        return v2.functional.pad(image, [left, top, self.size - right, self.size - bottom], fill=list(self.FILL))
+
+
+def letterbox_box(size: tuple[int, int], square: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a (width, height) photo letterboxed into a square of that side."""
+    scale = square / max(size)
+    w, h = max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+    left, top = (square - w) // 2, (square - h) // 2
+    return left, top, left + w, top + h
 
 
 @functools.lru_cache(maxsize=None)

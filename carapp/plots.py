@@ -55,6 +55,19 @@ def curves_figure(metrics: list[dict]) -> go.Figure:
     return fig
 
 
+def lr_find_figure(result: dict) -> go.Figure:
+    """The range test: smoothed loss against the learning rate (log axis), the suggestion marked."""
+    fig = go.Figure(go.Scatter(x=result["lrs"], y=result["losses"], mode="lines", name="smoothed loss"))
+    fig.add_trace(go.Scatter(x=result["lrs"], y=result["raw_losses"], mode="markers", name="batch loss",
+                             marker=dict(size=4, opacity=0.35)))
+    fig.add_vline(x=result["suggested_lr"], line_dash="dash", line_color="firebrick",
+                  annotation_text=f"suggested {result['suggested_lr']:.1e}", annotation_position="top left")
+    top = max(result["losses"]) * 1.1  # the batch losses of a diverging tail would flatten the curve
+    fig.update_layout(title="Learning-rate range test", xaxis=dict(type="log", title="learning rate"),
+                      yaxis=dict(title="loss", range=[min(result["losses"]) * 0.9, top]), **LAYOUT)
+    return fig
+
+
 def confusion_figure(cm: np.ndarray, names: list[str], title: str) -> go.Figure:
     """Row-normalised confusion matrix as a heatmap; counts on hover. Readable at hundreds of classes."""
     rows = cm.sum(1, keepdims=True)

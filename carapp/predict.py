@@ -21,7 +21,7 @@ from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .evaluate import forward
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .images import open_image
-from .loader import build_transform, resize_size, to_input
+from .loader import build_transform, letterbox_box, resize_size, to_input
 from .model import model_from_checkpoint
 from .runtime import pick_device
 
@@ -54,7 +54,8 @@ class Predictor:
         self.labels, self.config = labels, config
         self.calibration = calibration or Calibration(labels, first_words(labels))
         self.image_size = int(config.get("image_size", 224))
-        self.transform = build_transform(self.image_size, train=False)
+        self.resize = config.get("resize", "crop")  # the run's own choice: crop or letterbox, as it trained
+        self.transform = build_transform(self.image_size, train=False, resize=self.resize)
         self._lock = threading.Lock()  # pytorch-grad-cam hooks the model: one package CAM at a time
 
     @classmethod
@@ -103,7 +104,7 @@ class Predictor:
             with self._lock:
                 heats = [package_cam(self.model, x[i:i + 1], t, method) for i, t in enumerate(targets)]
         for pred, im, heat, t in zip(preds, images, heats, targets):
-            pred.cam, pred.explained = overlay_on_photo(im, heat, self.image_size), self.labels[t]
+            pred.cam, pred.explained = overlay_on_photo(im, heat, self.image_size, self.resize), self.labels[t]
         return preds
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:
@@ -119,20 +120,25 @@ class Predictor:
         return int(target)
 
 
-def seen_region(size: tuple[int, int], image_size: int) -> tuple[float, float, float, float]:
-    """The box of the photo the network saw: the eval transform's centre crop, in the photo's pixels."""
+def seen_region(size: tuple[int, int], image_size: int, resize: str = "crop") -> tuple[float, float, float, float]:
+    """The box of the photo the network saw: the eval transform's centre crop, in the photo's pixels (pad: all)."""
     width, height = size
+    if resize == "pad":
+        return 0.0, 0.0, float(width), float(height)
     side = min(size) * image_size / resize_size(image_size)
     left, top = (width - side) / 2, (height - side) / 2
     return left, top, left + side, top + side
 
 
-def overlay_on_photo(image: Image.Image, heat, image_size: int) -> Image.Image:
+def overlay_on_photo(image: Image.Image, heat, image_size: int, resize: str = "crop") -> Image.Image:
     """The heatmap over the region the network saw, outlined, inside the whole photo at display size: a user sees
     what was cut away as well as what counted. The cut-away margins are dimmed."""
     scale = min(CAM_DISPLAY_SIZE[1], max(CAM_DISPLAY_SIZE[0], max(image.size))) / max(image.size)
     photo = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
-    box = tuple(round(v * scale) for v in seen_region(image.size, image_size))
+    box = tuple(round(v * scale) for v in seen_region(image.size, image_size, resize))
+    if resize == "pad":  # the heatmap covers the padded square: keep the part over the photo
+        left, top, right, bottom = letterbox_box(image.size, image_size)
+        heat = heat[top:bottom, left:right]
     canvas = Image.blend(Image.new("RGB", photo.size), photo, 0.6)
     canvas.paste(overlay(photo.crop(box), heat), box[:2])
     ImageDraw.Draw(canvas).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=(255, 255, 255),

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import rundir
+from .autobatch import resolve_batch_size
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Split, index_dataset, make_split
@@ -95,8 +96,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
         cfg, split, ckpt = prepared if dist.main else _read_prepared(run)
         return _fit(cfg, run, split, ckpt, dist)
     except torch.cuda.OutOfMemoryError:
+        smaller = max(1, cfg.batch_size // 2) if isinstance(cfg.batch_size, int) else 32
         message = (f"GPU out of memory at batch size {cfg.batch_size}: resume with a smaller batch, e.g. "
-                   f"--batch-size {max(1, cfg.batch_size // 2)} (last.pt keeps the last finished epoch)")
+                   f"--batch-size {smaller} (last.pt keeps the last finished epoch)")
         if dist.main:
             rundir.write_progress(run, status="failed", error=message)
         raise TrainingError(message) from None
@@ -131,6 +133,7 @@ def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, spli
         if split is None:
             split, recorded = make_run_split(cfg)
         rundir.write_split(run, split)
+        resolve_batch_size(cfg, len(split.class_info))  # "auto" becomes a number before config.json freezes it
         rundir.truncate_metrics(run, 0)  # a run that died before its first last.pt may have left epoch lines
         ckpt = None
     if resume:  # what the first start recorded besides the config (the photos it left out) stays
@@ -183,7 +186,8 @@ class Job:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.criterion = FocalLoss(class_alpha(split.counts("train"), cfg.alpha), cfg.gamma,
                                    label_smoothing=cfg.label_smoothing).to(self.device)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(self.net, cfg)
+        self.split = split  # kept: a batch halved after an out-of-memory error rebuilds the loaders
         self._loaders(cfg, split, dist)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, cfg.amp))
@@ -198,6 +202,10 @@ class Job:
                 self.scaler.load_state_dict(ckpt["scaler"])
             if ckpt.get("cuda_rng") and self.device.type == "cuda":
                 torch.cuda.set_rng_state(ckpt["cuda_rng"][0], self.device)
+        self.ema = make_ema(self.net, cfg.ema)
+        if self.ema is not None and ckpt and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+        self.trunk_params = [p for name, p in self.net.named_parameters() if not name.startswith("fc.")]
         self.model = self.net  # what the forward pass goes through: maybe DDP, maybe compiled
         if dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -214,17 +222,66 @@ class Job:
         if cache:
             log.info("reading pre-resized images from %s", cache.folder)
         pin = self.device.type == "cuda"
-        train_set = CarImages(cfg.data, paths, labels, boxes, build_transform(cfg.image_size, True, cfg.jitter),
-                              cfg.crop_bbox, cfg.image_size, cache)
+        train_set = CarImages(cfg.data, paths, labels, boxes,
+                              build_transform(cfg.image_size, True, cfg.jitter, cfg.resize), cfg.crop_bbox,
+                              cfg.image_size, cache)
         self.train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, self.sampler, pin)
         paths, labels, boxes = split.subset("val")
-        val_set = CarImages(cfg.data, paths, labels, boxes, build_transform(cfg.image_size, False), cfg.crop_bbox,
-                            cfg.image_size, cache)
+        val_set = CarImages(cfg.data, paths, labels, boxes, build_transform(cfg.image_size, False, resize=cfg.resize),
+                            cfg.crop_bbox, cfg.image_size, cache)
         shard = list(range(dist.rank, len(val_set), dist.world)) if dist.world > 1 else None
         self.val_loader = make_loader(val_set, cfg.batch_size, cfg.workers, shard, pin)
         log.info("%d classes, %d train / %d val images, %s, %s%s", len(split.class_info), len(train_set),
                  len(val_set), cfg.backbone, describe_device(self.device),
                  f", {dist.world} processes" if dist.world > 1 else "")
+
+
+def stage_of(name: str) -> int:
+    """Depth of a ResNet parameter from the top: 0 the head (fc), 1-4 layer4..layer1, 5 the stem (conv1, bn1)."""
+    top = name.split(".", 1)[0]
+    if top == "fc":
+        return 0
+    return 5 - int(top[5:]) if top.startswith("layer") else 5
+
+
+def param_groups(net: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Optimizer groups: lr x layer_lr_decay^depth per ResNet stage (head first, at the full lr: the lr that
+    metrics.jsonl reports), and with decay_norm_bias off, weight decay 0 on 1-d tensors (norm weights, biases)."""
+    if cfg.decay_norm_bias and cfg.layer_lr_decay == 1.0:
+        return [{"params": list(net.parameters()), "name": "all"}]  # the paper's single group
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in net.named_parameters():
+        depth, exempt = stage_of(name), not cfg.decay_norm_bias and p.ndim <= 1
+        group = groups.setdefault((depth, exempt), {
+            "params": [], "lr": cfg.lr * cfg.layer_lr_decay ** depth, "weight_decay": 0.0 if exempt else
+            cfg.weight_decay, "name": ("head", "layer4", "layer3", "layer2", "layer1", "stem")[depth]
+            + (" norm/bias" if exempt else "")})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def make_optimizer(net: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """adam: the paper's (L2 weight decay in the gradient); adamw: decoupled decay; sgd: momentum 0.9, Nesterov."""
+    groups = param_groups(net, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_ema(net: torch.nn.Module, decay: float):
+    """An exponential moving average of the weights and BN statistics, updated after every optimizer step."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def freeze_trunk_statistics(net: torch.nn.Module) -> None:
+    """In a frozen epoch the trunk is a fixed feature extractor: its BN layers keep their running statistics."""
+    for name, module in net.named_children():
+        if name != "fc":
+            module.eval()
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
@@ -257,14 +314,17 @@ def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop:
         job.sampler.set_epoch(epoch, state["step"] * cfg.batch_size)
         if state["step"] == 0:  # augmentation and dropout seeds follow the epoch; mid-epoch, last.pt's RNG goes on
             torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * dist.rank)
+        if cfg.freeze_epochs and epoch in (1, cfg.freeze_epochs + 1) and dist.main:
+            log.info("epoch %d: %s", epoch, "head only, trunk frozen" if epoch <= cfg.freeze_epochs
+                     else "trunk unfrozen, the whole network trains")
         result = train_one_epoch(job, cfg, run, stop, epoch, bad_paths, dist)
         if result is None:  # stopped mid-epoch: everything needed to continue is in last.pt
             return _stopped(job, cfg, run, dist, epoch)
-        val_loss, val_acc = validate(job, cfg, dist)
+        val_loss, val_acc, chosen, weights_row = validate_weights(job, cfg, dist)
         if cfg.schedule == "plateau":
             job.scheduler.step(val_loss)  # the same all-reduced figure on every rank: the same decisions
         row = {"epoch": epoch, **result, "val_loss": val_loss, "val_acc": val_acc,
-               "lr": job.optimizer.param_groups[0]["lr"]}
+               "lr": job.optimizer.param_groups[0]["lr"], **weights_row}
         improved = val_loss < state["best_val_loss"]
         state.update(epoch=epoch, step=0, partial=None, bad_epochs=0 if improved else state["bad_epochs"] + 1,
                      best_val_loss=min(val_loss, state["best_val_loss"]))
@@ -274,7 +334,7 @@ def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop:
                      epoch, cfg.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, row["lr"],
                      row["seconds"])
             if improved:
-                save_best(run, job.net, cfg, split, row)
+                save_best(run, chosen, cfg, split, row)
             save_last(run, job, cfg)
             _report_bad_images(run, bad_paths)
         if state["bad_epochs"] >= cfg.patience:
@@ -314,10 +374,48 @@ def _stopped(job: Job, cfg: TrainConfig, run: Path, dist: Dist, epoch: int, save
 
 def train_one_epoch(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epoch: int, bad_paths: set[str],
                     dist: Dist) -> dict | None:
-    """One pass of the sampler; returns the epoch's figures, or None if asked to stop (job.state holds the step)."""
+    """One pass of the sampler; returns the epoch's figures, or None if asked to stop (job.state holds the step).
+    A batch size found by --batch-size auto is halved on a CUDA out-of-memory error, and the pass goes on from the
+    last good step."""
+    while True:
+        try:
+            return _train_pass(job, cfg, run, stop, epoch, bad_paths, dist)
+        except torch.cuda.OutOfMemoryError:
+            if not (cfg.batch_size_auto and dist.world == 1 and cfg.batch_size % 2 == 0):
+                raise  # under torchrun the other ranks wait in an all-reduce: no rank may change course alone
+            halve_batch(job, cfg, run, epoch, dist)
+
+
+def halve_batch(job: Job, cfg: TrainConfig, run: Path, epoch: int, dist: Dist) -> None:
+    """Half the batch, twice the steps: the same samples per epoch, the epoch's position kept in samples (step k of
+    size b is step 2k of size b/2), the loaders and a cosine schedule rebuilt, config.json rewritten (resume exact)."""
+    job.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    old = cfg.batch_size
+    cfg.batch_size //= 2
+    if cfg.steps_per_epoch:
+        cfg.steps_per_epoch *= 2
+    job.state["step"] *= 2
+    job._loaders(cfg, job.split, dist)
+    job.sampler.set_epoch(epoch, job.state["step"] * cfg.batch_size)
+    if cfg.schedule == "cosine":  # stepped per optimizer step: its count doubles with the steps
+        done = job.scheduler.last_epoch
+        job.scheduler = make_scheduler(job.optimizer, cfg, len(job.train_loader) + job.state["step"])
+        job.scheduler.last_epoch = 2 * done - 1
+        job.scheduler.step()  # the lr of step 2 * done, where the run is
+    rundir.write_json(run / "config.json", (rundir.read_json(run / "config.json") or {}) | cfg.to_dict())
+    log.warning("GPU out of memory at batch size %d in epoch %d: going on at batch size %d from step %d", old,
+                epoch, cfg.batch_size, job.state["step"] + 1)
+
+
+def _train_pass(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epoch: int, bad_paths: set[str],
+                dist: Dist) -> dict | None:
     job.model.train()
+    frozen = epoch <= cfg.freeze_epochs  # a function of the epoch alone: a resumed run freezes the same epochs
+    if frozen:
+        freeze_trunk_statistics(job.net)
     state, loader, device = job.state, job.train_loader, job.device
-    p = state["partial"] or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    p = state["partial"] = state["partial"] or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     steps = len(loader) + state["step"]
     started, last_write = time.time() - p["seconds"], 0.0
     bar = tqdm(loader, total=steps, initial=state["step"], desc=f"epoch {epoch}/{cfg.epochs}",
@@ -338,8 +436,13 @@ def train_one_epoch(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epo
                                 f"last.pt keeps the last good state. Try a smaller --lr.")
         job.optimizer.zero_grad(set_to_none=True)
         job.scaler.scale(loss).backward()
+        if frozen:  # no gradient, no step: optimizers skip a None grad (weight decay and momentum too)
+            for param in job.trunk_params:
+                param.grad = None
         job.scaler.step(job.optimizer)
         job.scaler.update()
+        if job.ema is not None:
+            job.ema.update_parameters(job.net)
         if cfg.schedule == "cosine":
             job.scheduler.step()
         if weight:
@@ -367,10 +470,27 @@ def train_one_epoch(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epo
             "seconds": round(p["seconds"], 2)}
 
 
+def validate_weights(job: Job, cfg: TrainConfig, dist: Dist) -> tuple[float, float, torch.nn.Module, dict]:
+    """(val loss, val acc, the weights that scored them, extra metrics fields). With EMA on, the raw and the averaged
+    weights are both validated and the better val loss wins: it drives the schedule, early stopping and best.pt."""
+    val_loss, val_acc = validate(job, cfg, dist)
+    if job.ema is None:
+        return val_loss, val_acc, job.net, {}
+    ema_loss, ema_acc = validate(job, cfg, dist, job.ema.module)
+    use_ema = ema_loss < val_loss
+    row = {"raw_val_loss": val_loss, "ema_val_loss": ema_loss, "val_weights": "ema" if use_ema else "raw"}
+    if use_ema:
+        return ema_loss, ema_acc, job.ema.module, row
+    return val_loss, val_acc, job.net, row
+
+
 @torch.no_grad()
-def validate(job: Job, cfg: TrainConfig, dist: Dist) -> tuple[float, float]:
-    """Mean focal loss and top-1 accuracy over the validation split (summed over ranks)."""
+def validate(job: Job, cfg: TrainConfig, dist: Dist, net: torch.nn.Module | None = None) -> tuple[float, float]:
+    """Mean focal loss and top-1 accuracy of `net` (the raw weights by default) over the validation split (summed
+    over ranks)."""
     job.model.eval()
+    net = net or job.net
+    net.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for images, labels, _, _ in job.val_loader:
         if images is None:
@@ -378,7 +498,7 @@ def validate(job: Job, cfg: TrainConfig, dist: Dist) -> tuple[float, float]:
         images = to_input(images, job.device, cfg.channels_last)
         labels = labels.to(job.device, non_blocking=True)
         with autocast(job.device, cfg.amp):
-            logits = job.net(images)  # no DDP here: ranks see different numbers of batches
+            logits = net(images)  # no DDP here: ranks see different numbers of batches
         loss_sum += job.criterion(logits, labels).item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
@@ -391,6 +511,7 @@ def save_last(run: Path, job: Job, cfg: TrainConfig) -> None:
                      "scheduler": job.scheduler.state_dict(), "rng": torch.get_rng_state(),
                      "cuda_rng": [torch.cuda.get_rng_state(job.device)] if job.device.type == "cuda" else [],
                      "scaler": job.scaler.state_dict() if job.scaler.is_enabled() else {},
+                     "ema": job.ema.state_dict() if job.ema is not None else {},
                      "config": cfg.to_dict(), "labels": rundir.label_names(run), **job.state}, run / "last.pt")
 
 

@@ -12,7 +12,12 @@ from PIL import Image
 from conftest import ROOT, serving
 
 START_TINY = dict(preset="demo", backbone="resnet18", weights="none", epochs=50, batch_size=8, lr=1e-3,
-                  weight_decay=1e-5, dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0)
+                  weight_decay=1e-5, dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0,
+                  # the Advanced accordion's recipe options, after the basic fields
+                  optimizer="adamw", schedule="cosine", warmup_epochs=1, label_smoothing=0.1, decay_norm_bias=False,
+                  freeze_epochs=1, layer_lr_decay=0.8, ema=0.5, resize="pad")
+ADVANCED = ("optimizer", "schedule", "warmup_epochs", "label_smoothing", "decay_norm_bias", "freeze_epochs",
+            "layer_lr_decay", "ema", "resize")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +84,8 @@ def test_training_job_through_the_api(app):
         assert time.time() < deadline
         time.sleep(0.5)
     assert s["steps"] > 0 and s["images_per_sec"] > 0
+    config = json.loads((runs / s["run"] / "config.json").read_text())
+    assert {k: config[k] for k in ADVANCED} == {k: START_TINY[k] for k in ADVANCED}  # the accordion reached the run
     with pytest.raises(AppError, match="one job at a time"):
         c.predict(str(data), *START_TINY.values(), api_name="/start_training")
     other = client(url)  # a new visitor sees the same job
@@ -90,6 +97,19 @@ def test_training_job_through_the_api(app):
         time.sleep(0.5)
     assert _status(c, s["run"])["status"] == "stopped"
     assert (runs / s["run"] / "last.pt").is_file()
+
+
+def test_find_lr_button_plots_the_range_test(app, monkeypatch):
+    from carapp.ui import train_tab
+    monkeypatch.setattr(train_tab, "LR_FIND_STEPS", 20)  # the app serves from this process: a short sweep
+    url, runs, data = app
+    before = sorted(p.name for p in runs.iterdir())
+    text, figure = client(url).predict(str(data), *START_TINY.values(), api_name="/find_lr")
+    assert text.startswith("**Suggested learning rate: ") and "Learning rate box" in text
+    plot = json.loads(figure["plot"])
+    lrs = plot["data"][0]["x"]
+    assert len(lrs) >= 10 and lrs == sorted(lrs) and plot["layout"]["xaxis"]["type"] == "log"
+    assert sorted(p.name for p in runs.iterdir()) == before  # no run written
 
 
 def test_no_trained_model_yet_says_what_to_do(demo_root, tmp_path):
@@ -115,6 +135,8 @@ def test_public_mode_turns_training_off(demo_root, tiny_run, tmp_path):
         c = client(url)
         with pytest.raises(AppError, match="turned off"):
             c.predict(str(demo_root), *START_TINY.values(), api_name="/start_training")
+        with pytest.raises(AppError, match="turned off"):  # the range test trains too: the owner's alone
+            c.predict(str(demo_root), *START_TINY.values(), api_name="/find_lr")
         label, *_ = c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
         assert label["confidences"]
         with pytest.raises(AppError, match="Unknown model"):  # no free-form server paths for strangers
@@ -147,7 +169,9 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
                       test_frac=0.1, image_size=32, backbone="resnet18", dropout=0.1, sampler="none", alpha="effective",
                       gamma=1.5, epochs=1, batch_size=4, lr=2e-3, weight_decay=0.0, lr_factor=0.5, lr_patience=2,
                       patience=5, steps_per_epoch=1, seed=3, workers=0, device="cpu", amp=False, channels_last=False,
-                      jitter=0.05, label_smoothing=0.1, schedule="cosine", warmup_epochs=0.5)
+                      jitter=0.05, label_smoothing=0.1, schedule="cosine", warmup_epochs=0.5, optimizer="adamw",
+                      decay_norm_bias=False, freeze_epochs=1, layer_lr_decay=0.5, ema=0.5, resize="pad",
+                      batch_size_auto=True)
     same = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) == getattr(TrainConfig(), f.name)}
     assert same == {"weights", "compile"}  # imagenet weights would need the network; compile takes minutes
     run = jobs.start_training(cfg, tmp_path)

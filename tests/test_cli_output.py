@@ -35,10 +35,12 @@ def commands(demo_root, run, out):
         "export": ["--run", run, "--format", "onnx", "--out", out / "onnx"],  # torch.onnx prints as it works
         "cache": ["--data", shutil.copytree(demo_root, out / "copy"), "--short-side", "40", "--workers", "1"],
         "sweep": ["--data", demo_root, "--out", out / "sweep", "--lr", "1e-3", "--dropout", "0.2", *TINY_TRAIN],
+        "lr-find": ["--data", demo_root, *FAST_TRAIN, "--steps", "6"],
     }
 
 
-COMMANDS = ["demo-data", "stats", "health", "train", "evaluate", "calibrate", "predict", "analyze", "export", "cache", "sweep"]
+COMMANDS = ["demo-data", "stats", "health", "train", "evaluate", "calibrate", "predict", "analyze", "export", "cache",
+            "sweep", "lr-find"]
 
 
 @pytest.mark.slow

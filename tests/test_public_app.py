@@ -25,7 +25,8 @@ def photo(path: str, method: str = "gradcam") -> list:
     return [{"path": path}, None, method, predict_tab.TOP1, False, None, None]
 
 
-TINY_START = ["demo", "resnet18", "none", 50, 8, 1e-3, 1e-5, 0.2, 2.0, 32, 50, 0]  # preset + the Train fields
+ADVANCED_BLANK = [None] * 9  # the Advanced accordion's recipe options, left blank: the preset's values
+TINY_START = ["demo", "resnet18", "none", 50, 8, 1e-3, 1e-5, 0.2, 2.0, 32, 50, 0, *ADVANCED_BLANK]  # preset + fields
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +220,7 @@ def test_three_start_clicks_start_one_trainer(demo_root, tiny_run, tmp_path):
 
 def test_blank_numbers_mean_the_presets_values(demo_root, tiny_run, tmp_path):
     with serving(demo_root, tiny_run, tmp_path) as url:
-        blank = ["demo", "resnet18", "", None, None, None, None, None, None, 32, None, 0]
+        blank = ["demo", "resnet18", "", None, None, None, None, None, None, 32, None, 0, *ADVANCED_BLANK]
         ok, data = raw_call(url, "/start_training", [str(demo_root), *blank])
         assert ok and data[0].startswith("Started"), data
         run = next(r.path for r in jobs.list_runs(tmp_path) if r.name != "tiny")
@@ -229,6 +230,7 @@ def test_blank_numbers_mean_the_presets_values(demo_root, tiny_run, tmp_path):
             time.sleep(0.2)
         cfg = json.loads((run / "config.json").read_text())
         assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["weights"]) == (12, 32, 1e-3, "none")
+        assert (cfg["optimizer"], cfg["ema"], cfg["resize"], cfg["decay_norm_bias"]) == ("adam", 0.0, "crop", True)
         stop_all_jobs(tmp_path)
 
 

@@ -9,11 +9,16 @@ import gradio as gr
 import pandas as pd
 
 from .. import jobs, plots, rundir
-from ..config import BACKBONES, PRESETS, make_config
+from ..config import BACKBONES, OPTIMIZERS, PRESETS, RESIZES, make_config
 from .settings import AppSettings, ensure_data
 
-FIELDS = ["backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "dropout", "gamma", "image_size",
-          "patience", "workers"]
+BASIC_FIELDS = ["backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "dropout", "gamma", "image_size",
+                "patience", "workers"]
+# the "Advanced" accordion's recipe options: after the basic ones in /start_training's positional inputs, so a
+# caller that sends only the basic ones keeps working (a missing or blank value means the preset's)
+ADVANCED_FIELDS = ["optimizer", "schedule", "warmup_epochs", "label_smoothing", "decay_norm_bias", "freeze_epochs",
+                   "layer_lr_decay", "ema", "resize"]
+FIELDS = BASIC_FIELDS + ADVANCED_FIELDS
 TABLE_COLUMNS = {"epoch": "Epoch", "train_loss": "Train Loss", "train_acc": "Train Accuracy",
                  "val_loss": "Validation Loss", "val_acc": "Validation Accuracy", "lr": "LR", "seconds": "Seconds"}
 
@@ -23,12 +28,14 @@ def preset_values(preset: str) -> list:
     return [getattr(cfg, f) for f in FIELDS]
 
 
-INTEGER_FIELDS = ("epochs", "batch_size", "image_size", "patience", "workers")
+INTEGER_FIELDS = ("epochs", "batch_size", "image_size", "patience", "workers", "freeze_epochs")
 PUBLIC_WEIGHTS = ("none", "imagenet")   # a public app never opens a file path a visitor typed
 TRAINING_OFF = "Training is turned off on this public app."
+LR_FIND_STEPS = 100  # the range test's sweep: fastai's default length
 
 
-def start(root: str, preset: str, *values, settings: AppSettings) -> str:
+def form_config(root: str, preset: str, values: tuple, settings: AppSettings):
+    """The TrainConfig of the form (a blank box: the preset's value); refused like Start when training is off."""
     if not settings.training_enabled:
         raise gr.Error(TRAINING_OFF, print_exception=False)
     if not settings.paths_editable or not root:
@@ -36,16 +43,36 @@ def start(root: str, preset: str, *values, settings: AppSettings) -> str:
     if root == settings.data:
         ensure_data(settings)
     fields = {k: v for k, v in zip(FIELDS, values) if v not in (None, "")}  # blank: the preset's value
+    for key in INTEGER_FIELDS:
+        if key in fields:
+            fields[key] = int(fields[key])
+    if not settings.paths_editable and fields.get("weights", "none") not in PUBLIC_WEIGHTS:
+        raise ValueError(f"on a public app the weights are one of: {', '.join(PUBLIC_WEIGHTS)}")
+    return make_config(preset, data=root, **fields)
+
+
+def start(root: str, preset: str, *values, settings: AppSettings) -> str:
     try:
-        for key in INTEGER_FIELDS:
-            if key in fields:
-                fields[key] = int(fields[key])
-        if not settings.paths_editable and fields.get("weights", "none") not in PUBLIC_WEIGHTS:
-            raise ValueError(f"on a public app the weights are one of: {', '.join(PUBLIC_WEIGHTS)}")
-        run = jobs.start_training(make_config(preset, data=root, **fields), settings.runs_dir)
+        run = jobs.start_training(form_config(root, preset, values, settings), settings.runs_dir)
     except (jobs.JobError, ValueError, TypeError) as exc:
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
     return f"Started **{run.name}**."
+
+
+def find_lr(root: str, preset: str, *values, settings: AppSettings):
+    """The learning-rate range test on the form's settings, in this process (a minute or two; it writes no run).
+    Not beside a training run: both would compete for the same cores or GPU."""
+    from ..lrfind import lr_find
+    try:
+        cfg = form_config(root, preset, values, settings)
+        if jobs.active_run(settings.runs_dir) is not None:
+            raise jobs.JobError("a run is training: find the learning rate before or after it (one job at a time)")
+        result = lr_find(cfg, steps=LR_FIND_STEPS)
+    except (jobs.JobError, ValueError, TypeError, OSError) as exc:
+        raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
+    return (f"**Suggested learning rate: {result['suggested_lr']:.1e}** (steepest descent of the smoothed loss; "
+            f"lowest loss at {result['min_loss_lr']:.1e}, {result['steps']} steps). Put it in the Learning rate box."
+            ), plots.lr_find_figure(result)
 
 
 def stop(settings: AppSettings) -> str:
@@ -165,6 +192,22 @@ def tick(name: str | None, message: str, shown: list, settings: AppSettings):
     return (*status(name, settings, runs), choices, labels, message)
 
 
+def advanced_inputs(v: dict) -> list:
+    """The recipe options beyond the paper's (the finetune preset sets them all), in ADVANCED_FIELDS order."""
+    return [gr.Dropdown(list(OPTIMIZERS), value=v["optimizer"], label="Optimizer",
+                        info="adam: the paper · adamw: decoupled decay · sgd: Nesterov momentum 0.9"),
+            gr.Dropdown(["plateau", "cosine"], value=v["schedule"], label="LR schedule",
+                        info="plateau: on val loss (the paper) · cosine: per step"),
+            gr.Number(v["warmup_epochs"], label="Warmup epochs", info="cosine: linear warmup"),
+            gr.Number(v["label_smoothing"], label="Label smoothing", info="0: none"),
+            gr.Checkbox(v["decay_norm_bias"], label="Weight decay on norm/bias", info="off: the fine-tuning way"),
+            gr.Number(v["freeze_epochs"], label="Head-only epochs", precision=0, info="trunk frozen first"),
+            gr.Number(v["layer_lr_decay"], label="Layer-wise LR decay", info="per stage below the head; 1: off"),
+            gr.Number(v["ema"], label="EMA decay", info="weights average; 0: off"),
+            gr.Dropdown(list(RESIZES), value=v["resize"], label="Resize",
+                        info="crop: centre crop · pad: whole photo, letterboxed")]
+
+
 def build(settings: AppSettings, demo: gr.Blocks) -> None:
     with gr.Tab("Train"):
         device = gr.Markdown("Device: …")
@@ -174,7 +217,8 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         with gr.Group(visible=settings.training_enabled):
             with gr.Row():
                 preset = gr.Dropdown(list(PRESETS), value="demo", label="Preset",
-                                     info="paper: the paper's recipe · demo: CPU in minutes · finetune: ImageNet start")
+                                     info="paper: the paper's recipe · demo: CPU in minutes · "
+                                     "finetune: ImageNet start, the full fine-tuning recipe")
                 root = gr.Textbox(settings.data if settings.paths_editable else "", label="Dataset folder",
                                   placeholder="the app's dataset", interactive=settings.paths_editable)
             with gr.Row():  # filled with the demo preset's values from the start: a box is never blank
@@ -189,17 +233,23 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                           gr.Number(v["image_size"], label="Image size", precision=0),
                           gr.Number(v["patience"], label="Early-stop patience", precision=0),
                           gr.Number(v["workers"], label="Loader workers", precision=0)]
+            with gr.Accordion("Advanced: fine-tuning recipe", open=False):
+                with gr.Row():
+                    inputs += advanced_inputs(v)
         # outside the Group, one row of buttons and one of the resume controls, aligned at the bottom: no grey
         # filler under buttons that are shorter than the labelled boxes beside them
         with gr.Column(visible=settings.training_enabled):
             with gr.Row():
                 start_btn = gr.Button("Start", variant="primary")
                 stop_btn = gr.Button("Stop", variant="stop")
+                lr_btn = gr.Button("Find learning rate")
             with gr.Row(equal_height=True):
                 run_pick = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, scale=3, elem_id="run-pick")  # filled on load
                 more_epochs = gr.Textbox(label="Max epochs on resume", placeholder="blank: keep the run's", scale=1)
                 resume_btn = gr.Button("Resume", scale=1)
         message = gr.Markdown(elem_id="train-message")
+        with gr.Accordion("Learning-rate range test", open=False, visible=settings.training_enabled) as lr_box:
+            lr_plot = gr.Plot(label="Loss against learning rate", elem_id="lr-find")
         live = gr.Markdown(elem_id="live")
         curves = gr.Plot(label="Loss and accuracy per epoch", elem_id="curves")
         table = gr.Dataframe(epoch_table([]), label="Per epoch (as the paper's Table 6)", interactive=False)
@@ -219,6 +269,9 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                     api_name="start_training").then(lambda: run_choices(settings), None, run_pick,
                                                     api_visibility="private")
     stop_btn.click(lambda: stop(settings), None, message, api_name="stop_training")
+    lr_btn.click(lambda: gr.Accordion(open=True), None, lr_box, api_visibility="private").then(
+        lambda r, p, *v: find_lr(r, p, *v, settings=settings), [root, preset, *inputs], [message, lr_plot],
+        api_name="find_lr")
     resume_btn.click(lambda n, e: resume(n, e, settings), [run_pick, more_epochs], message, api_name="resume_training")
     timer.tick(lambda n, m, s: tick(n, m, s, settings), [run_pick, message, shown_labels],
                [*view, run_pick, shown_labels, message], api_visibility="private")
