@@ -15,9 +15,9 @@ START_TINY = dict(preset="demo", backbone="resnet18", weights="none", epochs=50,
                   weight_decay=1e-5, dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0,
                   # the Advanced accordion's recipe options, after the basic fields
                   optimizer="adamw", schedule="cosine", warmup_epochs=1, label_smoothing=0.1, decay_norm_bias=False,
-                  freeze_epochs=1, layer_lr_decay=0.8, ema=0.5, resize="pad")
+                  freeze_epochs=1, layer_lr_decay=0.8, ema=0.5, resize="pad", group_duplicates=True)
 ADVANCED = ("optimizer", "schedule", "warmup_epochs", "label_smoothing", "decay_norm_bias", "freeze_epochs",
-            "layer_lr_decay", "ema", "resize")
+            "layer_lr_decay", "ema", "resize", "group_duplicates")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from carapp import jobs
-from carapp.ui import predict_tab, uploads
+from carapp.ui import predict_tab, train_tab, uploads
 from conftest import FAST_TRAIN, ROOT, raw_call, raw_upload, serving, stop_all_jobs
 
 EXAMPLE = ROOT / "assets/examples/aurora_sprint.jpg"
@@ -25,7 +25,7 @@ def photo(path: str, method: str = "gradcam") -> list:
     return [{"path": path}, None, method, predict_tab.TOP1, False, None, None]
 
 
-ADVANCED_BLANK = [None] * 9  # the Advanced accordion's recipe options, left blank: the preset's values
+ADVANCED_BLANK = [None] * len(train_tab.ADVANCED_FIELDS)  # the Advanced accordion's recipe options, left blank: the preset's values
 TINY_START = ["demo", "resnet18", "none", 50, 8, 1e-3, 1e-5, 0.2, 2.0, 32, 50, 0, *ADVANCED_BLANK]  # preset + fields
 
 

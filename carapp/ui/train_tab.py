@@ -17,7 +17,7 @@ BASIC_FIELDS = ["backbone", "weights", "epochs", "batch_size", "lr", "weight_dec
 # the "Advanced" accordion's recipe options: after the basic ones in /start_training's positional inputs, so a
 # caller that sends only the basic ones keeps working (a missing or blank value means the preset's)
 ADVANCED_FIELDS = ["optimizer", "schedule", "warmup_epochs", "label_smoothing", "decay_norm_bias", "freeze_epochs",
-                   "layer_lr_decay", "ema", "resize"]
+                   "layer_lr_decay", "ema", "resize", "group_duplicates"]
 FIELDS = BASIC_FIELDS + ADVANCED_FIELDS
 TABLE_COLUMNS = {"epoch": "Epoch", "train_loss": "Train Loss", "train_acc": "Train Accuracy",
                  "val_loss": "Validation Loss", "val_acc": "Validation Accuracy", "lr": "LR", "seconds": "Seconds"}
@@ -205,7 +205,9 @@ def advanced_inputs(v: dict) -> list:
             gr.Number(v["layer_lr_decay"], label="Layer-wise LR decay", info="per stage below the head; 1: off"),
             gr.Number(v["ema"], label="EMA decay", info="weights average; 0: off"),
             gr.Dropdown(list(RESIZES), value=v["resize"], label="Resize",
-                        info="crop: centre crop · pad: whole photo, letterboxed")]
+                        info="crop: centre crop · pad: whole photo, letterboxed"),
+            gr.Checkbox(v["group_duplicates"], label="Keep duplicates in one split",
+                        info="no copy of a test photo is trained on (Dataset tab: Health)")]
 
 
 def build(settings: AppSettings, demo: gr.Blocks) -> None:
