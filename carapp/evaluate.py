@@ -25,9 +25,8 @@ from .cam import head, stages, trunk
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .config import TrainConfig
 from .data import index_dataset
-from .loader import CarImages, build_transform, make_loader, to_input
+from .loader import CarImages, make_loader, split_images, to_input
 from .model import model_from_checkpoint
-from .resized import ResizedCache
 from .runtime import autocast, pick_device
 from .trust import coverage_curve, ece, make_probs, reliability_bins, softmax
 
@@ -85,21 +84,15 @@ def load_run_model(run: Path, device: str = "auto"):
 def split_dataset(run: Path, cfg: TrainConfig, split: str, per_class: int | None = None) -> CarImages:
     """The images of one split of a run, as evaluation sees them (no augmentation); with per_class, only the first
     that many of each class (a fixed subset: a rerun sees the same images)."""
-    boxes = None
-    if cfg.crop_bbox:
-        index = index_dataset(cfg.data, cfg.format)
-        boxes = dict(zip(index.paths, index.bboxes))
-    paths, labels, bboxes = rundir.read_split(run, boxes).subset(split)
+    frozen = rundir.read_run_split(run, cfg)
     if per_class:
         seen: Counter[int] = Counter()
-        keep = []
-        for i, y in enumerate(labels):
-            seen[y] += 1
-            if seen[y] <= per_class:
-                keep.append(i)
-        paths, labels, bboxes = [paths[i] for i in keep], [labels[i] for i in keep], [bboxes[i] for i in keep]
-    return CarImages(cfg.data, paths, labels, bboxes, build_transform(cfg.image_size, False, resize=cfg.resize),
-                     cfg.crop_bbox, cfg.image_size, ResizedCache.find(cfg.data, cfg.image_size))
+        for i, (y, s) in enumerate(zip(frozen.labels, frozen.splits)):
+            if s == split:
+                seen[y] += 1
+                if seen[y] > per_class:
+                    frozen.splits[i] = "beyond the per-class subset"
+    return split_images(cfg, frozen, split)
 
 
 def compute_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:

@@ -81,6 +81,16 @@ def to_input(images: torch.Tensor, device: torch.device, channels_last: bool = F
     return x.contiguous(memory_format=torch.channels_last) if channels_last and device.type == "cuda" else x
 
 
+def split_images(cfg, split, which: str, train: bool = False) -> "CarImages":
+    """One split of a run (cfg: its TrainConfig; split: a data.Split) as a dataset: training augmentation when
+    `train`, the evaluation transform otherwise; the pre-resized copy of the dataset when there is one."""
+    from .resized import ResizedCache
+    paths, labels, boxes = split.subset(which)
+    transform = build_transform(cfg.image_size, train, cfg.jitter, cfg.resize)
+    return CarImages(cfg.data, paths, labels, boxes, transform, cfg.crop_bbox, cfg.image_size,
+                     ResizedCache.find(cfg.data, cfg.image_size))
+
+
 class CarImages(Dataset):
     """Images of a split; an unreadable file yields None so the batch goes on without it."""
 

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from .data import Split
+from .data import Split, index_dataset
 
 EVAL_PROGRESS = "evaluate_progress.json"   # live progress of an evaluation (status, split, done, total, pid)
 
@@ -62,6 +62,15 @@ def read_split(run: Path, bboxes_by_path: dict | None = None) -> Split:
     return Split(paths=[r["path"] for r in rows], labels=[int(r["label"]) for r in rows],
                  splits=[r["split"] for r in rows], bboxes=[bboxes_by_path.get(r["path"]) for r in rows],
                  class_info=[{k: v for k, v in c.items() if k != "index"} for c in labels])
+
+
+def read_run_split(run: Path, cfg) -> Split:
+    """The frozen split of a run, with the dataset's car boxes when the run crops to them (cfg: its TrainConfig)."""
+    boxes = None
+    if cfg.crop_bbox:
+        index = index_dataset(cfg.data, cfg.format)
+        boxes = dict(zip(index.paths, index.bboxes))
+    return read_split(run, boxes)
 
 
 def label_names(run: Path) -> list[str]:

@@ -27,10 +27,9 @@ from .config import TrainConfig
 from .data import Split, index_dataset, make_split
 from .exclusions import read_exclusions
 from .health import duplicate_groups
-from .loader import CarImages, EpochSampler, build_transform, make_loader, to_input
+from .loader import EpochSampler, make_loader, split_images, to_input
 from .losses import FocalLoss, class_alpha
 from .model import build_model
-from .resized import ResizedCache
 from .runtime import Dist, autocast, describe_device, init_distributed, needs_grad_scaler, pick_device
 
 log = logging.getLogger("carapp")
@@ -164,12 +163,8 @@ def make_run_split(cfg: TrainConfig) -> tuple[Split, dict]:
 
 def _read_prepared(run: Path):
     cfg = TrainConfig.from_dict(rundir.read_json(run / "config.json"))
-    boxes = None
-    if cfg.crop_bbox:
-        index = index_dataset(cfg.data, cfg.format)
-        boxes = dict(zip(index.paths, index.bboxes))
     ckpt = load_checkpoint(run / "last.pt") if (run / "last.pt").is_file() else None
-    return cfg, rundir.read_split(run, boxes), ckpt
+    return cfg, rundir.read_run_split(run, cfg), ckpt
 
 
 class Job:
@@ -215,20 +210,15 @@ class Job:
             self.model = torch.compile(self.model)
 
     def _loaders(self, cfg: TrainConfig, split: Split, dist: Dist) -> None:
-        paths, labels, boxes = split.subset("train")
-        num_samples = cfg.steps_per_epoch * cfg.batch_size * dist.world if cfg.steps_per_epoch else len(paths)
-        self.sampler = EpochSampler(labels, cfg.sampler == "weighted", num_samples, cfg.seed, dist.rank, dist.world)
-        cache = ResizedCache.find(cfg.data, cfg.image_size)
-        if cache:
-            log.info("reading pre-resized images from %s", cache.folder)
+        train_set = split_images(cfg, split, "train", train=True)
+        num_samples = cfg.steps_per_epoch * cfg.batch_size * dist.world if cfg.steps_per_epoch else len(train_set)
+        self.sampler = EpochSampler(train_set.labels, cfg.sampler == "weighted", num_samples, cfg.seed, dist.rank,
+                                    dist.world)
+        if train_set.cache:
+            log.info("reading pre-resized images from %s", train_set.cache.folder)
         pin = self.device.type == "cuda"
-        train_set = CarImages(cfg.data, paths, labels, boxes,
-                              build_transform(cfg.image_size, True, cfg.jitter, cfg.resize), cfg.crop_bbox,
-                              cfg.image_size, cache)
         self.train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, self.sampler, pin)
-        paths, labels, boxes = split.subset("val")
-        val_set = CarImages(cfg.data, paths, labels, boxes, build_transform(cfg.image_size, False, resize=cfg.resize),
-                            cfg.crop_bbox, cfg.image_size, cache)
+        val_set = split_images(cfg, split, "val")
         shard = list(range(dist.rank, len(val_set), dist.world)) if dist.world > 1 else None
         self.val_loader = make_loader(val_set, cfg.batch_size, cfg.workers, shard, pin)
         log.info("%d classes, %d train / %d val images, %s, %s%s", len(split.class_info), len(train_set),
