@@ -249,7 +249,9 @@ def label_suspects(probs: np.ndarray, labels: np.ndarray) -> list[int]:
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "too few examples in class k": expected on small test splits
-        return [int(i) for i in find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")]
+        # n_jobs=1: its default forks a pool, which can hang a process that already runs torch threads (seen)
+        return [int(i) for i in find_label_issues(labels, probs, return_indices_ranked_by="self_confidence",
+                                                  n_jobs=1)]
 
 
 def read_report(run: str | Path, split: str = "test") -> dict | None:
