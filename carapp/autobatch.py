@@ -13,6 +13,7 @@ import logging
 import torch
 
 from .config import TrainConfig
+from .optim import make_optimizer
 
 log = logging.getLogger("carapp")
 
@@ -57,7 +58,6 @@ def trial_steps(cfg: TrainConfig, num_classes: int, device: torch.device, size: 
     from .losses import FocalLoss
     from .model import build_model
     from .runtime import autocast
-    from .train import make_optimizer
     net = build_model(cfg.backbone, num_classes, cfg.dropout).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)

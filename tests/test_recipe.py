@@ -30,7 +30,7 @@ def test_recipe_options_are_validated_naming_the_field():
 
 
 def test_default_optimizer_is_the_papers_adam_in_one_group():
-    from carapp.train import make_optimizer
+    from carapp.optim import make_optimizer
     cfg = make_config("paper")
     net = build_model("resnet18", 5)
     opt = make_optimizer(net, cfg)
@@ -39,7 +39,7 @@ def test_default_optimizer_is_the_papers_adam_in_one_group():
 
 
 def test_no_decay_on_norm_and_bias_and_layer_wise_lrs():
-    from carapp.train import make_optimizer
+    from carapp.optim import make_optimizer
     cfg = make_config("paper", optimizer="sgd", lr=0.1, weight_decay=1e-4, decay_norm_bias=False,
                       layer_lr_decay=0.5)
     net = build_model("resnet18", 5)
