@@ -8,8 +8,9 @@ import gradio as gr
 
 from .. import plots
 from ..data import DatasetError, dataset_stats, index_dataset, kept_classes
-from ..images import ImageError, open_image, sample_sizes
+from ..images import sample_sizes
 from . import health_panel
+from .photos import thumbnails
 from .settings import AppSettings, ensure_data
 
 
@@ -65,19 +66,8 @@ def samples(root: str, key: str | None, settings: AppSettings, n: int = 12):
     if not key:
         return []
     index = _index(root, settings)
-    images = []
-    for rel, k in zip(index.paths, index.keys):
-        if k != key:
-            continue
-        try:
-            img = open_image(os.path.join(index.root, rel))
-        except ImageError:
-            continue
-        img.thumbnail((256, 256))
-        images.append((img, os.path.basename(rel)))
-        if len(images) >= n:
-            break
-    return images
+    of_class = (rel for rel, k in zip(index.paths, index.keys) if k == key)
+    return [(img, os.path.basename(rel)) for img, rel in thumbnails(index.root, of_class, n)]
 
 
 def build(settings: AppSettings, demo: gr.Blocks) -> None:

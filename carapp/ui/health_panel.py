@@ -2,14 +2,12 @@
 table whose rows open their photos. The checks themselves are carapp.health's."""
 from __future__ import annotations
 
-import os
-
 import gradio as gr
 import pandas as pd
 
 from .. import jobs
 from ..health import HealthError, check_health
-from ..images import ImageError, open_image
+from .photos import thumbnails
 from .settings import AppSettings, ensure_data
 
 COLUMNS = ["problem", "files", "detail", "paths"]
@@ -75,15 +73,7 @@ def show_row(root: str, paths: list[list[str]], settings: AppSettings, evt: gr.S
     row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
     if not paths or not 0 <= row < len(paths):
         return []
-    images = []
-    for rel in paths[row][:12]:
-        try:
-            img = open_image(os.path.join(root, rel))
-        except (ImageError, OSError):
-            continue
-        img.thumbnail((256, 256))
-        images.append((img, rel))
-    return images
+    return thumbnails(root, paths[row], 12)
 
 
 def build(settings: AppSettings, demo: gr.Blocks, root: gr.Textbox) -> None:

@@ -1,0 +1,21 @@
+"""Photos for the galleries: open what still opens (a gallery skips a vanished or broken file), as thumbnails."""
+from __future__ import annotations
+
+import os
+
+from ..images import ImageError, open_image
+
+
+def thumbnails(root: str, paths, limit: int, size: int = 256) -> list[tuple]:
+    """(thumbnail, path) for the first `limit` paths (relative to root) whose file opens."""
+    out = []
+    for rel in paths:
+        try:
+            img = open_image(os.path.join(root, rel))
+        except (ImageError, OSError):
+            continue
+        img.thumbnail((size, size))
+        out.append((img, rel))
+        if len(out) >= limit:
+            break
+    return out
