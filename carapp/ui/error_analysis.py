@@ -15,6 +15,7 @@ import pandas as pd
 
 from .. import exclusions, jobs
 from ..images import ImageError, open_image
+from .photos import thumbnails
 from .settings import AppSettings
 
 PHOTOS = 12                     # photos of one pair, each with its heatmap
@@ -71,16 +72,21 @@ def top_losses(report: dict) -> tuple[list, list[str]]:
         return [], []  # a report from before true_prob was saved: re-evaluate
     rows = sorted(report["predictions"], key=lambda r: float(r["true_prob"]))[:GALLERY]
     names = report["names"]
-    photos, paths = _open(report, rows)
-    return [(_thumb(img), f"{names[int(r['label'])]} → {names[int(r['pred'])]} · loss "
-             f"{-math.log(max(float(r['true_prob']), 1e-12)):.2f}") for img, r in photos], paths
+    return _captioned(report, rows, lambda r: f"{names[int(r['label'])]} → {names[int(r['pred'])]} · loss "
+                      f"{-math.log(max(float(r['true_prob']), 1e-12)):.2f}")
 
 
 def label_suspects(report: dict) -> tuple[list, list[str]]:
     names = report["names"]
-    photos, paths = _open(report, report.get("label_issues", [])[:GALLERY])
-    return [(_thumb(img), f"labelled {names[int(r['label'])]}, looks like {names[int(r['suggested'])]}")
-            for img, r in photos], paths
+    return _captioned(report, report.get("label_issues", [])[:GALLERY],
+                      lambda r: f"labelled {names[int(r['label'])]}, looks like {names[int(r['suggested'])]}")
+
+
+def _captioned(report: dict, rows: list[dict], caption) -> tuple[list, list[str]]:
+    """Thumbnails of the rows whose photo still opens, each with its caption, and their paths."""
+    by_path = {r["path"]: r for r in rows}
+    shown = thumbnails(report["data"], by_path, GALLERY)
+    return [(img, caption(by_path[rel])) for img, rel in shown], [rel for _, rel in shown]
 
 
 def _open(report: dict, rows: list[dict]) -> tuple[list, list[str]]:
@@ -92,11 +98,6 @@ def _open(report: dict, rows: list[dict]) -> tuple[list, list[str]]:
         except (ImageError, OSError):
             continue
     return out, [r["path"] for _, r in out]
-
-
-def _thumb(img):
-    img.thumbnail((256, 256))
-    return img
 
 
 def marks_file(settings: AppSettings) -> Path:
