@@ -22,12 +22,12 @@ import torch
 from . import rundir
 from .answers import Calibration, class_makes_of
 from .cam import head, stages, trunk
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .data import index_dataset
 from .loader import CarImages, make_loader, split_images, to_input
-from .model import model_from_checkpoint
 from .runtime import autocast, pick_device
+from .saved import load_model
 from .trust import coverage_curve, ece, make_probs, reliability_bins, softmax
 
 VIEWPOINTS = {-1: "uncertain", 1: "front", 2: "rear", 3: "side", 4: "front-side", 5: "rear-side"}
@@ -75,7 +75,7 @@ def load_run_model(run: Path, device: str = "auto"):
     """(model on its device, TrainConfig, class names, device) of a run's best.pt."""
     if not (run / "split.csv").is_file():
         raise CheckpointError(f"{run} is not a run directory (no split.csv)")
-    model, cfg_dict, names = model_from_checkpoint(load_checkpoint(resolve_checkpoint(run)))
+    model, cfg_dict, names, _ = load_model(run)
     dev = pick_device(device)
     model = model.to(dev, memory_format=torch.channels_last) if dev.type == "cuda" else model.to(dev)
     return model, TrainConfig.from_dict(cfg_dict), names, dev

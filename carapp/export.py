@@ -17,11 +17,8 @@ import torch
 
 from . import rundir
 from .answers import BANK_FILE, CALIBRATION_FILE
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from .loader import IMAGENET_MEAN, IMAGENET_STD, Letterbox, resize_size
-from .model import model_from_checkpoint
-
-FORMAT_TAG = "carapp-export"
+from .saved import EXPORT_TAG, load_model
 ONNX_OPSET = 18
 
 
@@ -42,7 +39,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
     if fmt not in ("safetensors", "onnx"):
         raise ValueError(f"format must be safetensors or onnx, not {fmt!r}")
     run, out = Path(run), Path(out)
-    model, config, labels = model_from_checkpoint(load_checkpoint(resolve_checkpoint(run)))
+    model, config, labels, _ = load_model(run)
     out.mkdir(parents=True, exist_ok=True)
     image_size = int(config.get("image_size", 224))
     if fmt == "safetensors":
@@ -52,7 +49,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
         export_onnx(model, image_size, out / "model.onnx")
     info = rundir.read_json(run / "labels.json") if run.is_dir() else None
     rundir.write_json(out / "labels.json", info or [{"index": i, "name": n} for i, n in enumerate(labels)])
-    rundir.write_json(out / "config.json", {"format": FORMAT_TAG, "version": 1, "weights": fmt,
+    rundir.write_json(out / "config.json", {"format": EXPORT_TAG, "version": 1, "weights": fmt,
                                             "num_classes": len(labels), "preprocessing": preprocessing(image_size, config.get("resize", "crop")),
                                             "training": config})
     for name in (CALIBRATION_FILE, BANK_FILE):  # the temperature, thresholds and "not a car" score travel along
@@ -135,48 +132,6 @@ or not. Trained on web photos of whole cars: close-ups, interiors, night or surv
 data will be misclassified, often with confidence. Class imbalance in the training data affects rarer models. Not
 for identifying individual vehicles or people.
 """
-
-
-def hub_snapshot(source: str) -> Path:
-    """hf://owner/name[@revision] → a local folder from the Hugging Face cache, downloaded if needed.
-
-    Honours HF_TOKEN and HF_HUB_OFFLINE (then only the cache is used, with a clear message when it lacks the model).
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    repo, _, revision = source.removeprefix("hf://").partition("@")
-    try:
-        return Path(snapshot_download(repo, revision=revision or None, token=os.environ.get("HF_TOKEN"),
-                                      allow_patterns=["*.json", "*.safetensors", "*.md", "*.npz"]))
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        raise CheckpointError(f"model {repo}{'@' + revision if revision else ''} is not in the local Hugging Face "
-                              f"cache{' and HF_HUB_OFFLINE is set' if offline else ' and the Hub cannot be reached'}"
-                              f": download it once online (or unset HF_HUB_OFFLINE)") from None
-    except Exception as exc:  # repository not found, no access, ...: the Hub's own message is the clearest
-        raise CheckpointError(f"cannot fetch {repo} from the Hugging Face Hub: {exc}") from None
-
-
-def is_export(path: Path) -> bool:
-    return path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.onnx").is_file())
-
-
-def load_exported(folder: Path) -> tuple[torch.nn.Module, dict, list[str]]:
-    """(model, training config, class names) from an exported safetensors folder."""
-    from safetensors.torch import load_file
-    from .model import build_model
-    config = rundir.read_json(folder / "config.json") or {}
-    if config.get("format") != FORMAT_TAG or not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"{folder} is not a carapp export with model.safetensors (an ONNX export is for other "
-                              f"runtimes: export with --format safetensors for carapp)")
-    labels = [c["name"] for c in rundir.read_json(folder / "labels.json", [])]
-    training = config.get("training", {})
-    state = load_file(str(folder / "model.safetensors"))
-    if state.get("fc.weight") is None or state["fc.weight"].shape[0] != len(labels):
-        raise CheckpointError(f"{folder}: the model's outputs do not match its {len(labels)} labels")
-    model = build_model(training.get("backbone", "resnet50"), len(labels), training.get("dropout", 0.0))
-    model.load_state_dict(state)
-    return model.eval(), training, labels
 
 
 def push(run: str | Path, repo: str, private: bool = False) -> str:

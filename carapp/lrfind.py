@@ -13,13 +13,12 @@ import logging
 import math
 
 import numpy as np
-import torch
 
 from .autobatch import resolve_batch_size
 from .config import TrainConfig
 from .data import index_dataset, make_split
-from .loader import to_input
-from .runtime import Dist, autocast
+from .runtime import Dist
+from .trainer import Trainer
 
 log = logging.getLogger("carapp")
 
@@ -33,23 +32,26 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
         raise ValueError(f"start_lr and end_lr must satisfy 0 < start_lr < end_lr (got {start_lr}, {end_lr})")
     if steps < 5:
         raise ValueError(f"steps must be at least 5 (got {steps})")
-    from .train import Job
-    cfg = dataclasses.replace(cfg, steps_per_epoch=steps, freeze_epochs=0, ema=0.0)  # the whole network, raw
+    # the whole network, raw weights, and no schedule of its own: the range test sets the lr of every step
+    cfg = dataclasses.replace(cfg, steps_per_epoch=steps, freeze_epochs=0, ema=0.0, schedule="plateau",
+                              warmup_epochs=0.0)
     split = make_split(index_dataset(cfg.data, cfg.format), cfg.min_images, cfg.val_frac, cfg.test_frac, cfg.seed)
     cfg = resolve_batch_size(cfg, len(split.class_info))
-    job = Job(cfg, split, None, Dist())
-    ratios = [g["lr"] / cfg.lr if cfg.lr else 1.0 for g in job.optimizer.param_groups]  # layer-wise lrs keep shape
+    trainer = Trainer(cfg, split, None, Dist())
+    ratios = [g["lr"] / cfg.lr if cfg.lr else 1.0 for g in trainer.optimizer.param_groups]  # layer-wise lrs keep shape
     lrs, raw, smoothed = [], [], []
     average, best, diverged = 0.0, math.inf, False
-    job.sampler.set_epoch(1)
-    job.model.train()
-    for step, (images, labels, _, _) in enumerate(job.train_loader):
+    trainer.sampler.set_epoch(1)
+    trainer.model.train()
+    for step, (images, labels, _, _) in enumerate(trainer.train_loader):
         if images is None:
             continue
         lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
-        for group, ratio in zip(job.optimizer.param_groups, ratios):
+        for group, ratio in zip(trainer.optimizer.param_groups, ratios):
             group["lr"] = lr * ratio
-        loss = train_step(job, cfg, images, labels)
+        loss = trainer.forward(images, labels)[2]
+        trainer.step(loss)
+        loss = loss.item()
         if not math.isfinite(loss):
             diverged = True
             break
@@ -67,19 +69,6 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
              lrs[0], lrs[-1], ", stopped when the loss diverged" if diverged else "", suggested, at_min)
     return {"suggested_lr": suggested, "min_loss_lr": at_min, "lrs": lrs, "losses": smoothed, "raw_losses": raw,
             "steps": len(lrs), "diverged": diverged}
-
-
-def train_step(job, cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """One optimizer step as the trainer takes it (AMP, grad scaler); returns the batch loss."""
-    images, labels = to_input(images, job.device, cfg.channels_last), labels.to(job.device)
-    with autocast(job.device, cfg.amp):
-        logits = job.model(images)
-    loss = job.criterion(logits, labels)
-    job.optimizer.zero_grad(set_to_none=True)
-    job.scaler.scale(loss).backward()
-    job.scaler.step(job.optimizer)
-    job.scaler.update()
-    return loss.item()
 
 
 def suggest_lr(lrs: list[float], losses: list[float]) -> tuple[float, float]:

@@ -94,14 +94,3 @@ def load_trunk(model: nn.Module, state: dict) -> None:
                          f"missing or of another shape, e.g. {missing[:3]}")
     model.load_state_dict(usable, strict=False)
 
-
-def model_from_checkpoint(state: dict) -> tuple[nn.Module, dict, list[str]]:
-    """(model in eval mode, config dict, class names) from a loaded carapp checkpoint."""
-    cfg, labels = state.get("config") or {}, state.get("labels") or []
-    fc = state["model"].get("fc.weight")
-    if fc is None or fc.shape[0] != len(labels):
-        raise ValueError(f"checkpoint has {None if fc is None else fc.shape[0]} outputs but {len(labels)} "
-                         f"class names: refusing a model whose classes do not match its labels")
-    model = build_model(cfg.get("backbone", "resnet50"), len(labels), cfg.get("dropout", 0.0))
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg, labels

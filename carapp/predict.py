@@ -19,11 +19,10 @@ from PIL import Image, ImageDraw
 from .answers import Calibration, class_makes_of, first_words
 from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .evaluate import forward
-from .checkpoint import load_checkpoint, resolve_checkpoint
 from .images import open_image
 from .loader import build_transform, letterbox_box, resize_size, to_input
-from .model import model_from_checkpoint
 from .runtime import pick_device
+from .saved import load_model, model_version
 
 CAM_DISPLAY_SIZE = (256, 448)  # the overlay's side: small photos are enlarged, large ones reduced
 
@@ -62,7 +61,7 @@ class Predictor:
     def load(cls, source: str | Path, device: str = "auto") -> "Predictor":
         """A run directory, a checkpoint file, an exported folder, or hf://owner/name[@revision]; the calibration
         beside the model (calibration.json, feature_density.npz) comes along when there is one."""
-        model, config, labels, folder = load_source(source)
+        model, config, labels, folder = load_model(source)
         calibration = Calibration.load(folder, labels, class_makes_of(folder, labels))
         return cls(model, labels, config, device, calibration)
 
@@ -146,29 +145,12 @@ def overlay_on_photo(image: Image.Image, heat, image_size: int, resize: str = "c
     return canvas
 
 
-def load_source(source: str | Path) -> tuple[torch.nn.Module, dict, list[str], Path | None]:
-    """(model, training config, class names, the folder that holds its labels and calibration, if any)."""
-    from .export import hub_snapshot, is_export, load_exported
-    if str(source).startswith("hf://"):
-        folder = hub_snapshot(str(source))
-        return (*load_exported(folder), folder)
-    if is_export(Path(source)):
-        return (*load_exported(Path(source)), Path(source))
-    checkpoint = resolve_checkpoint(source)
-    return (*model_from_checkpoint(load_checkpoint(checkpoint)), checkpoint.parent)
-
-
 _CACHE: dict[tuple[str, float], Predictor] = {}
 
 
 def cached_predictor(source: str | Path) -> Predictor:
     """One Predictor per model and version: loaded once, reloaded when its weights file is rewritten."""
-    from .export import is_export
-    if str(source).startswith("hf://"):
-        key = (str(source), 0.0)  # a Hub revision does not change under us within a session
-    else:
-        version = Path(source) / "config.json" if is_export(Path(source)) else resolve_checkpoint(source)
-        key = (str(version.resolve()), version.stat().st_mtime)
+    key = model_version(source)
     if key not in _CACHE:
         if len(_CACHE) >= 4:
             _CACHE.pop(next(iter(_CACHE)))

@@ -9,7 +9,6 @@ A STOP file in the run directory, SIGINT or SIGTERM finishes the current step, s
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import signal
@@ -27,11 +26,9 @@ from .config import TrainConfig
 from .data import Split, index_dataset, make_split
 from .exclusions import read_exclusions
 from .health import duplicate_groups
-from .loader import EpochSampler, make_loader, split_images, to_input
-from .losses import FocalLoss, class_alpha
-from .model import build_model
-from .optim import freeze_trunk_statistics, make_ema, make_optimizer, make_scheduler
-from .runtime import Dist, autocast, describe_device, init_distributed, needs_grad_scaler, pick_device
+from .optim import freeze_trunk_statistics, make_scheduler
+from .runtime import Dist, init_distributed
+from .trainer import Meter, Trainer
 
 log = logging.getLogger("carapp")
 
@@ -49,7 +46,10 @@ class StopSignal:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._on_signal)
 
-    def restore(self) -> None:
+    def __enter__(self) -> "StopSignal":
+        return self
+
+    def __exit__(self, *exc) -> None:
         """Give the signals back (an in-process caller keeps its Ctrl-C)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
@@ -78,23 +78,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
     try:
         if dist.main:
             made_here = not run.exists()
-            run.mkdir(parents=True, exist_ok=True)
-            lock = rundir.acquire_lock(run)  # before anything is written: a second trainer is refused
-            # at once, so a watcher (the app) sees this process as the run's trainer before the slow set-up
-            # A STOP is stale (left by an earlier trainer) unless it was asked of this very process: the app records
-            # a job's PID before the job starts, and a Stop can come while PyTorch is still being imported.
-            for_me = rundir.read_progress(run).get("pid") == os.getpid()
-            if not (for_me and rundir.stop_requested(run)):
-                (run / "STOP").unlink(missing_ok=True)
-            rundir.write_progress(run, status="running", phase="preparing")
-            handler = _log_to(run / "train.log")
+            lock, handler = _take_over(run)
             prepared = _prepare(cfg, run, resume, epochs, split)
             made_here = False
         else:
             log.setLevel(logging.WARNING)
         dist.barrier()  # the other ranks read what rank 0 froze: one config, one split
         cfg, split, ckpt = prepared if dist.main else _read_prepared(run)
-        return _fit(cfg, run, split, ckpt, dist)
+        trainer = Trainer(cfg, split, ckpt, dist)
+        with StopSignal(run) as stop:
+            return fit(trainer, cfg, run, split, dist, stop)
     except torch.cuda.OutOfMemoryError:
         smaller = max(1, cfg.batch_size // 2) if isinstance(cfg.batch_size, int) else 32
         message = (f"GPU out of memory at batch size {cfg.batch_size}: resume with a smaller batch, e.g. "
@@ -115,6 +108,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
         if made_here:  # failed before anything worth keeping (no data, bad options): leave no junk run behind
             shutil.rmtree(run, ignore_errors=True)
         dist.close()
+
+
+def _take_over(run: Path) -> tuple[Path, logging.Handler]:
+    """Rank 0 claims the run directory: its lock (taken before anything is written, so a second trainer is refused at
+    once and a watcher such as the app sees this process as the run's trainer before the slow set-up), a fresh STOP
+    state, a "preparing" progress line and train.log."""
+    run.mkdir(parents=True, exist_ok=True)
+    lock = rundir.acquire_lock(run)
+    # A STOP is stale (left by an earlier trainer) unless it was asked of this very process: the app records a job's
+    # PID before the job starts, and a Stop can come while PyTorch is still being imported.
+    for_me = rundir.read_progress(run).get("pid") == os.getpid()
+    if not (for_me and rundir.stop_requested(run)):
+        (run / "STOP").unlink(missing_ok=True)
+    rundir.write_progress(run, status="running", phase="preparing")
+    return lock, _log_to(run / "train.log")
 
 
 def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, split: Split | None):
@@ -168,92 +176,25 @@ def _read_prepared(run: Path):
     return cfg, rundir.read_run_split(run, cfg), ckpt
 
 
-class Job:
-    """Everything a run trains with, built from its config (and last.pt when resuming)."""
-
-    def __init__(self, cfg: TrainConfig, split: Split, ckpt: dict | None, dist: Dist):
-        self.device = pick_device(cfg.device)
-        if self.device.type == "cuda" and dist.world > 1:
-            self.device = torch.device("cuda", dist.local_rank)
-        torch.manual_seed(cfg.seed)
-        self.net = build_model(cfg.backbone, len(split.class_info), cfg.dropout, None if ckpt else cfg.weights)
-        self.net.to(self.device)
-        if cfg.channels_last and self.device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.criterion = FocalLoss(class_alpha(split.counts("train"), cfg.alpha), cfg.gamma,
-                                   label_smoothing=cfg.label_smoothing).to(self.device)
-        self.optimizer = make_optimizer(self.net, cfg)
-        self.split = split  # kept: a batch halved after an out-of-memory error rebuilds the loaders
-        self._loaders(cfg, split, dist)
-        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, cfg.amp))
-        self.state = {"epoch": 0, "step": 0, "partial": None, "best_val_loss": math.inf, "bad_epochs": 0}
-        if ckpt:
-            self.net.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.state.update({k: ckpt[k] for k in self.state})
-            torch.set_rng_state(ckpt["rng"])  # dropout's stream, mid-epoch; augmentation seeds come from the sampler
-            if ckpt.get("scaler"):  # fp16 on older GPUs: the loss scale goes on where it was
-                self.scaler.load_state_dict(ckpt["scaler"])
-            if ckpt.get("cuda_rng") and self.device.type == "cuda":
-                torch.cuda.set_rng_state(ckpt["cuda_rng"][0], self.device)
-        self.ema = make_ema(self.net, cfg.ema)
-        if self.ema is not None and ckpt and ckpt.get("ema"):
-            self.ema.load_state_dict(ckpt["ema"])
-        self.trunk_params = [p for name, p in self.net.named_parameters() if not name.startswith("fc.")]
-        self.model = self.net  # what the forward pass goes through: maybe DDP, maybe compiled
-        if dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-            self.model = DistributedDataParallel(self.net, device_ids=[self.device.index] if
-                                                 self.device.type == "cuda" else None)
-        if cfg.compile:
-            self.model = torch.compile(self.model)
-
-    def _loaders(self, cfg: TrainConfig, split: Split, dist: Dist) -> None:
-        train_set = split_images(cfg, split, "train", train=True)
-        num_samples = cfg.steps_per_epoch * cfg.batch_size * dist.world if cfg.steps_per_epoch else len(train_set)
-        self.sampler = EpochSampler(train_set.labels, cfg.sampler == "weighted", num_samples, cfg.seed, dist.rank,
-                                    dist.world)
-        if train_set.cache:
-            log.info("reading pre-resized images from %s", train_set.cache.folder)
-        pin = self.device.type == "cuda"
-        self.train_loader = make_loader(train_set, cfg.batch_size, cfg.workers, self.sampler, pin)
-        val_set = split_images(cfg, split, "val")
-        shard = list(range(dist.rank, len(val_set), dist.world)) if dist.world > 1 else None
-        self.val_loader = make_loader(val_set, cfg.batch_size, cfg.workers, shard, pin)
-        log.info("%d classes, %d train / %d val images, %s, %s%s", len(split.class_info), len(train_set),
-                 len(val_set), cfg.backbone, describe_device(self.device),
-                 f", {dist.world} processes" if dist.world > 1 else "")
-
-
-def _fit(cfg: TrainConfig, run: Path, split: Split, ckpt: dict | None, dist: Dist) -> dict:
-    job = Job(cfg, split, ckpt, dist)
-    stop = StopSignal(run)
-    try:
-        return _loop(job, cfg, run, split, dist, stop)
-    finally:
-        stop.restore()
-
-
-def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop: StopSignal) -> dict:
-    state, bad_paths = job.state, set()
+def fit(trainer: Trainer, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop: StopSignal) -> dict:
+    """Epochs until the last, early stopping or a stop request: train, validate, step the schedule, record, save."""
+    state, bad_paths = trainer.state, set()
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
-        job.sampler.set_epoch(epoch, state["step"] * cfg.batch_size)
+        trainer.sampler.set_epoch(epoch, state["step"] * cfg.batch_size)
         if state["step"] == 0:  # augmentation and dropout seeds follow the epoch; mid-epoch, last.pt's RNG goes on
             torch.manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * dist.rank)
         if cfg.freeze_epochs and epoch in (1, cfg.freeze_epochs + 1) and dist.main:
             log.info("epoch %d: %s", epoch, "head only, trunk frozen" if epoch <= cfg.freeze_epochs
                      else "trunk unfrozen, the whole network trains")
-        result = train_one_epoch(job, cfg, run, stop, epoch, bad_paths, dist)
+        result = train_one_epoch(trainer, run, stop, epoch, bad_paths)
         if result is None:  # stopped mid-epoch: everything needed to continue is in last.pt
-            return _stopped(job, cfg, run, dist, epoch)
-        val_loss, val_acc, chosen, weights_row = validate_weights(job, cfg, dist)
+            return stopped(trainer, run, epoch)
+        val_loss, val_acc, chosen, weights_row = validate_weights(trainer)
         if cfg.schedule == "plateau":
-            job.scheduler.step(val_loss)  # the same all-reduced figure on every rank: the same decisions
+            trainer.scheduler.step(val_loss)  # the same all-reduced figure on every rank: the same decisions
         row = {"epoch": epoch, **result, "val_loss": val_loss, "val_acc": val_acc,
-               "lr": job.optimizer.param_groups[0]["lr"], **weights_row}
+               "lr": trainer.optimizer.param_groups[0]["lr"], **weights_row}
         improved = val_loss < state["best_val_loss"]
         state.update(epoch=epoch, step=0, partial=None, bad_epochs=0 if improved else state["bad_epochs"] + 1,
                      best_val_loss=min(val_loss, state["best_val_loss"]))
@@ -264,89 +205,92 @@ def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop:
                      row["seconds"])
             if improved:
                 save_best(run, chosen, cfg, split, row)
-            save_last(run, job, cfg)
+            save_last(run, trainer)
             _report_bad_images(run, bad_paths)
         if state["bad_epochs"] >= cfg.patience:
             log.info("early stopping: val loss has not improved for %d epochs", cfg.patience)
             break
-        if dist.max([float(bool(stop))], job.device)[0]:
-            return _stopped(job, cfg, run, dist, epoch, saved=True)
-
-    test = None
-    if dist.main:  # after training, on one process: calibrate best.pt on val, then measure it on the test split
-        from .calibrate import calibrate_run
-        from .evaluate import evaluate_run
-        calibration = calibrate_run(run, workers=cfg.workers)
-        log.info("calibrated: temperature %.3f, val ECE %.4f -> %.4f; answer thresholds model %.3f make %.3f",
-                 calibration["temperature"], calibration["ece_before"], calibration["ece_after"],
-                 calibration["thresholds"]["model"], calibration["thresholds"]["make"])
-        test = evaluate_run(run, "test", workers=cfg.workers)
-        log.info("test (best.pt): top-1 %.4f top-5 %.4f macro-F1 %.4f make top-1 %.4f ECE %.4f on %d images; "
-                 "%.1f%% answered with a model, %.1f%% of those right", test["top1"], test["top5"], test["macro_f1"],
-                 test["make_top1"], test["ece"], test["num_images"], 100 * test["coverage"],
-                 100 * (test["selective_accuracy"] or 0))
-        rundir.write_progress(run, status="finished", epoch=state["epoch"], epochs=cfg.epochs, test=test)
+        if dist.max([float(bool(stop))], trainer.device)[0]:
+            return stopped(trainer, run, epoch, saved=True)
+    test = finish(run, cfg, state["epoch"]) if dist.main else None
     dist.barrier()
     return {"status": "finished", "epochs": state["epoch"], "best_val_loss": state["best_val_loss"], "test": test}
 
 
-def _stopped(job: Job, cfg: TrainConfig, run: Path, dist: Dist, epoch: int, saved: bool = False) -> dict:
-    if dist.main:
+def finish(run: Path, cfg: TrainConfig, epochs_done: int) -> dict:
+    """After training, on one process: calibrate best.pt on val, then measure it on the test split."""
+    from .calibrate import calibrate_run
+    from .evaluate import evaluate_run
+    calibration = calibrate_run(run, workers=cfg.workers)
+    log.info("calibrated: temperature %.3f, val ECE %.4f -> %.4f; answer thresholds model %.3f make %.3f",
+             calibration["temperature"], calibration["ece_before"], calibration["ece_after"],
+             calibration["thresholds"]["model"], calibration["thresholds"]["make"])
+    test = evaluate_run(run, "test", workers=cfg.workers)
+    log.info("test (best.pt): top-1 %.4f top-5 %.4f macro-F1 %.4f make top-1 %.4f ECE %.4f on %d images; "
+             "%.1f%% answered with a model, %.1f%% of those right", test["top1"], test["top5"], test["macro_f1"],
+             test["make_top1"], test["ece"], test["num_images"], 100 * test["coverage"],
+             100 * (test["selective_accuracy"] or 0))
+    rundir.write_progress(run, status="finished", epoch=epochs_done, epochs=cfg.epochs, test=test)
+    return test
+
+
+def stopped(trainer: Trainer, run: Path, epoch: int, saved: bool = False) -> dict:
+    state = trainer.state
+    if trainer.dist.main:
         if not saved:
-            save_last(run, job, cfg)
-        rundir.write_progress(run, status="stopped", epoch=epoch, epochs=cfg.epochs)
-        where = (f"in epoch {epoch} at step {job.state['step']}" if job.state["step"]
-                 else f"after epoch {job.state['epoch']}")
+            save_last(run, trainer)
+        rundir.write_progress(run, status="stopped", epoch=epoch, epochs=trainer.cfg.epochs)
+        where = f"in epoch {epoch} at step {state['step']}" if state["step"] else f"after epoch {state['epoch']}"
         log.info("stopped %s; resume with: python -m carapp train --resume %s", where, run)
-    return {"status": "stopped", "epochs": job.state["epoch"], "best_val_loss": job.state["best_val_loss"]}
+    return {"status": "stopped", "epochs": state["epoch"], "best_val_loss": state["best_val_loss"]}
 
 
-def train_one_epoch(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epoch: int, bad_paths: set[str],
-                    dist: Dist) -> dict | None:
-    """One pass of the sampler; returns the epoch's figures, or None if asked to stop (job.state holds the step).
-    A batch size found by --batch-size auto is halved on a CUDA out-of-memory error, and the pass goes on from the
-    last good step."""
+def train_one_epoch(trainer: Trainer, run: Path, stop: StopSignal, epoch: int, bad_paths: set[str]) -> dict | None:
+    """One pass of the sampler; returns the epoch's figures, or None if asked to stop (trainer.state holds the
+    step). A batch size found by --batch-size auto is halved on a CUDA out-of-memory error, and the pass goes on
+    from the last good step."""
     while True:
         try:
-            return _train_pass(job, cfg, run, stop, epoch, bad_paths, dist)
+            return _train_pass(trainer, run, stop, epoch, bad_paths)
         except torch.cuda.OutOfMemoryError:
-            if not (cfg.batch_size_auto and dist.world == 1 and cfg.batch_size % 2 == 0):
+            cfg = trainer.cfg
+            if not (cfg.batch_size_auto and trainer.dist.world == 1 and cfg.batch_size % 2 == 0):
                 raise  # under torchrun the other ranks wait in an all-reduce: no rank may change course alone
-            halve_batch(job, cfg, run, epoch, dist)
+            halve_batch(trainer, run, epoch)
 
 
-def halve_batch(job: Job, cfg: TrainConfig, run: Path, epoch: int, dist: Dist) -> None:
+def halve_batch(trainer: Trainer, run: Path, epoch: int) -> None:
     """Half the batch, twice the steps: the same samples per epoch, the epoch's position kept in samples (step k of
     size b is step 2k of size b/2), the loaders and a cosine schedule rebuilt, config.json rewritten (resume exact)."""
-    job.optimizer.zero_grad(set_to_none=True)
+    cfg, state = trainer.cfg, trainer.state
+    trainer.optimizer.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     old = cfg.batch_size
     cfg.batch_size //= 2
     if cfg.steps_per_epoch:
         cfg.steps_per_epoch *= 2
-    job.state["step"] *= 2
-    job._loaders(cfg, job.split, dist)
-    job.sampler.set_epoch(epoch, job.state["step"] * cfg.batch_size)
+    state["step"] *= 2
+    trainer.build_loaders()
+    trainer.sampler.set_epoch(epoch, state["step"] * cfg.batch_size)
     if cfg.schedule == "cosine":  # stepped per optimizer step: its count doubles with the steps
-        done = job.scheduler.last_epoch
-        job.scheduler = make_scheduler(job.optimizer, cfg, len(job.train_loader) + job.state["step"])
-        job.scheduler.last_epoch = 2 * done - 1
-        job.scheduler.step()  # the lr of step 2 * done, where the run is
+        done = trainer.scheduler.last_epoch
+        trainer.scheduler = make_scheduler(trainer.optimizer, cfg, len(trainer.train_loader) + state["step"])
+        trainer.scheduler.last_epoch = 2 * done - 1
+        trainer.scheduler.step()  # the lr of step 2 * done, where the run is
     rundir.write_json(run / "config.json", (rundir.read_json(run / "config.json") or {}) | cfg.to_dict())
     log.warning("GPU out of memory at batch size %d in epoch %d: going on at batch size %d from step %d", old,
-                epoch, cfg.batch_size, job.state["step"] + 1)
+                epoch, cfg.batch_size, state["step"] + 1)
 
 
-def _train_pass(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epoch: int, bad_paths: set[str],
-                dist: Dist) -> dict | None:
-    job.model.train()
+def _train_pass(trainer: Trainer, run: Path, stop: StopSignal, epoch: int, bad_paths: set[str]) -> dict | None:
+    cfg, dist, state, loader = trainer.cfg, trainer.dist, trainer.state, trainer.train_loader
+    trainer.model.train()
     frozen = epoch <= cfg.freeze_epochs  # a function of the epoch alone: a resumed run freezes the same epochs
     if frozen:
-        freeze_trunk_statistics(job.net)
-    state, loader, device = job.state, job.train_loader, job.device
-    p = state["partial"] = state["partial"] or {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+        freeze_trunk_statistics(trainer.net)
+    meter = Meter(**(state["partial"] or {}))  # a pass stopped midway goes on with its sums
     steps = len(loader) + state["step"]
-    started, last_write = time.time() - p["seconds"], 0.0
+    started, last_write = time.time() - meter.seconds, 0.0
     bar = tqdm(loader, total=steps, initial=state["step"], desc=f"epoch {epoch}/{cfg.epochs}",
                disable=None if dist.main else True, leave=False)
     for images, labels, _, bad in bar:
@@ -355,93 +299,67 @@ def _train_pass(job: Job, cfg: TrainConfig, run: Path, stop: StopSignal, epoch: 
         if images is None:  # a batch of unreadable files: a zero-weight step keeps every rank in lockstep
             images, labels, weight = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), \
                 torch.zeros(1, dtype=torch.long), 0.0
-        images, labels = to_input(images, device, cfg.channels_last), labels.to(device, non_blocking=True)
-        with autocast(device, cfg.amp):
-            logits = job.model(images)
-        loss = job.criterion(logits, labels) * weight
-        stop_now, nonfinite = dist.max([float(bool(stop)), float(not torch.isfinite(loss))], device)
+        logits, labels, loss = trainer.forward(images, labels)
+        loss = loss * weight
+        stop_now, nonfinite = dist.max([float(bool(stop)), float(not torch.isfinite(loss))], trainer.device)
         if nonfinite:
             raise TrainingError(f"loss became {loss.item()} at epoch {epoch} step {state['step'] + 1}; "
                                 f"last.pt keeps the last good state. Try a smaller --lr.")
-        job.optimizer.zero_grad(set_to_none=True)
-        job.scaler.scale(loss).backward()
-        if frozen:  # no gradient, no step: optimizers skip a None grad (weight decay and momentum too)
-            for param in job.trunk_params:
-                param.grad = None
-        job.scaler.step(job.optimizer)
-        job.scaler.update()
-        if job.ema is not None:
-            job.ema.update_parameters(job.net)
-        if cfg.schedule == "cosine":
-            job.scheduler.step()
+        trainer.step(loss, frozen)
         if weight:
-            p["loss_sum"] += loss.item() * len(labels)
-            p["correct"] += (logits.argmax(1) == labels).sum().item()
-            p["seen"] += len(labels)
+            meter.update(loss, logits, labels)
         state["step"] += 1
-        p["seconds"] = time.time() - started
-        rate = p["seen"] * dist.world / max(p["seconds"], 1e-9)
-        running_loss, running_acc = p["loss_sum"] / max(p["seen"], 1), p["correct"] / max(p["seen"], 1)
-        bar.set_postfix(loss=f"{running_loss:.4f}", acc=f"{running_acc:.3f}", img_s=f"{rate:.1f}")
+        meter.seconds = time.time() - started
+        rate = meter.seen * dist.world / max(meter.seconds, 1e-9)
+        bar.set_postfix(loss=f"{meter.loss:.4f}", acc=f"{meter.acc:.3f}", img_s=f"{rate:.1f}")
         if dist.main and (time.time() - last_write >= 1.0 or state["step"] == steps):
             last_write = time.time()
-            eta = (steps - state["step"]) * p["seconds"] / max(state["step"], 1)
+            eta = (steps - state["step"]) * meter.seconds / max(state["step"], 1)
             rundir.write_progress(run, status="running", epoch=epoch, epochs=cfg.epochs, step=state["step"],
-                                  steps=steps, running_loss=running_loss, running_acc=running_acc,
+                                  steps=steps, running_loss=meter.loss, running_acc=meter.acc,
                                   images_per_sec=rate, eta_seconds=eta)
         if stop_now and state["step"] < steps:
-            state["partial"] = p
+            state["partial"] = meter.state_dict()
             bar.close()
             return None
     bar.close()
-    loss_sum, correct, seen = dist.sum([p["loss_sum"], p["correct"], p["seen"]], device)
-    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "seconds": round(p["seconds"], 2)}
+    total = meter.summed(dist, trainer.device)
+    return {"train_loss": total.loss, "train_acc": total.acc, "seconds": round(meter.seconds, 2)}
 
 
-def validate_weights(job: Job, cfg: TrainConfig, dist: Dist) -> tuple[float, float, torch.nn.Module, dict]:
+def validate_weights(trainer: Trainer) -> tuple[float, float, torch.nn.Module, dict]:
     """(val loss, val acc, the weights that scored them, extra metrics fields). With EMA on, the raw and the averaged
     weights are both validated and the better val loss wins: it drives the schedule, early stopping and best.pt."""
-    val_loss, val_acc = validate(job, cfg, dist)
-    if job.ema is None:
-        return val_loss, val_acc, job.net, {}
-    ema_loss, ema_acc = validate(job, cfg, dist, job.ema.module)
+    val_loss, val_acc = validate(trainer)
+    if trainer.ema is None:
+        return val_loss, val_acc, trainer.net, {}
+    ema_loss, ema_acc = validate(trainer, trainer.ema.module)
     use_ema = ema_loss < val_loss
     row = {"raw_val_loss": val_loss, "ema_val_loss": ema_loss, "val_weights": "ema" if use_ema else "raw"}
     if use_ema:
-        return ema_loss, ema_acc, job.ema.module, row
-    return val_loss, val_acc, job.net, row
+        return ema_loss, ema_acc, trainer.ema.module, row
+    return val_loss, val_acc, trainer.net, row
 
 
 @torch.no_grad()
-def validate(job: Job, cfg: TrainConfig, dist: Dist, net: torch.nn.Module | None = None) -> tuple[float, float]:
+def validate(trainer: Trainer, net: torch.nn.Module | None = None) -> tuple[float, float]:
     """Mean focal loss and top-1 accuracy of `net` (the raw weights by default) over the validation split (summed
     over ranks)."""
-    job.model.eval()
-    net = net or job.net
+    trainer.model.eval()
+    net = net or trainer.net
     net.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels, _, _ in job.val_loader:
-        if images is None:
-            continue
-        images = to_input(images, job.device, cfg.channels_last)
-        labels = labels.to(job.device, non_blocking=True)
-        with autocast(job.device, cfg.amp):
-            logits = net(images)  # no DDP here: ranks see different numbers of batches
-        loss_sum += job.criterion(logits, labels).item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-    loss_sum, correct, seen = dist.sum([loss_sum, correct, seen], job.device)
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
+    meter = Meter()
+    for images, labels, _, _ in trainer.val_loader:
+        if images is not None:
+            logits, labels, loss = trainer.forward(images, labels, net)
+            meter.update(loss, logits, labels)
+    total = meter.summed(trainer.dist, trainer.device)
+    return total.loss, total.acc
 
 
-def save_last(run: Path, job: Job, cfg: TrainConfig) -> None:
-    save_checkpoint({"model": job.net.state_dict(), "optimizer": job.optimizer.state_dict(),
-                     "scheduler": job.scheduler.state_dict(), "rng": torch.get_rng_state(),
-                     "cuda_rng": [torch.cuda.get_rng_state(job.device)] if job.device.type == "cuda" else [],
-                     "scaler": job.scaler.state_dict() if job.scaler.is_enabled() else {},
-                     "ema": job.ema.state_dict() if job.ema is not None else {},
-                     "config": cfg.to_dict(), "labels": rundir.label_names(run), **job.state}, run / "last.pt")
+def save_last(run: Path, trainer: Trainer) -> None:
+    save_checkpoint({**trainer.checkpoint(), "config": trainer.cfg.to_dict(), "labels": rundir.label_names(run)},
+                    run / "last.pt")
 
 
 def save_best(run: Path, model, cfg: TrainConfig, split: Split, row: dict) -> None:

@@ -131,7 +131,7 @@ def start_app(data: Path, runs_dir: Path, public: bool = False, **overrides):
 def stop_all_jobs(runs_dir: Path, timeout: float = 60) -> None:
     """Teardown: no training subprocess outlives a test."""
     import time
-    from carapp import jobs
+    from carapp.ui import jobs
     for run in jobs.list_runs(runs_dir):
         if run.status == "running":
             jobs.stop_training(run.path)

@@ -141,7 +141,7 @@ def test_kill_9_at_any_moment_then_rerun_gives_every_image_exactly_once(collecti
 
 def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run, tmp_path):
     """Public app: uploads only, capped; made-up paths and server folders refused; one analysis runs as a job."""
-    from carapp import jobs
+    from carapp.ui import jobs
     from conftest import raw_call, raw_upload, serving
     root, truth = collection
     with serving(demo_root, tiny_run, tmp_path, public=True, analyze_max_files=2) as url:

@@ -163,7 +163,7 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
     """Start from the app's job layer with every field away from its default: the run's config.json holds them
     all (a command line rebuilt from the config used to drop val_frac, test_frac, jitter and channels_last)."""
     import dataclasses
-    from carapp import jobs
+    from carapp.ui import jobs
     from carapp.config import TrainConfig, make_config
     cfg = make_config("demo", data=str(demo_root), format="compcars", min_images=2, crop_bbox=True, val_frac=0.2,
                       test_frac=0.1, image_size=32, backbone="resnet18", dropout=0.1, sampler="none", alpha="effective",
@@ -188,7 +188,7 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
 def test_a_stop_pressed_while_the_job_starts_is_not_lost(demo_root, tmp_path):
     """Stop right after Start, while the trainer is still importing PyTorch: it stops after its first step instead
     of dropping the request and training all its epochs."""
-    from carapp import jobs
+    from carapp.ui import jobs
     from carapp.config import make_config
     cfg = make_config("demo", data=str(demo_root), backbone="resnet18", image_size=32, batch_size=8, epochs=50,
                       workers=0, patience=50)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from carapp import jobs
+from carapp.ui import jobs
 from conftest import ROOT, serving
 
 CHROMIUM = "/usr/bin/chromium"

@@ -9,7 +9,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from carapp import jobs
+from carapp.ui import jobs
 from carapp.config import make_config
 from carapp.predict import Predictor
 from conftest import ROOT, serving, stop_all_jobs

@@ -79,15 +79,15 @@ def _cfg(demo_root, **kw):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch):
-    import carapp.train as trainer
+    from carapp.losses import FocalLoss
     calls = {"n": 0}
-    real = trainer.FocalLoss.forward
+    real = FocalLoss.forward
 
     def poisoned(self, logits, targets):
         calls["n"] += 1
         loss = real(self, logits, targets)
         return loss * float("nan") if calls["n"] > 3 else loss  # epoch 1 is fine, epoch 2 blows up
-    monkeypatch.setattr(trainer.FocalLoss, "forward", poisoned)
+    monkeypatch.setattr(FocalLoss, "forward", poisoned)
     run = tmp_path / "nan"
     with pytest.raises(TrainingError, match="loss became nan.*smaller --lr"):
         train(_cfg(demo_root, epochs=3), run)
@@ -97,10 +97,10 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(demo_r
 
 
 def test_out_of_memory_suggests_a_smaller_batch(demo_root, tmp_path, monkeypatch):
-    import carapp.train as trainer
+    from carapp.losses import FocalLoss
     def oom(self, *a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(trainer.FocalLoss, "forward", oom)
+    monkeypatch.setattr(FocalLoss, "forward", oom)
     with pytest.raises(TrainingError, match="out of memory at batch size 8.*--batch-size 4"):
         train(_cfg(demo_root, epochs=1), tmp_path / "oom")
 
@@ -121,14 +121,14 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_stop_during_validation(demo_root, tmp_path, monkeypatch):
-    import carapp.train as trainer
-    real = trainer.validate
+    import carapp.train as train_module
+    real = train_module.validate
     run = tmp_path / "stopval"
 
-    def validate_then_stop(job, cfg, dist):
+    def validate_then_stop(trainer, net=None):
         (run / "STOP").touch()  # arrives while validation runs
-        return real(job, cfg, dist)
-    monkeypatch.setattr(trainer, "validate", validate_then_stop)
+        return real(trainer, net)
+    monkeypatch.setattr(train_module, "validate", validate_then_stop)
     result = train(_cfg(demo_root, epochs=5), run)
     assert result["status"] == "stopped" and result["epochs"] == 1
     assert load_checkpoint(run / "last.pt")["epoch"] == 1 and len(rundir.read_metrics(run)) == 1

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from carapp import jobs
+from carapp.ui import jobs
 from carapp.ui import predict_tab, train_tab, uploads
 from conftest import FAST_TRAIN, ROOT, raw_call, raw_upload, serving, stop_all_jobs
 

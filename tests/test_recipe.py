@@ -65,11 +65,11 @@ def test_the_better_validating_weights_are_chosen(monkeypatch):
     """With EMA on, whichever of raw and averaged weights has the lower val loss is used and recorded."""
     from carapp import train as train_module
     raw, averaged = object(), object()
-    job = SimpleNamespace(net=raw, ema=SimpleNamespace(module=averaged))
+    trainer = SimpleNamespace(net=raw, ema=SimpleNamespace(module=averaged))
     for ema_loss, want in ((0.5, "ema"), (1.5, "raw")):
-        monkeypatch.setattr(train_module, "validate", lambda job, cfg, dist, net=None, e=ema_loss:
+        monkeypatch.setattr(train_module, "validate", lambda trainer, net=None, e=ema_loss:
                             (1.0, 0.3) if net is None else (e, 0.4))
-        loss, acc, chosen, row = train_module.validate_weights(job, None, None)
+        loss, acc, chosen, row = train_module.validate_weights(trainer)
         assert row == {"raw_val_loss": 1.0, "ema_val_loss": ema_loss, "val_weights": want}
         assert (loss, acc, chosen) == ((0.5, 0.4, averaged) if want == "ema" else (1.0, 0.3, raw))
 
@@ -274,8 +274,9 @@ def test_an_out_of_memory_error_halves_an_auto_batch_and_goes_on_from_the_last_g
     """Steps 1-2 at batch 16 fit, step 3 runs out of memory: the epoch goes on at batch 8 from sample 32, so two
     more batches of 8 finish its 48 samples, and the run's config.json holds the new size."""
     from carapp import train as train_module
+    from carapp import trainer as trainer_module
     from carapp.train import train
-    sizes, real_to_input = [], train_module.to_input
+    sizes, real_to_input = [], trainer_module.to_input
 
     def to_input(images, device, channels_last=False):
         if torch.is_grad_enabled():  # training steps only: validation runs under no_grad
@@ -283,7 +284,7 @@ def test_an_out_of_memory_error_halves_an_auto_batch_and_goes_on_from_the_last_g
         if len(images) == 16 and len(sizes) == 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_to_input(images, device, channels_last)
-    monkeypatch.setattr(train_module, "to_input", to_input)
+    monkeypatch.setattr(trainer_module, "to_input", to_input)
     cfg = make_config("paper", data=str(demo_root), backbone="resnet18", image_size=32, batch_size=16, epochs=1,
                       steps_per_epoch=3, workers=0, schedule="cosine", batch_size_auto=True)
     with caplog.at_level("WARNING", logger="carapp"):
@@ -293,7 +294,7 @@ def test_an_out_of_memory_error_halves_an_auto_batch_and_goes_on_from_the_last_g
     config = json.loads((tmp_path / "oom" / "config.json").read_text())
     assert (config["batch_size"], config["steps_per_epoch"]) == (8, 6)
     assert read_metrics(tmp_path / "oom")[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine ended on time
-    monkeypatch.setattr(train_module, "to_input", lambda images, *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(trainer_module, "to_input", lambda images, *a, **k: (_ for _ in ()).throw(
         torch.cuda.OutOfMemoryError("simulated")))
     with pytest.raises(train_module.TrainingError, match="resume with a smaller batch"):  # a fixed batch: as before
         train(make_config("paper", data=str(demo_root), backbone="resnet18", image_size=32, batch_size=16, epochs=1,

@@ -13,9 +13,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from .. import jobs, rundir
+from .. import rundir
 from ..collection import ALL_GROUPS, item_of
 from ..images import ImageError, open_image
+from . import jobs
 from .predict_tab import default_model, model_choices, resolve_model
 from .settings import AppSettings
 from .uploads import accepted_upload

@@ -13,8 +13,9 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from .. import exclusions, jobs
+from .. import exclusions
 from ..images import ImageError, open_image
+from . import jobs
 from .photos import thumbnails
 from .settings import AppSettings
 

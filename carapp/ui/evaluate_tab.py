@@ -7,7 +7,8 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from .. import exclusions, jobs, plots
+from .. import exclusions, plots
+from . import jobs
 from . import error_analysis as errors
 from .settings import AppSettings
 

@@ -6,8 +6,9 @@ import logging
 import threading
 from pathlib import Path
 
-from .. import jobs, rundir
+from .. import rundir
 from ..config import make_config
+from . import jobs
 from .settings import AppSettings, ensure_data
 
 NAME = "demo-model"  # the run's name under the runs folder

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from .. import jobs
 from ..health import HealthError, check_health
+from . import jobs
 from .photos import thumbnails
 from .settings import AppSettings, ensure_data
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import jobs, rundir
+from .. import rundir
 from ..images import PHOTO_DRAFT_SIZE, ImageError, open_image
 from ..config import CAM_METHODS
-from . import first_model
+from . import first_model, jobs
 from .settings import CONFIGURED, AppSettings
 from .uploads import EXAMPLES, accepted_upload
 

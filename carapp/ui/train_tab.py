@@ -8,8 +8,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from .. import jobs, plots, rundir
+from .. import plots, rundir
 from ..config import BACKBONES, OPTIMIZERS, PRESETS, RESIZES, make_config
+from . import jobs
 from .settings import AppSettings, ensure_data
 
 BASIC_FIELDS = ["backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "dropout", "gamma", "image_size",

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import exclusions, rundir
-from .config import TrainConfig
+from .. import exclusions, rundir
+from ..config import TrainConfig
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 JOB_FILE = ".app-job.json"              # in the runs folder: the job the app started last
