@@ -32,6 +32,7 @@ from .losses import FocalLoss, class_alpha
 from .model import build_model
 from .optim import freeze_trunk_statistics, make_ema, make_optimizer, make_scheduler
 from .runtime import Dist, autocast, describe_device, init_distributed, needs_grad_scaler, pick_device
+from .tracking import check_trackers, open_tracker
 
 log = logging.getLogger("carapp")
 
@@ -72,8 +73,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
     run = Path(run_dir)
     if resume and not run.is_dir():
         raise TrainingError(f"run directory {run} does not exist: nothing to resume")
+    check_trackers(cfg.log)  # before a long index or hash (a resume's own config is checked when opened)
     dist = init_distributed()
-    handler = lock = None
+    handler = lock = tracker = None
     made_here = False  # a folder this call created holds nothing of value until the run is prepared
     try:
         if dist.main:
@@ -89,12 +91,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
             rundir.write_progress(run, status="running", phase="preparing")
             handler = _log_to(run / "train.log")
             prepared = _prepare(cfg, run, resume, epochs, split)
+            tracker = open_tracker(prepared[0], run)  # a missing package fails here: before training, no junk run
             made_here = False
         else:
             log.setLevel(logging.WARNING)
         dist.barrier()  # the other ranks read what rank 0 froze: one config, one split
         cfg, split, ckpt = prepared if dist.main else _read_prepared(run)
-        return _fit(cfg, run, split, ckpt, dist)
+        return _fit(cfg, run, split, ckpt, dist, tracker)
     except torch.cuda.OutOfMemoryError:
         smaller = max(1, cfg.batch_size // 2) if isinstance(cfg.batch_size, int) else 32
         message = (f"GPU out of memory at batch size {cfg.batch_size}: resume with a smaller batch, e.g. "
@@ -107,6 +110,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
             rundir.write_progress(run, status="failed", error=str(exc))
         raise
     finally:
+        if tracker:
+            tracker.close()
         if handler:
             log.removeHandler(handler)
             handler.close()
@@ -227,16 +232,16 @@ class Job:
                  f", {dist.world} processes" if dist.world > 1 else "")
 
 
-def _fit(cfg: TrainConfig, run: Path, split: Split, ckpt: dict | None, dist: Dist) -> dict:
+def _fit(cfg: TrainConfig, run: Path, split: Split, ckpt: dict | None, dist: Dist, tracker) -> dict:
     job = Job(cfg, split, ckpt, dist)
     stop = StopSignal(run)
     try:
-        return _loop(job, cfg, run, split, dist, stop)
+        return _loop(job, cfg, run, split, dist, stop, tracker)
     finally:
         stop.restore()
 
 
-def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop: StopSignal) -> dict:
+def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop: StopSignal, tracker) -> dict:
     state, bad_paths = job.state, set()
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
@@ -259,6 +264,7 @@ def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop:
                      best_val_loss=min(val_loss, state["best_val_loss"]))
         if dist.main:
             rundir.append_metrics(run, row)
+            tracker.epoch(row)
             log.info("epoch %3d/%d | train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.1e | %.1f s",
                      epoch, cfg.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, row["lr"],
                      row["seconds"])
@@ -281,6 +287,7 @@ def _loop(job: Job, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop:
                  calibration["temperature"], calibration["ece_before"], calibration["ece_after"],
                  calibration["thresholds"]["model"], calibration["thresholds"]["make"])
         test = evaluate_run(run, "test", workers=cfg.workers)
+        tracker.test(test)
         log.info("test (best.pt): top-1 %.4f top-5 %.4f macro-F1 %.4f make top-1 %.4f ECE %.4f on %d images; "
                  "%.1f%% answered with a model, %.1f%% of those right", test["top1"], test["top5"], test["macro_f1"],
                  test["make_top1"], test["ece"], test["num_images"], 100 * test["coverage"],
