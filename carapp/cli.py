@@ -58,6 +58,8 @@ TRAIN_OPTIONS = [
     ("--seed", int, "seed of the split and the sampler"),
     ("--workers", int, "data loader worker processes"),
     ("--device", str, "auto | cpu | cuda | mps"),
+    ("--log", str, "also send each epoch's figures, the config and the test confusion matrix to tensorboard | "
+     "mlflow | wandb, comma-separated for several, each with its package installed (default none)"),
 ]
 
 
@@ -204,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="steps of the exponential sweep at most (default 100)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate of the sweep (default 1e-07)")
     p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep (default 10)")
-    add_train_options(p, skip=("--steps-per-epoch", "--epochs", "--patience", "--lr-patience", "--lr-factor"))
+    add_train_options(p, skip=("--steps-per-epoch", "--epochs", "--patience", "--lr-patience", "--lr-factor",
+                               "--log"))
 
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -219,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             result, code = COMMANDS[args.command](args)
     except Exception as exc:  # known failures carry their own message: show it without a traceback
         from .rundir import RunLocked
+        from .tracking import TrackerMissing
         from .train import TrainingError
-        if not isinstance(exc, (ValueError, OSError, TrainingError, RunLocked)):
+        if not isinstance(exc, (ValueError, OSError, TrainingError, RunLocked, TrackerMissing)):
             raise
         log.error("error: %s", exc)
         result, code = {"error": str(exc)}, 2

@@ -9,6 +9,12 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 RESIZES = ("crop", "pad")
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "layercam")  # gradcam: one forward pass
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def tracker_names(log: str) -> list[str]:
+    """The experiment trackers a `log` setting names: "" none, "tensorboard", or several comma-separated."""
+    return [name.strip() for name in log.split(",") if name.strip()]
 
 
 @dataclass
@@ -59,6 +65,7 @@ class TrainConfig:
     channels_last: bool = True      # on CUDA (ignored on CPU)
     compile: bool = False           # torch.compile the model (worth it for long GPU runs)
     jitter: float = 0.2             # colour jitter strength (brightness/contrast/saturation)
+    log: str = ""                   # also send the epochs to tensorboard | mlflow | wandb (comma-separated; "": none)
     preset: str = "paper"
 
     def __post_init__(self):
@@ -78,6 +85,8 @@ class TrainConfig:
                   ("layer_lr_decay", 0 < self.layer_lr_decay <= 1, "in (0, 1]"),
                   ("ema", 0 <= self.ema < 1, "in [0, 1) (0: off)"),
                   ("resize", self.resize in RESIZES, "one of " + ", ".join(RESIZES)),
+                  ("log", all(name in TRACKERS for name in tracker_names(self.log)),
+                   "empty or one or more of " + ", ".join(TRACKERS) + " (comma-separated)"),
                   ("backbone", self.backbone in BACKBONES, "one of " + ", ".join(BACKBONES))]
         bad = [f"{name} must be {rule} (got {getattr(self, name)!r})" for name, ok, rule in checks if not ok]
         if bad:

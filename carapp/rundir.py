@@ -2,7 +2,8 @@
 
 config.json, labels.json, split.csv, metrics.jsonl, progress.json (live status), last.pt / best.pt,
 <split>_metrics.json / _per_class.csv / _confusion.csv / _predictions.csv (after training: test), bad_images.txt,
-train.log; a STOP file asks a running trainer to stop.
+train.log; with --log (carapp.tracking) tensorboard/, mlflow.db, mlartifacts/, wandb/ and tracking.json; a STOP file
+asks a running trainer to stop.
 """
 from __future__ import annotations
 

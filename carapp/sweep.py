@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import rundir
 from .config import TrainConfig
+from .tracking import check_trackers
 from .train import make_run_split, train
 
 log = logging.getLogger("carapp")
@@ -18,6 +19,7 @@ COLUMNS = ["run", "lr", "dropout", "weight_decay", "status", "epochs", "best_val
 
 
 def sweep(base: TrainConfig, out: str | Path, lrs: list[float], dropouts: list[float]) -> list[dict]:
+    check_trackers(base.log)  # once, before the shared split: not one failure per cell
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     split, _ = make_run_split(base)

@@ -28,6 +28,7 @@ from .exclusions import read_exclusions
 from .health import duplicate_groups
 from .optim import freeze_trunk_statistics, make_scheduler
 from .runtime import Dist, init_distributed
+from .tracking import Tracker, check_trackers, open_tracker
 from .trainer import Meter, Trainer
 
 log = logging.getLogger("carapp")
@@ -72,14 +73,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
     run = Path(run_dir)
     if resume and not run.is_dir():
         raise TrainingError(f"run directory {run} does not exist: nothing to resume")
+    check_trackers(cfg.log)  # before a long index or hash (a resume's own config is checked when opened)
     dist = init_distributed()
-    handler = lock = None
+    handler = lock = tracker = None
     made_here = False  # a folder this call created holds nothing of value until the run is prepared
     try:
         if dist.main:
             made_here = not run.exists()
             lock, handler = _take_over(run)
             prepared = _prepare(cfg, run, resume, epochs, split)
+            tracker = open_tracker(prepared[0], run)  # a missing package fails here: before training, no junk run
             made_here = False
         else:
             log.setLevel(logging.WARNING)
@@ -87,7 +90,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
         cfg, split, ckpt = prepared if dist.main else _read_prepared(run)
         trainer = Trainer(cfg, split, ckpt, dist)
         with StopSignal(run) as stop:
-            return fit(trainer, cfg, run, split, dist, stop)
+            return fit(trainer, cfg, run, split, dist, stop, tracker)
     except torch.cuda.OutOfMemoryError:
         smaller = max(1, cfg.batch_size // 2) if isinstance(cfg.batch_size, int) else 32
         message = (f"GPU out of memory at batch size {cfg.batch_size}: resume with a smaller batch, e.g. "
@@ -100,6 +103,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
             rundir.write_progress(run, status="failed", error=str(exc))
         raise
     finally:
+        if tracker:
+            tracker.close()
         if handler:
             log.removeHandler(handler)
             handler.close()
@@ -176,8 +181,10 @@ def _read_prepared(run: Path):
     return cfg, rundir.read_run_split(run, cfg), ckpt
 
 
-def fit(trainer: Trainer, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop: StopSignal) -> dict:
-    """Epochs until the last, early stopping or a stop request: train, validate, step the schedule, record, save."""
+def fit(trainer: Trainer, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop: StopSignal,
+        tracker: Tracker | None) -> dict:
+    """Epochs until the last, early stopping or a stop request: train, validate, step the schedule, record, save.
+    `tracker` (rank 0's, when --log asks) gets each epoch's row and the test figures."""
     state, bad_paths = trainer.state, set()
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
@@ -200,6 +207,7 @@ def fit(trainer: Trainer, cfg: TrainConfig, run: Path, split: Split, dist: Dist,
                      best_val_loss=min(val_loss, state["best_val_loss"]))
         if dist.main:
             rundir.append_metrics(run, row)
+            tracker.epoch(row)
             log.info("epoch %3d/%d | train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.1e | %.1f s",
                      epoch, cfg.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc, row["lr"],
                      row["seconds"])
@@ -212,12 +220,12 @@ def fit(trainer: Trainer, cfg: TrainConfig, run: Path, split: Split, dist: Dist,
             break
         if dist.max([float(bool(stop))], trainer.device)[0]:
             return stopped(trainer, run, epoch, saved=True)
-    test = finish(run, cfg, state["epoch"]) if dist.main else None
+    test = finish(run, cfg, state["epoch"], tracker) if dist.main else None
     dist.barrier()
     return {"status": "finished", "epochs": state["epoch"], "best_val_loss": state["best_val_loss"], "test": test}
 
 
-def finish(run: Path, cfg: TrainConfig, epochs_done: int) -> dict:
+def finish(run: Path, cfg: TrainConfig, epochs_done: int, tracker: Tracker) -> dict:
     """After training, on one process: calibrate best.pt on val, then measure it on the test split."""
     from .calibrate import calibrate_run
     from .evaluate import evaluate_run
@@ -226,6 +234,7 @@ def finish(run: Path, cfg: TrainConfig, epochs_done: int) -> dict:
              calibration["temperature"], calibration["ece_before"], calibration["ece_after"],
              calibration["thresholds"]["model"], calibration["thresholds"]["make"])
     test = evaluate_run(run, "test", workers=cfg.workers)
+    tracker.test(test)
     log.info("test (best.pt): top-1 %.4f top-5 %.4f macro-F1 %.4f make top-1 %.4f ECE %.4f on %d images; "
              "%.1f%% answered with a model, %.1f%% of those right", test["top1"], test["top5"], test["macro_f1"],
              test["make_top1"], test["ece"], test["num_images"], 100 * test["coverage"],

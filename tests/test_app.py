@@ -171,7 +171,8 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
                       patience=5, steps_per_epoch=1, seed=3, workers=0, device="cpu", amp=False, channels_last=False,
                       jitter=0.05, label_smoothing=0.1, schedule="cosine", warmup_epochs=0.5, optimizer="adamw",
                       decay_norm_bias=False, freeze_epochs=1, layer_lr_decay=0.5, ema=0.5, resize="pad",
-                      batch_size_auto=True, group_duplicates=True, exclude=str(tmp_path / "marks.csv"))
+                      batch_size_auto=True, group_duplicates=True, exclude=str(tmp_path / "marks.csv"),
+                      log="tensorboard")
     first = sorted((demo_root / "data" / "image").rglob("*.jpg"))[0].relative_to(demo_root).as_posix()
     (tmp_path / "marks.csv").write_text(f"path,reason\n{first},not a car\n")
     same = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) == getattr(TrainConfig(), f.name)}
