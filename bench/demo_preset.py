@@ -27,7 +27,7 @@ def main() -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="carapp-bench-"))
     data, run = work / "demo", work / f"run-seed{args.seed}"
     sys.path.insert(0, str(ROOT))
-    from carapp.demo import make_demo_dataset
+    from carapp.dataset.demo import make_demo_dataset
     t = time.perf_counter()
     summary = make_demo_dataset(data, seed=0)
     gen_seconds = time.perf_counter() - t

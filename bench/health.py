@@ -45,7 +45,7 @@ def make_tree(root: Path, n: int, size: tuple[int, int], classes: int) -> None:
 
 
 def timed_check(root: Path, workers: int) -> tuple[float, dict]:
-    from carapp.health import check_health
+    from carapp.dataset.health import check_health
     start = time.perf_counter()
     report = check_health(str(root), workers=workers)
     return time.perf_counter() - start, report

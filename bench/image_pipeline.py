@@ -24,8 +24,9 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from carapp.loader import IMAGENET_MEAN, IMAGENET_STD, CarImages, build_transform, resize_size, to_input  # noqa: E402
-from carapp.resized import ResizedCache, build_resized_cache  # noqa: E402
+from carapp.dataset.loader import (IMAGENET_MEAN, IMAGENET_STD, CarImages, build_transform, resize_size,  # noqa: E402
+                                   to_input)
+from carapp.dataset.resized import ResizedCache, build_resized_cache  # noqa: E402
 
 GOAL = 2.0
 
@@ -98,8 +99,8 @@ def main() -> int:
         photos = Path(tmp) / "photos"
         paths = make_photos(photos, args.images)
         figures = {"photos_800x600": compare(str(photos), paths, args.size, with_cache=True)}
-        from carapp.demo import make_demo_dataset
-        from carapp.data import index_dataset
+        from carapp.dataset.demo import make_demo_dataset
+        from carapp.dataset.index import index_dataset
         make_demo_dataset(Path(tmp) / "demo")
         index = index_dataset(Path(tmp) / "demo")
         figures["demo_set_64px"] = compare(str(Path(tmp) / "demo"), index.paths[: args.images * 2], 64, False)

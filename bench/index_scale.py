@@ -68,7 +68,7 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="carapp-index-"))
     os.environ["CARAPP_CACHE"] = str(work / "cache")
-    from carapp.data import index_dataset
+    from carapp.dataset.index import index_dataset
     t = time.perf_counter()
     if not (work / "data").is_dir():
         make_tree(work, args.images)

@@ -1,4 +1,4 @@
-"""Near-duplicate recall of `carapp.health` on the demo set: each of 120 demo photos against one altered copy.
+"""Near-duplicate recall of `carapp.dataset.health` on the demo set: each of 120 demo photos against one altered copy.
 
     python bench/near_duplicates.py [--photos 120]
 
@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from carapp.demo import make_demo_dataset  # noqa: E402
-from carapp.health import file_facts, find_duplicates  # noqa: E402
+from carapp.dataset.demo import make_demo_dataset  # noqa: E402
+from carapp.dataset.health import file_facts, find_duplicates  # noqa: E402
 
 ALTERATIONS = {
     **{f"centre crop {a:.0%} a side": (lambda im, a=a: im.crop((round(im.width * a), round(im.height * a),

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from carapp.loader import CarImages, EpochSampler, build_transform, make_loader, to_input  # noqa: E402
+from carapp.dataset.loader import CarImages, EpochSampler, build_transform, make_loader, to_input  # noqa: E402
 from carapp.losses import FocalLoss  # noqa: E402
 from carapp.model import build_model  # noqa: E402
 from carapp.runtime import autocast, pick_device  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> int:
         from image_pipeline import make_photos  # the same photo-like JPEG maker, at CompCars' typical size
         paths = make_photos(Path(tmp) / "jpegs", args.images, (500, 375))
         if args.cache:
-            from carapp.resized import ResizedCache, build_resized_cache
+            from carapp.dataset.resized import ResizedCache, build_resized_cache
             build_resized_cache(str(Path(tmp) / "jpegs"), short_side=256)
         cache = ResizedCache.find(str(Path(tmp) / "jpegs"), size) if args.cache else None
         targets = [i % 927 for i in range(len(paths))]

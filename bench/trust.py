@@ -5,7 +5,7 @@
 Without --run it trains the demo preset (ResNet-50 from scratch, ~4 minutes on a 2-core CPU), which calibrates itself
 at the end. It then measures on the test split (plain and with flip TTA): top-1, ECE before/after temperature
 scaling, the share answered "model" and their accuracy; and on synthetic photos without a car (scenes, textures,
-noise, shapes, gradients from carapp.demo.make_no_car_images): the share answered unsure/no-car, and the AUROC
+noise, shapes, gradients from carapp.dataset.demo.make_no_car_images): the share answered unsure/no-car, and the AUROC
 (test cars vs non-car photos) of each candidate score: max-softmax, max-logit, energy, Mahalanobis distance of the
 pooled layer3 features, and the k-nearest-neighbour distance on them that carapp uses.
 Goals (issue 11): >= 85% of test images answered "model" with >= 95% of those right; ECE after <= 0.05 and not
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def train_demo(work: Path, seed: int) -> Path:
-    from carapp.demo import make_demo_dataset
+    from carapp.dataset.demo import make_demo_dataset
     data, run = work / "demo", work / f"run-seed{seed}"
     make_demo_dataset(data, seed=0)
     subprocess.run([sys.executable, "-m", "carapp", "train", "--data", str(data), "--run-dir", str(run),
@@ -37,8 +37,8 @@ def train_demo(work: Path, seed: int) -> Path:
 
 def outputs_of(run: Path, folder: Path | None = None, split: str = "test"):
     """Logits and pooled features of a split of the run, or of every image in `folder`."""
-    from carapp.evaluate import collect_outputs, load_run_model, split_dataset
-    from carapp.loader import CarImages, build_transform, make_loader
+    from carapp.dataset.loader import CarImages, build_transform, make_loader
+    from carapp.evaluation.evaluate import collect_outputs, load_run_model, split_dataset
     model, cfg, _, dev = load_run_model(run)
     if folder is None:
         dataset = split_dataset(run, cfg, split)
@@ -64,11 +64,11 @@ def main() -> int:
     ap.add_argument("--no-car", type=int, default=300, help="synthetic non-car photos to make")
     ap.add_argument("--keep", help="keep the data and run here instead of a temp folder")
     args = ap.parse_args()
-    from carapp.answers import Calibration, class_makes_of
-    from carapp.demo import make_no_car_images
-    from carapp.evaluate import evaluate_run
+    from carapp.dataset.demo import make_no_car_images
+    from carapp.evaluation.answers import Calibration, class_makes_of
+    from carapp.evaluation.evaluate import evaluate_run
+    from carapp.evaluation.trust import FeatureDensity, auroc
     from carapp.rundir import label_names
-    from carapp.trust import FeatureDensity, auroc
     work = Path(args.keep or tempfile.mkdtemp(prefix="carapp-trust-"))
     run = Path(args.run) if args.run else train_demo(work, args.seed)
     calibration_file = json.loads((run / "calibration.json").read_text())

@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             result, code = COMMANDS[args.command](args)
     except Exception as exc:  # known failures carry their own message: show it without a traceback
         from .rundir import RunLocked
-        from .tracking import TrackerMissing
-        from .train import TrainingError
+        from .training.tracking import TrackerMissing
+        from .training.train import TrainingError
         if not isinstance(exc, (ValueError, OSError, TrainingError, RunLocked, TrackerMissing)):
             raise
         log.error("error: %s", exc)
@@ -259,32 +259,33 @@ def _stdout_to_stderr(active: bool):
 
 
 def cmd_demo_data(args):
-    from .demo import make_demo_dataset
+    from .dataset.demo import make_demo_dataset
     return make_demo_dataset(args.out, seed=args.seed, scale=args.scale, replace=args.force), 0
 
 
 def cmd_stats(args):
-    from .data import dataset_stats, index_dataset
+    from .dataset.index import index_dataset
+    from .dataset.split import dataset_stats
     index = index_dataset(args.data, args.format)
     groups = None
     if args.group_duplicates:
-        from .health import duplicate_groups
+        from .dataset.health import duplicate_groups
         groups = duplicate_groups(index)
     stats = dataset_stats(index, args.min_images, seed=args.seed, groups=groups)
     if args.verify:
-        from .images import find_unreadable
+        from .dataset.images import find_unreadable
         bad = find_unreadable(index)
         stats["unreadable"] = {"count": len(bad), "examples": bad[:5]}
     return stats, 0
 
 
 def cmd_health(args):
-    from .health import check_health
+    from .dataset.health import check_health
     return check_health(args.data, args.format, args.run, args.workers, args.near_bits), 0
 
 
 def cmd_train(args):
-    from .train import train
+    from .training.train import train
     if args.resume:
         result = train(TrainConfig(), args.resume, resume=True, epochs=args.epochs)
     elif args.config and args.run_dir:
@@ -298,18 +299,18 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate_run
+    from .evaluation.evaluate import evaluate_run
     return evaluate_run(args.run, args.split, workers=args.workers, device=args.device, tta=args.tta), 0
 
 
 def cmd_calibrate(args):
-    from .calibrate import calibrate_run
+    from .evaluation.calibrate import calibrate_run
     return calibrate_run(args.run, args.target_accuracy, workers=args.workers, device=args.device), 0
 
 
 def cmd_predict(args):
-    from .images import PHOTO_DRAFT_SIZE, ImageError, open_image
-    from .answers import UNCALIBRATED_NOTE
+    from .dataset.images import PHOTO_DRAFT_SIZE, ImageError, open_image
+    from .evaluation.answers import UNCALIBRATED_NOTE
     from .predict import Predictor
     predictor = Predictor.load(args.run, device=args.device)
     if not predictor.calibration.calibrated:
@@ -342,7 +343,7 @@ def cmd_predict(args):
 
 
 def cmd_analyze(args):
-    from .analyze import analyze
+    from .analysis.analyze import analyze
     result = analyze(args.sources, args.run, args.out, args.group_by, args.batch_size, args.workers, args.device,
                      args.force, args.engine)
     if result and not args.json:
@@ -365,19 +366,19 @@ def cmd_push(args):
 
 
 def cmd_cache(args):
-    from .resized import build_resized_cache
+    from .dataset.resized import build_resized_cache
     return build_resized_cache(args.data, args.short_side, args.workers), 0
 
 
 def cmd_sweep(args):
-    from .sweep import sweep
+    from .training.sweep import sweep
     lrs = [float(v) for v in args.lr.split(",")]
     dropouts = [float(v) for v in args.dropout.split(",")]
     return sweep(config_from_args(args, skip=("lr", "dropout")), args.out, lrs, dropouts), 0  # the grid's own lists
 
 
 def cmd_lr_find(args):
-    from .lrfind import lr_find
+    from .training.lrfind import lr_find
     skip = ("steps_per_epoch", "epochs", "patience", "lr_patience", "lr_factor")
     return lr_find(config_from_args(args, skip), args.start_lr, args.end_lr, args.steps), 0
 

@@ -25,7 +25,7 @@ class TrainConfig:
     min_images: int | None = None   # None: floor(mean images per class), as in the paper; 0 keeps every class
     crop_bbox: bool = False         # crop to the labelled car box (CompCars labels)
     val_frac: float = 0.15
-    group_duplicates: bool = False  # keep exact and near-duplicate photos in one split (carapp.health); off by
+    group_duplicates: bool = False  # keep exact and near-duplicate photos in one split (carapp.dataset.health); off by
                                     # default: the paper's photo-by-photo split stays comparable (README: Health)
     exclude: str = ""               # CSV of photos to leave out (path,reason), e.g. marked in the app
     test_frac: float = 0.15

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from . import rundir
-from .answers import BANK_FILE, CALIBRATION_FILE
-from .loader import IMAGENET_MEAN, IMAGENET_STD, Letterbox, resize_size
+from .dataset.loader import IMAGENET_MEAN, IMAGENET_STD, Letterbox, resize_size
+from .evaluation.answers import BANK_FILE, CALIBRATION_FILE
 from .saved import EXPORT_TAG, load_model
+
 ONNX_OPSET = 18
 
 

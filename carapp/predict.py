@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .answers import Calibration, class_makes_of, first_words
 from .cam import METHODS, gradcam_from_features, overlay, package_cam
-from .evaluate import forward
-from .images import open_image
-from .loader import build_transform, letterbox_box, resize_size, to_input
+from .dataset.images import open_image
+from .dataset.loader import build_transform, letterbox_box, resize_size, to_input
+from .evaluation.answers import Calibration, class_makes_of, first_words
+from .evaluation.evaluate import forward
 from .runtime import pick_device
 from .saved import load_model, model_version
 

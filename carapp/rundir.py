@@ -2,8 +2,8 @@
 
 config.json, labels.json, split.csv, metrics.jsonl, progress.json (live status), last.pt / best.pt,
 <split>_metrics.json / _per_class.csv / _confusion.csv / _predictions.csv (after training: test), bad_images.txt,
-train.log; with --log (carapp.tracking) tensorboard/, mlflow.db, mlartifacts/, wandb/ and tracking.json; a STOP file
-asks a running trainer to stop.
+train.log; with --log (carapp.training.tracking) tensorboard/, mlflow.db, mlartifacts/, wandb/ and tracking.json;
+a STOP file asks a running trainer to stop.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from .data import Split, index_dataset
+from .dataset.index import index_dataset
+from .dataset.split import Split
 
 EVAL_PROGRESS = "evaluate_progress.json"   # live progress of an evaluation (status, split, done, total, pid)
 

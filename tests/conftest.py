@@ -61,7 +61,7 @@ def build_compcars(root: Path, layout: dict[tuple[int, int], dict[str, int]], ma
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """The built-in synthetic demo dataset at a fifth of its size: quick to train on."""
-    from carapp.demo import make_demo_dataset
+    from carapp.dataset.demo import make_demo_dataset
     root = tmp_path_factory.mktemp("demo")
     make_demo_dataset(root, seed=0, scale=0.25)
     return root
@@ -118,6 +118,7 @@ def start_app(data: Path, runs_dir: Path, public: bool = False, **overrides):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from carapp.ui.app import build_app, launch
     from carapp.ui.settings import resolve_settings
+
     # clean_cache off: many apps share one process and Gradio's content-addressed upload folder here, and an app
     # that shuts down deletes its files there — the same paths the next app's uploads of the same photo get
     settings = dataclasses.replace(resolve_settings(str(data), None, str(runs_dir), share=False), public=public,
@@ -131,6 +132,7 @@ def start_app(data: Path, runs_dir: Path, public: bool = False, **overrides):
 def stop_all_jobs(runs_dir: Path, timeout: float = 60) -> None:
     """Teardown: no training subprocess outlives a test."""
     import time
+
     from carapp.ui import jobs
     for run in jobs.list_runs(runs_dir):
         if run.status == "running":

@@ -6,12 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import FAST_TRAIN, ROOT, cli_json, run_cli
 from PIL import Image
 
-from carapp.answers import BANK_FILE, CALIBRATION_FILE
+from carapp.evaluation.answers import BANK_FILE, CALIBRATION_FILE
+from carapp.evaluation.trust import STATUSES, softmax
 from carapp.predict import Predictor
-from carapp.trust import STATUSES, softmax
-from conftest import FAST_TRAIN, ROOT, cli_json, run_cli
 
 EXAMPLE = ROOT / "assets/examples/aurora_sprint.jpg"
 
@@ -131,7 +131,7 @@ def test_an_export_carries_the_calibration(run, tmp_path):
 @pytest.mark.slow
 def test_photos_without_a_car_are_not_named_as_cars(demo_root, tmp_path):
     """A model trained a little longer tells the demo cars from scenes, textures, noise, shapes and gradients."""
-    from carapp.demo import make_no_car_images
+    from carapp.dataset.demo import make_no_car_images
     run = tmp_path / "run"
     run_cli("train", "--data", demo_root, "--run-dir", run, "--epochs", "8", "--patience", "8", *FAST_TRAIN)
     predictor = Predictor.load(run)

@@ -5,13 +5,13 @@ import os
 import time
 
 import pytest
+from conftest import build_compcars, cli_json, write_jpeg
 from PIL import Image
 
-from carapp.data import (DatasetError, dataset_stats, index_dataset, kept_classes, make_split,
-                         stratified_split)
-from carapp.images import find_unreadable
-from carapp.loader import CarImages, build_transform, collate_skip_bad
-from conftest import build_compcars, cli_json, write_jpeg
+from carapp.dataset.images import find_unreadable
+from carapp.dataset.index import DatasetError, index_dataset
+from carapp.dataset.loader import CarImages, build_transform, collate_skip_bad
+from carapp.dataset.split import dataset_stats, kept_classes, make_split, stratified_split
 
 # 4 makes; model 3 has images but an empty name cell, make 4 has an empty name cell, model 5 is an unused id.
 MAKES = ["Aurora", "Borealis", "Cirrus", ""]
@@ -107,8 +107,8 @@ def test_folder_and_sv_formats(tmp_path):
     index = index_dataset(tmp_path / "folder")
     assert index.format == "folder" and index.class_counts() == {"Aurora Sprint": 4, "Borealis Vista": 3}
 
-    from scipy.io import savemat
     import numpy as np
+    from scipy.io import savemat
     sv = tmp_path / "sv" / "sv_data"
     for model, n in (("1", 2), ("2", 5)):
         for k in range(n):
@@ -143,7 +143,7 @@ def test_bbox_crop_uses_label_box(compcars):
 
 
 def test_resized_cache_is_used_with_boxes_scaled(compcars):
-    from carapp.resized import ResizedCache, build_resized_cache
+    from carapp.dataset.resized import ResizedCache, build_resized_cache
     big = compcars / "data/image/1/1/2010/112010001.jpg"
     Image.new("RGB", (400, 300), (0, 0, 255)).save(big)
     index = index_dataset(compcars)

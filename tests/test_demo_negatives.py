@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carapp.demo import IMG_H, IMG_W, NO_CAR_KINDS, make_no_car_images
+from carapp.dataset.demo import IMG_H, IMG_W, NO_CAR_KINDS, make_no_car_images
 
 
 def _digests(paths):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_cli, serving
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from carapp.images import ImageError, open_image
-from conftest import ROOT, run_cli, serving
+from carapp.dataset.images import ImageError, open_image
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -13,14 +13,15 @@ import time
 
 import pytest
 import torch
+from conftest import FAST_TRAIN, ROOT, build_compcars, cli_json, run_cli, write_jpeg
 
 from carapp import rundir
 from carapp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from carapp.config import make_config
-from carapp.data import DatasetError, index_dataset, stratified_split
+from carapp.dataset.index import DatasetError, index_dataset
+from carapp.dataset.split import stratified_split
 from carapp.predict import Predictor
-from carapp.train import TrainingError, train
-from conftest import FAST_TRAIN, ROOT, build_compcars, cli_json, run_cli, write_jpeg
+from carapp.training.train import TrainingError, train
 
 TINY = dict(backbone="resnet18", image_size=32, batch_size=8, workers=0, steps_per_epoch=2)
 
@@ -121,7 +122,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_stop_during_validation(demo_root, tmp_path, monkeypatch):
-    import carapp.train as train_module
+    import carapp.training.train as train_module
     real = train_module.validate
     run = tmp_path / "stopval"
 

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_json, run_cli
 from PIL import Image
 
-from carapp import health, rundir
+from carapp import rundir
 from carapp.config import make_config
-from carapp.data import index_dataset, make_split, stratified_split
+from carapp.dataset import health
+from carapp.dataset.index import index_dataset
+from carapp.dataset.split import make_split, stratified_split
 from carapp.exclusions import mark, read_exclusions
-from carapp.train import make_run_split
-from conftest import cli_json, run_cli
+from carapp.training.train import make_run_split
 
 
 def _images(root: Path) -> list[Path]:
@@ -210,7 +212,7 @@ def test_file_facts_of_a_decompression_bomb_is_a_reason_not_a_crash(tmp_path):
 
 
 def test_label_suspects_are_the_flipped_labels():
-    from carapp.evaluate import label_suspects
+    from carapp.evaluation.evaluate import label_suspects
     rng = np.random.default_rng(0)
     truth = np.repeat(np.arange(5), 40)
     sure = rng.uniform(0.4, 0.9, len(truth))             # a model that mostly knows the true classes

@@ -12,11 +12,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import FAST_TRAIN, ROOT, raw_call, raw_upload, serving, stop_all_jobs
 from PIL import Image
 
-from carapp.ui import jobs
-from carapp.ui import predict_tab, train_tab, uploads
-from conftest import FAST_TRAIN, ROOT, raw_call, raw_upload, serving, stop_all_jobs
+from carapp.ui import jobs, predict_tab, train_tab, uploads
 
 EXAMPLE = ROOT / "assets/examples/aurora_sprint.jpg"
 def photo(path: str, method: str = "gradcam") -> list:
@@ -110,7 +109,7 @@ def test_public_evaluate_is_read_only(public):
 
 
 def test_public_health_reads_only_the_owners_cached_check_and_marks_are_refused(public, monkeypatch, tmp_path):
-    from carapp.health import check_health
+    from carapp.dataset.health import check_health
     url, runs, demo_root = public
     monkeypatch.setenv("CARAPP_CACHE", str(tmp_path / "cache"))  # nothing checked yet
     ok, data = raw_call(url, "/health", ["/etc", "(no run)"])   # a server path sent by hand is ignored
@@ -125,7 +124,7 @@ def test_public_health_reads_only_the_owners_cached_check_and_marks_are_refused(
 @pytest.mark.slow
 def test_private_reevaluation_is_one_background_job_and_readers_never_see_half_a_report(private):
     url, runs, _ = private
-    from carapp.evaluate import read_report
+    from carapp.evaluation.evaluate import read_report
     before = (runs / "tiny" / "test_metrics.json").stat().st_mtime_ns
     errors: list[str] = []
     stop = threading.Event()
@@ -292,6 +291,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_save
 def test_a_malicious_weights_file_is_refused_clearly(demo_root, tmp_path):
     import pickle
     import zipfile
+
     from conftest import run_cli
 
     class Evil:
@@ -312,7 +312,7 @@ def test_a_huge_rgba_upload_is_reduced_while_decoding(tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGBA", (8900, 8900), (20, 120, 200, 128)).save(big, compress_level=1)
     # VmHWM (peak resident set) is per process image; ru_maxrss would carry this test's own peak over the fork
-    code = ("import re, sys; from carapp.images import open_image, PHOTO_DRAFT_SIZE; "
+    code = ("import re, sys; from carapp.dataset.images import open_image, PHOTO_DRAFT_SIZE; "
             "im = open_image(sys.argv[1], draft_size=PHOTO_DRAFT_SIZE); "
             "print(*im.size, int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) // 1024)")
     out = subprocess.run([sys.executable, "-c", code, str(big)], cwd=ROOT, capture_output=True, text=True,
@@ -326,8 +326,9 @@ def test_a_huge_rgba_upload_is_reduced_while_decoding(tmp_path):
 def test_a_fresh_public_app_trains_its_first_model_and_says_so(demo_root, tmp_path):
     """A Space with no model and training off: the app trains the demo preset itself, and a visitor's photo gets
     the progress of that first model instead of a dead end; the visitor cannot stop it."""
-    from carapp.ui import first_model
     from conftest import start_app
+
+    from carapp.ui import first_model
     runs = tmp_path / "runs"
     demo, url = start_app(demo_root, runs, public=True)
     try:

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import cli_json
 from PIL import Image
 
 from carapp.checkpoint import load_checkpoint
 from carapp.config import make_config
 from carapp.model import build_model
 from carapp.rundir import read_metrics
-from conftest import cli_json
 
 FAST = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
 
@@ -30,7 +30,7 @@ def test_recipe_options_are_validated_naming_the_field():
 
 
 def test_default_optimizer_is_the_papers_adam_in_one_group():
-    from carapp.optim import make_optimizer
+    from carapp.training.optim import make_optimizer
     cfg = make_config("paper")
     net = build_model("resnet18", 5)
     opt = make_optimizer(net, cfg)
@@ -39,7 +39,7 @@ def test_default_optimizer_is_the_papers_adam_in_one_group():
 
 
 def test_no_decay_on_norm_and_bias_and_layer_wise_lrs():
-    from carapp.optim import make_optimizer
+    from carapp.training.optim import make_optimizer
     cfg = make_config("paper", optimizer="sgd", lr=0.1, weight_decay=1e-4, decay_norm_bias=False,
                       layer_lr_decay=0.5)
     net = build_model("resnet18", 5)
@@ -63,7 +63,7 @@ def test_no_decay_on_norm_and_bias_and_layer_wise_lrs():
 
 def test_the_better_validating_weights_are_chosen(monkeypatch):
     """With EMA on, whichever of raw and averaged weights has the lower val loss is used and recorded."""
-    from carapp import train as train_module
+    from carapp.training import train as train_module
     raw, averaged = object(), object()
     trainer = SimpleNamespace(net=raw, ema=SimpleNamespace(module=averaged))
     for ema_loss, want in ((0.5, "ema"), (1.5, "raw")):
@@ -107,7 +107,7 @@ def test_finetune_preset_from_a_pth_freezes_the_trunk_for_one_epoch_then_trains_
     included, stay the .pth's), epoch 2 the whole network, across a stop after epoch 1 and a resume."""
     from carapp import rundir
     from carapp.predict import Predictor
-    from carapp.train import train
+    from carapp.training.train import train
     pth = _torchvision_pth(tmp_path / "resnet18.pth")
     cfg = make_config("finetune", data=str(demo_root), weights=str(pth), backbone="resnet18", image_size=32,
                       batch_size=8, epochs=2, steps_per_epoch=2, workers=0)
@@ -149,7 +149,7 @@ def _red_columns(tensor: torch.Tensor) -> int:
 
 
 def test_pad_keeps_a_wide_photos_ends_and_crop_loses_them():
-    from carapp.loader import build_transform
+    from carapp.dataset.loader import build_transform
     photo = _wide_photo()
     padded, cropped = build_transform(64, False, resize="pad")(photo), build_transform(64, False)(photo)
     assert padded.shape == cropped.shape == (3, 64, 64)
@@ -188,7 +188,7 @@ def test_a_recipe_run_stopped_mid_epoch_resumes_exactly(demo_root, tmp_path, mon
     """Every recipe option at once (adamw groups, frozen first epoch, EMA, cosine, pad), stopped in epoch 2 after
     the unfreeze and resumed: the same raw and EMA val losses as the run that was never stopped."""
     from carapp import rundir
-    from carapp.train import train
+    from carapp.training.train import train
     train(_recipe_config(demo_root), tmp_path / "straight")
     calls = []  # epoch 1: asks 1-3 and 4 at its end; epoch 2: ask 6 is after its step 2
     monkeypatch.setattr(rundir, "stop_requested", lambda run: calls.append(1) or len(calls) == 6)
@@ -203,7 +203,7 @@ def test_a_recipe_run_stopped_mid_epoch_resumes_exactly(demo_root, tmp_path, mon
 
 def test_lr_suggestion_is_the_steepest_descent_before_the_minimum():
     """A textbook range-test curve: flat, a descent steepest at 1e-3, a minimum at 1e-2, then divergence."""
-    from carapp.lrfind import suggest_lr
+    from carapp.training.lrfind import suggest_lr
     lrs = list(np.logspace(-6, 0, 61))
     x = np.log10(lrs)
     losses = list(2.0 - np.tanh(2 * (x + 3)) + np.where(x > -2, 8 * (x + 2) ** 2, 0.0))
@@ -237,7 +237,8 @@ def _out_of_memory_above(limit: int, tried: list):
 
 
 def test_auto_batch_size_halves_until_the_trial_steps_fit(monkeypatch):
-    from carapp import autobatch, runtime
+    from carapp import runtime
+    from carapp.training import autobatch
     tried = []
     assert autobatch.largest_fitting(_out_of_memory_above(200, tried)) == 128
     assert tried == [1024, 512, 256, 128]
@@ -254,7 +255,7 @@ def test_auto_batch_size_halves_until_the_trial_steps_fit(monkeypatch):
 
 def test_auto_batch_size_on_a_cpu_trains_at_the_papers_batch(demo_root, tmp_path, caplog):
     from carapp.cli import build_parser, config_from_args
-    from carapp.train import train
+    from carapp.training.train import train
     args = build_parser().parse_args(["train", "--data", str(demo_root), "--run-dir", "x", "--batch-size", "auto"])
     assert config_from_args(args).batch_size == "auto"
     with pytest.raises(SystemExit):
@@ -273,9 +274,9 @@ def test_an_out_of_memory_error_halves_an_auto_batch_and_goes_on_from_the_last_g
                                                                                         monkeypatch, caplog):
     """Steps 1-2 at batch 16 fit, step 3 runs out of memory: the epoch goes on at batch 8 from sample 32, so two
     more batches of 8 finish its 48 samples, and the run's config.json holds the new size."""
-    from carapp import train as train_module
-    from carapp import trainer as trainer_module
-    from carapp.train import train
+    from carapp.training import train as train_module
+    from carapp.training import trainer as trainer_module
+    from carapp.training.train import train
     sizes, real_to_input = [], trainer_module.to_input
 
     def to_input(images, device, channels_last=False):

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carapp import cli, rundir, tracking
+from carapp import cli, rundir
 from carapp.config import make_config
-from carapp.train import train
+from carapp.training import tracking
+from carapp.training.train import train
 
 TINY = dict(backbone="resnet18", image_size=32, batch_size=8, workers=0, steps_per_epoch=1)
 

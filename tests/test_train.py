@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, cli_json, run_cli
 from PIL import Image
 
 from carapp.checkpoint import load_checkpoint
 from carapp.predict import Predictor
 from carapp.rundir import read_metrics, read_progress
-from conftest import ROOT, cli_json, run_cli
 
 FAST = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0"]
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
@@ -182,7 +182,7 @@ def _exact_config(demo_root):
 
 @pytest.fixture(scope="module")
 def uninterrupted(demo_root, tmp_path_factory):
-    from carapp.train import train
+    from carapp.training.train import train
     run = tmp_path_factory.mktemp("exact") / "straight"
     train(_exact_config(demo_root), run)
     return read_metrics(run)
@@ -196,7 +196,7 @@ def test_stop_then_resume_reproduces_the_uninterrupted_run(demo_root, tmp_path, 
     or at an epoch boundary (after epoch 1), then resumed in a new trainer, logs the same losses and accuracies as the
     run that was never stopped, to every printed digit."""
     from carapp import rundir
-    from carapp.train import train
+    from carapp.training.train import train
     calls = []  # the trainer asks "stop?" once per step and once after each epoch: 1-3 epoch 1, 4 its end, ...
     monkeypatch.setattr(rundir, "stop_requested", lambda run: calls.append(1) or len(calls) == stop_at)
     run = tmp_path / "stopped"

@@ -1,14 +1,13 @@
-"""carapp.trust: calibration, selective answers and the not-a-car score, on data made here with a seeded RNG."""
+"""carapp.evaluation.trust: calibration, selective answers and the not-a-car score, on data made here with a seeded RNG."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from carapp import trust
-from carapp.trust import (FeatureDensity, accept_threshold, answer_status, auroc, coverage_curve, ece,
-                          fit_temperature, make_probs, nll, ood_threshold, reliability_bins, selective_metrics,
-                          softmax)
-
+from carapp.evaluation import trust
+from carapp.evaluation.trust import (FeatureDensity, accept_threshold, answer_status, auroc, coverage_curve, ece,
+                                     fit_temperature, make_probs, nll, ood_threshold, reliability_bins,
+                                     selective_metrics, softmax)
 
 # ---------------------------------------------------------------------------------------------- calibration
 

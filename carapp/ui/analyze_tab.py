@@ -14,8 +14,8 @@ import gradio as gr
 import pandas as pd
 
 from .. import rundir
-from ..collection import ALL_GROUPS, item_of
-from ..images import ImageError, open_image
+from ..analysis.collection import ALL_GROUPS, item_of
+from ..dataset.images import ImageError, open_image
 from . import jobs
 from .predict_tab import default_model, model_choices, resolve_model
 from .settings import AppSettings
@@ -83,7 +83,7 @@ def status(shown: str, settings: AppSettings):
 
 
 def results(out: Path, settings: AppSettings):
-    from ..report import make_share_figure
+    from ..analysis.report import make_share_figure
     summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
     rows = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     makes = summary[(summary.group == ALL_GROUPS) & (summary.level == "make")].name.tolist()

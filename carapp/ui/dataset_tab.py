@@ -7,8 +7,9 @@ import os
 import gradio as gr
 
 from .. import plots
-from ..data import DatasetError, dataset_stats, index_dataset, kept_classes
-from ..images import sample_sizes
+from ..dataset.images import sample_sizes
+from ..dataset.index import DatasetError, index_dataset
+from ..dataset.split import dataset_stats, kept_classes
 from . import health_panel
 from .photos import thumbnails
 from .settings import AppSettings, ensure_data

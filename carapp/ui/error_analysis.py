@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import exclusions
-from ..images import ImageError, open_image
+from ..dataset.images import ImageError, open_image
 from . import jobs
 from .photos import thumbnails
 from .settings import AppSettings
@@ -43,7 +43,7 @@ def pair_from_row(settings: AppSettings, name: str | None, pairs: pd.DataFrame, 
 
 
 def _report(name: str | None, settings: AppSettings) -> dict | None:
-    from ..evaluate import read_report
+    from ..evaluation.evaluate import read_report
     run = jobs.find_run(settings.runs_dir, name)
     return read_report(run) if run is not None else None
 

@@ -8,8 +8,8 @@ import gradio as gr
 import pandas as pd
 
 from .. import exclusions, plots
-from . import jobs
 from . import error_analysis as errors
+from . import jobs
 from .settings import AppSettings
 
 
@@ -30,7 +30,7 @@ EMPTY = ("", pd.DataFrame(columns=CLASS_COLUMNS), None, None, pd.DataFrame(colum
 def evaluate(name: str | None, recompute: bool, settings: AppSettings):
     """Show the stored test report. Evaluating anew (asked, or never done) is a background job of the owner's: on a
     public app the reports are read-only, since one evaluation costs minutes of CPU on CompCars."""
-    from ..evaluate import read_report
+    from ..evaluation.evaluate import read_report
     run = jobs.find_run(settings.runs_dir, name)
     if run is None or not (run / "best.pt").is_file():
         raise gr.Error("Choose a trained run (train one in the Train tab).", print_exception=False)
@@ -49,7 +49,7 @@ def evaluate(name: str | None, recompute: bool, settings: AppSettings):
 
 def stored(name: str | None, settings: AppSettings):
     """The chosen run's stored report, at once (no button): every run trained here has one."""
-    from ..evaluate import read_report
+    from ..evaluation.evaluate import read_report
     run = jobs.find_run(settings.runs_dir, name)
     report = read_report(run) if run is not None and (run / "best.pt").is_file() else None
     if report is None:
@@ -61,7 +61,7 @@ def stored(name: str | None, settings: AppSettings):
 
 def progress(name: str | None, shown: float, settings: AppSettings):
     """Timer: the evaluation's progress line, and the new report once a job finished it (shown = its mtime)."""
-    from ..evaluate import read_report
+    from ..evaluation.evaluate import read_report
     run = jobs.find_run(settings.runs_dir, name)
     if run is None:
         return gr.skip(), shown, *[gr.skip()] * len(EMPTY)

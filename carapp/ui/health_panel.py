@@ -1,11 +1,11 @@
 """The Dataset tab's Health section: duplicates, label conflicts, leaks of a run's split, and problem files, as a
-table whose rows open their photos. The checks themselves are carapp.health's."""
+table whose rows open their photos. The checks themselves are carapp.dataset.health's."""
 from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
 
-from ..health import HealthError, check_health
+from ..dataset.health import HealthError, check_health
 from . import jobs
 from .photos import thumbnails
 from .settings import AppSettings, ensure_data

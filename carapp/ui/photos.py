@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..images import ImageError, open_image
+from ..dataset.images import ImageError, open_image
 
 
 def thumbnails(root: str, paths, limit: int, size: int = 256) -> list[tuple]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import gradio as gr
 
 from .. import rundir
-from ..images import PHOTO_DRAFT_SIZE, ImageError, open_image
 from ..config import CAM_METHODS
+from ..dataset.images import PHOTO_DRAFT_SIZE, ImageError, open_image
 from . import first_model, jobs
 from .settings import CONFIGURED, AppSettings
 from .uploads import EXAMPLES, accepted_upload

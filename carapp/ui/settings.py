@@ -58,7 +58,7 @@ class AppSettings:
     @property
     def is_demo_like(self) -> bool:
         """The built-in demo dataset, or another copy of the synthetic demo."""
-        from ..demo import is_demo_dataset
+        from ..dataset.demo import is_demo_dataset
         return self.is_demo_data or is_demo_dataset(self.data)
 
 
@@ -84,6 +84,6 @@ def resolve_settings(data: str | None = None, checkpoint: str | None = None, run
 def ensure_data(settings: AppSettings) -> str:
     """The built-in demo dataset is generated on first use (a few seconds), so start-up stays quick."""
     if settings.is_demo_data and not (DEMO_DATA / "data" / "image").is_dir():
-        from ..demo import make_demo_dataset
+        from ..dataset.demo import make_demo_dataset
         make_demo_dataset(DEMO_DATA, replace=True)  # a half-written one (killed) is redone
     return settings.data

@@ -63,7 +63,7 @@ def start(root: str, preset: str, *values, settings: AppSettings) -> str:
 def find_lr(root: str, preset: str, *values, settings: AppSettings):
     """The learning-rate range test on the form's settings, in this process (a minute or two; it writes no run).
     Not beside a training run: both would compete for the same cores or GPU."""
-    from ..lrfind import lr_find
+    from ..training.lrfind import lr_find
     try:
         cfg = form_config(root, preset, values, settings)
         if jobs.active_run(settings.runs_dir) is not None:

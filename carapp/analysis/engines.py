@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import forward
-from .loader import IMAGENET_MEAN, IMAGENET_STD, to_input
+from ..dataset.loader import IMAGENET_MEAN, IMAGENET_STD, to_input
+from ..evaluation.evaluate import forward
 
 log = logging.getLogger("carapp")
 ENGINES = ("auto", "torch", "onnx", "int8")

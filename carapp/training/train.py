@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import rundir
+from .. import rundir
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import TrainConfig
+from ..dataset.health import duplicate_groups
+from ..dataset.index import index_dataset
+from ..dataset.split import Split, make_split
+from ..exclusions import read_exclusions
+from ..runtime import Dist, init_distributed
 from .autobatch import resolve_batch_size
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import Split, index_dataset, make_split
-from .exclusions import read_exclusions
-from .health import duplicate_groups
 from .optim import freeze_trunk_statistics, make_scheduler
-from .runtime import Dist, init_distributed
 from .tracking import Tracker, check_trackers, open_tracker
 from .trainer import Meter, Trainer
 
@@ -227,8 +228,8 @@ def fit(trainer: Trainer, cfg: TrainConfig, run: Path, split: Split, dist: Dist,
 
 def finish(run: Path, cfg: TrainConfig, epochs_done: int, tracker: Tracker) -> dict:
     """After training, on one process: calibrate best.pt on val, then measure it on the test split."""
-    from .calibrate import calibrate_run
-    from .evaluate import evaluate_run
+    from ..evaluation.calibrate import calibrate_run
+    from ..evaluation.evaluate import evaluate_run
     calibration = calibrate_run(run, workers=cfg.workers)
     log.info("calibrated: temperature %.3f, val ECE %.4f -> %.4f; answer thresholds model %.3f make %.3f",
              calibration["temperature"], calibration["ece_before"], calibration["ece_after"],

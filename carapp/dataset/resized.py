@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data import index_dataset
 from .images import ImageError, open_image
+from .index import index_dataset
 
 
 def cache_root(data_root: str | os.PathLike) -> Path:

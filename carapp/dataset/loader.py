@@ -110,7 +110,7 @@ class CarImages(Dataset):
         i, seed = item if isinstance(item, tuple) else (item, None)
         path, bbox = os.path.join(self.root, self.paths[i]), self.bboxes[i]
         hit = self.cache.lookup(self.paths[i]) if self.cache else None
-        if hit:  # the pre-resized copy (carapp.resized); boxes scale with it
+        if hit:  # the pre-resized copy (carapp.dataset.resized); boxes scale with it
             path, scale = hit
             bbox = [v * scale for v in bbox] if bbox else None
         try:

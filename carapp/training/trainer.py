@@ -10,13 +10,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import TrainConfig
-from .data import Split
-from .loader import EpochSampler, make_loader, split_images, to_input
-from .losses import FocalLoss, class_alpha
-from .model import build_model
+from ..config import TrainConfig
+from ..dataset.loader import EpochSampler, make_loader, split_images, to_input
+from ..dataset.split import Split
+from ..losses import FocalLoss, class_alpha
+from ..model import build_model
+from ..runtime import Dist, autocast, describe_device, needs_grad_scaler, pick_device
 from .optim import make_ema, make_optimizer, make_scheduler
-from .runtime import Dist, autocast, describe_device, needs_grad_scaler, pick_device
 
 log = logging.getLogger("carapp")
 

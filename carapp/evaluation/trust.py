@@ -212,7 +212,7 @@ class FeatureDensity:
     With `normalize` (the default), features are L2-normalised first, so only their direction counts, not their
     norm, which the raw distance otherwise lets dominate. Measured on a ResNet-50 trained with
     the demo preset (574 training images, 2048-D): AUROC of test cars against 300 synthetic no-car images
-    (carapp.demo.make_no_car_images) was 0.958 normalised and 0.771 raw; tests/test_trust.py keeps the choice.
+    (carapp.dataset.demo.make_no_car_images) was 0.958 normalised and 0.771 raw; tests/test_trust.py keeps the choice.
 
     Parameters are held as float32, exactly as saved, so a loaded density scores identically to the one saved.
     """

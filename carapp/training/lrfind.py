@@ -14,10 +14,11 @@ import math
 
 import numpy as np
 
+from ..config import TrainConfig
+from ..dataset.index import index_dataset
+from ..dataset.split import make_split
+from ..runtime import Dist
 from .autobatch import resolve_batch_size
-from .config import TrainConfig
-from .data import index_dataset, make_split
-from .runtime import Dist
 from .trainer import Trainer
 
 log = logging.getLogger("carapp")

@@ -8,8 +8,8 @@ import csv
 import logging
 from pathlib import Path
 
-from . import rundir
-from .config import TrainConfig
+from .. import rundir
+from ..config import TrainConfig
 from .tracking import check_trackers
 from .train import make_run_split, train
 

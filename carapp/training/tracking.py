@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rundir
-from .config import TrainConfig, tracker_names
+from .. import rundir
+from ..config import TrainConfig, tracker_names
 
 log = logging.getLogger("carapp")
 
@@ -148,6 +148,7 @@ class TensorBoard:
 
     def __init__(self, cfg: TrainConfig, run: Path, start: int):
         from torch.utils.tensorboard import SummaryWriter
+
         # A resume hides whatever an earlier start logged past the epochs last.pt kept (they are trained again); a
         # fresh start hides everything, its config too.
         self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1 if start else 0)

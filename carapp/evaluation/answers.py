@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .rundir import read_json
+from ..rundir import read_json
 from .trust import FeatureBank, answer_status, make_probs, softmax
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ exactly on at least 2 of their 8 bytes, so only hashes sharing a pair of bytes a
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -19,7 +20,6 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import DatasetIndex, index_dataset
 from .images import ImageError, open_image
+from .index import DatasetIndex, index_dataset
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def stage_of(name: str) -> int:

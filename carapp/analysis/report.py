@@ -17,8 +17,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 from scipy.stats import binomtest
 
+from ..dataset.images import open_image
 from .collection import ALL_GROUPS, item_of
-from .images import open_image
 
 SUMMARY_COLUMNS = ["group", "level", "name", "count", "share", "ci_low", "ci_high"]
 THUMBNAILS = 48

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .optim import make_optimizer
 
 log = logging.getLogger("carapp")
@@ -27,7 +27,7 @@ def resolve_batch_size(cfg: TrainConfig, num_classes: int) -> TrainConfig:
     """cfg with batch_size a number: as given, or for "auto" the largest that fits (CPU: the paper's, logged)."""
     if cfg.batch_size != AUTO:
         return cfg
-    from .runtime import pick_device
+    from ..runtime import pick_device
     device = pick_device(cfg.device)
     if device.type != "cuda":
         log.info("--batch-size auto: no CUDA device (%s), using batch size %d", device.type, CPU_BATCH)
@@ -55,9 +55,9 @@ def largest_fitting(try_size, start: int = MAX_BATCH) -> int:
 
 def trial_steps(cfg: TrainConfig, num_classes: int, device: torch.device, size: int) -> None:
     """TRIAL_STEPS training steps at this batch size, on a throwaway copy of the run's model and optimizer."""
-    from .losses import FocalLoss
-    from .model import build_model
-    from .runtime import autocast
+    from ..losses import FocalLoss
+    from ..model import build_model
+    from ..runtime import autocast
     net = build_model(cfg.backbone, num_classes, cfg.dropout).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)

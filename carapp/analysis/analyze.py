@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import rundir
+from .. import rundir
+from ..dataset.images import ImageError, open_image
+from ..dataset.loader import build_transform, ignore_stop_signals, resize_size
+from ..runtime import init_distributed
 from .collection import ALL_GROUPS, CollectionError, Item, collect
 from .engines import ENGINES, OnnxEngine, TorchEngine, export_with_features, pick_engine, quantize
-from .images import ImageError, open_image
-from .loader import build_transform, ignore_stop_signals, resize_size
-from .runtime import init_distributed
 
 log = logging.getLogger("carapp")
 
@@ -62,7 +62,7 @@ def collate(batch):
 
 def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "folder", batch_size: int = 32,
             workers: int = 2, device: str = "auto", force: bool = False, engine: str = "auto") -> dict:
-    from .predict import Predictor
+    from ..predict import Predictor
     out = Path(out)
     items, skipped = collect(sources, group_by)
     if not items:
@@ -248,5 +248,5 @@ def _short_summary(counts, skipped: int, calibrated: bool, out: Path) -> dict:
 
 
 def _uncalibrated() -> str:
-    from .answers import UNCALIBRATED_NOTE
+    from ..evaluation.answers import UNCALIBRATED_NOTE
     return UNCALIBRATED_NOTE

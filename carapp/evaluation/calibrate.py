@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rundir
+from .. import rundir
+from ..checkpoint import CheckpointError
+from ..dataset.loader import make_loader
 from .answers import BANK_FILE, CALIBRATION_FILE, class_makes_of, first_words
-from .checkpoint import CheckpointError
 from .evaluate import collect_outputs, load_run_model, split_dataset
-from .loader import make_loader
 from .trust import (FeatureBank, accept_threshold, ece, fit_temperature, make_probs, nll, ood_threshold,
                     reliability_bins, softmax)
 

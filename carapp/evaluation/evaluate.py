@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rundir
+from .. import rundir
+from ..cam import head, stages, trunk
+from ..checkpoint import CheckpointError
+from ..config import TrainConfig
+from ..dataset.index import index_dataset
+from ..dataset.loader import CarImages, make_loader, split_images, to_input
+from ..runtime import autocast, pick_device
+from ..saved import load_model
 from .answers import Calibration, class_makes_of
-from .cam import head, stages, trunk
-from .checkpoint import CheckpointError
-from .config import TrainConfig
-from .data import index_dataset
-from .loader import CarImages, make_loader, split_images, to_input
-from .runtime import autocast, pick_device
-from .saved import load_model
 from .trust import coverage_curve, ece, make_probs, reliability_bins, softmax
 
 VIEWPOINTS = {-1: "uncertain", 1: "front", 2: "rear", 3: "side", 4: "front-side", 5: "rear-side"}
@@ -244,6 +244,7 @@ def label_suspects(probs: np.ndarray, labels: np.ndarray) -> list[int]:
     (find_label_issues, ranked by self-confidence) on the calibrated probabilities of images the run never trained
     on. Classes with few images get few flags (cleanlab needs examples to estimate a class's threshold)."""
     import warnings
+
     from cleanlab.filter import find_label_issues
     if len(labels) < 2 or probs.shape[1] < 2:
         return []
