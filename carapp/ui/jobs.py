@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import exclusions, rundir
 from ..config import TrainConfig
 
-PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding carapp/: where `-m carapp` is found
 JOB_FILE = ".app-job.json"              # in the runs folder: the job the app started last
 REQUESTED_CONFIG = "requested_config.json"  # what the app asked a new run to train with
 STARTING = "starting"                   # progress phase of a job whose process has not spoken yet
