@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -77,8 +78,32 @@ def run_cli(*args, check=True, timeout=600, env=None, **kwargs) -> subprocess.Co
     return proc
 
 
-def cli_json(*args, **kwargs):
-    return json.loads(run_cli(*args, "--json", **kwargs).stdout)
+def cli_json(*args, env=None, **kwargs):
+    """`python -m carapp ARGS --json`'s value. Run in this process (a subprocess spends ~6 s importing torch and
+    torchvision here, and the suite calls the CLI dozens of times); with `env`, or for what needs a process of its own
+    (run_cli's options), as a real subprocess. Its process-level behaviour (stdout holds the JSON alone, exit codes,
+    no traceback, signals) is tested through run_cli: tests/test_cli_output.py, the bad-input and kill tests."""
+    if env is not None or kwargs:
+        return json.loads(run_cli(*args, "--json", env=env, **kwargs).stdout)
+    code, value = _cli_in_process(args)
+    if code != 0:
+        raise AssertionError(f"carapp {' '.join(map(str, args))} exited {code}: {value}")
+    return value
+
+
+def cli_error(*args) -> str:
+    """The message of a command that must be refused cleanly (exit code 2), run in this process like cli_json."""
+    code, value = _cli_in_process(args)
+    assert code == 2 and isinstance(value, dict) and "error" in value, (code, value)
+    return value["error"]
+
+
+def _cli_in_process(args) -> tuple[int, object]:
+    from carapp import cli
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main([*map(str, args), "--json"])
+    return code, json.loads(out.getvalue())
 
 
 FAST_TRAIN = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "16", "--workers", "0"]
@@ -88,7 +113,7 @@ FAST_TRAIN = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "1
 def tiny_run(demo_root, tmp_path_factory) -> Path:
     """A one-epoch ResNet-18 run on the small demo set: a model for the app to serve."""
     run = tmp_path_factory.mktemp("seed-runs") / "tiny"
-    run_cli("train", "--data", demo_root, "--run-dir", run, "--epochs", "1", *FAST_TRAIN)
+    cli_json("train", "--data", demo_root, "--run-dir", run, "--epochs", "1", *FAST_TRAIN)
     return run
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FAST_TRAIN, ROOT, cli_json, run_cli
+from conftest import FAST_TRAIN, ROOT, cli_error, cli_json, run_cli
 from PIL import Image
 
 from carapp.evaluation.answers import BANK_FILE, CALIBRATION_FILE
@@ -43,13 +43,11 @@ def test_calibrate_command_and_its_bad_input(run, tmp_path):
     empty = tmp_path / "no-best"
     empty.mkdir()
     (empty / "split.csv").write_text("path,label,split\n")
-    proc = run_cli("calibrate", "--run", empty, check=False)
-    assert proc.returncode == 2 and "no best.pt" in proc.stderr
+    assert "no best.pt" in cli_error("calibrate", "--run", empty)
     no_val = shutil.copytree(run, tmp_path / "no-val")
     rows = (no_val / "split.csv").read_text().replace(",val\n", ",train\n")
     (no_val / "split.csv").write_text(rows)
-    proc = run_cli("calibrate", "--run", no_val, check=False)
-    assert proc.returncode == 2 and "needs a validation split" in proc.stderr
+    assert "needs a validation split" in cli_error("calibrate", "--run", no_val)
 
 
 def test_predict_json_has_status_makes_and_calibrated_probabilities(run):
@@ -133,7 +131,7 @@ def test_photos_without_a_car_are_not_named_as_cars(demo_root, tmp_path):
     """A model trained a little longer tells the demo cars from scenes, textures, noise, shapes and gradients."""
     from carapp.dataset.demo import make_no_car_images
     run = tmp_path / "run"
-    run_cli("train", "--data", demo_root, "--run-dir", run, "--epochs", "8", "--patience", "8", *FAST_TRAIN)
+    cli_json("train", "--data", demo_root, "--run-dir", run, "--epochs", "8", "--patience", "8", *FAST_TRAIN)
     predictor = Predictor.load(run)
     others = [predictor.predict(Image.open(p), cam=False).status for p in make_no_car_images(tmp_path / "nc", 40)]
     refused = sum(s in ("unsure", "no-car") for s in others) / len(others)
