@@ -63,6 +63,10 @@ TRAIN_OPTIONS = [
 ]
 
 
+# train options lr-find has no use for: it runs its own number of steps, once, and logs nowhere
+LR_FIND_SKIPS = ("steps_per_epoch", "epochs", "patience", "lr_patience", "lr_factor", "log")
+
+
 def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="recipe preset (default paper)")
     defaults = TrainConfig()
@@ -206,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="steps of the exponential sweep at most (default 100)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate of the sweep (default 1e-07)")
     p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep (default 10)")
-    add_train_options(p, skip=("--steps-per-epoch", "--epochs", "--patience", "--lr-patience", "--lr-factor",
-                               "--log"))
+    add_train_options(p, skip=tuple("--" + field.replace("_", "-") for field in LR_FIND_SKIPS))
 
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -379,8 +382,7 @@ def cmd_sweep(args):
 
 def cmd_lr_find(args):
     from .training.lrfind import lr_find
-    skip = ("steps_per_epoch", "epochs", "patience", "lr_patience", "lr_factor")
-    return lr_find(config_from_args(args, skip), args.start_lr, args.end_lr, args.steps), 0
+    return lr_find(config_from_args(args, LR_FIND_SKIPS), args.start_lr, args.end_lr, args.steps), 0
 
 
 COMMANDS = {"demo-data": cmd_demo_data, "lr-find": cmd_lr_find, "stats": cmd_stats, "health": cmd_health,

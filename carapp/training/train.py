@@ -26,7 +26,7 @@ from ..dataset.health import duplicate_groups
 from ..dataset.index import index_dataset
 from ..dataset.split import Split, make_split
 from ..exclusions import read_exclusions
-from ..runtime import Dist, init_distributed
+from ..runtime import init_distributed
 from .autobatch import resolve_batch_size
 from .optim import freeze_trunk_statistics, make_scheduler
 from .tracking import Tracker, check_trackers, open_tracker
@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
         cfg, split, ckpt = prepared if dist.main else _read_prepared(run)
         trainer = Trainer(cfg, split, ckpt, dist)
         with StopSignal(run) as stop:
-            return fit(trainer, cfg, run, split, dist, stop, tracker)
+            return fit(trainer, run, stop, tracker)
     except torch.cuda.OutOfMemoryError:
         smaller = max(1, cfg.batch_size // 2) if isinstance(cfg.batch_size, int) else 32
         message = (f"GPU out of memory at batch size {cfg.batch_size}: resume with a smaller batch, e.g. "
@@ -182,11 +182,10 @@ def _read_prepared(run: Path):
     return cfg, rundir.read_run_split(run, cfg), ckpt
 
 
-def fit(trainer: Trainer, cfg: TrainConfig, run: Path, split: Split, dist: Dist, stop: StopSignal,
-        tracker: Tracker | None) -> dict:
+def fit(trainer: Trainer, run: Path, stop: StopSignal, tracker: Tracker | None) -> dict:
     """Epochs until the last, early stopping or a stop request: train, validate, step the schedule, record, save.
     `tracker` (rank 0's, when --log asks) gets each epoch's row and the test figures."""
-    state, bad_paths = trainer.state, set()
+    cfg, split, dist, state, bad_paths = trainer.cfg, trainer.split, trainer.dist, trainer.state, set()
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
         trainer.sampler.set_epoch(epoch, state["step"] * cfg.batch_size)
