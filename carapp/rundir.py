@@ -117,6 +117,22 @@ def read_progress(run: Path) -> dict:
     return read_json(Path(run) / "progress.json", {})
 
 
+def mtime(path: Path) -> float:
+    """Modification time, 0.0 for a file that is gone: a trainer replaces and deletes files while the app looks."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def last_change(run: Path) -> float:
+    """When anything in the run last changed (its temp files come and go mid-listing)."""
+    try:
+        return max((mtime(p) for p in run.iterdir()), default=0.0)
+    except OSError:  # the run folder itself went away
+        return 0.0
+
+
 def stop_requested(run: Path) -> bool:
     return (run / "STOP").exists()
 

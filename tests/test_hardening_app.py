@@ -9,6 +9,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from carapp import rundir
 from carapp.ui import jobs
 from carapp.config import make_config
 from carapp.predict import Predictor
@@ -87,3 +88,15 @@ def test_basic_auth_from_the_environment(demo_root, tiny_run, tmp_path, monkeypa
         client = Client(url, auth=("owner", "s3cret"), verbose=False, analytics_enabled=False)
         label, *_ = client.predict(handle_file(EXAMPLE), api_name="/predict")
         assert label["confidences"]
+
+
+def test_run_list_survives_files_vanishing_mid_listing(tmp_path):
+    """A trainer's checkpoint temp file can be listed and gone before it is stat'ed (CI saw it): a dangling link
+    is the same moment, held still. The list must show the run, dated by the files that are there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rundir.write_json(run / "config.json", {"epochs": 3})
+    (run / ".last.pt.abc.tmp").symlink_to(run / "gone")
+    (info,) = jobs.list_runs(tmp_path)
+    assert info.name == "run" and info.updated == (run / "config.json").stat().st_mtime
+    assert jobs.active_run(tmp_path) is None

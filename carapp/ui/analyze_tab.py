@@ -65,7 +65,7 @@ def _sources(files: list, folder: str | None, out: Path, settings: AppSettings) 
 
 def newest_analysis(settings: AppSettings) -> Path | None:
     folders = [p for p in analyses_dir(settings).glob("analysis-*") if (p / "progress.json").is_file()]
-    return max(folders, key=lambda p: p.stat().st_mtime, default=None)
+    return max(folders, key=rundir.mtime, default=None)
 
 
 def status(shown: str, settings: AppSettings):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from .. import exclusions, plots
+from .. import exclusions, plots, rundir
 from . import error_analysis as errors
 from . import jobs
 from .settings import AppSettings
@@ -36,7 +36,7 @@ def evaluate(name: str | None, recompute: bool, settings: AppSettings):
         raise gr.Error("Choose a trained run (train one in the Train tab).", print_exception=False)
     report = None if recompute and settings.training_enabled else read_report(run)  # public: read-only
     if report is not None:
-        return *render(report), _mtime(run / "test_metrics.json")
+        return *render(report), rundir.mtime(run / "test_metrics.json")
     if not settings.training_enabled:
         raise gr.Error("This run has no test report yet, and this public app does not run evaluations.",
                        print_exception=False)
@@ -44,7 +44,7 @@ def evaluate(name: str | None, recompute: bool, settings: AppSettings):
         jobs.start_evaluation(run, settings.runs_dir)
     except (jobs.JobError, ValueError, OSError) as exc:
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
-    return f"Evaluating **{run.name}** on its test split in the background…", *EMPTY[1:], _mtime(run / "test_metrics.json")
+    return f"Evaluating **{run.name}** on its test split in the background…", *EMPTY[1:], rundir.mtime(run / "test_metrics.json")
 
 
 def stored(name: str | None, settings: AppSettings):
@@ -56,7 +56,7 @@ def stored(name: str | None, settings: AppSettings):
         hint = "" if run is None else f"**{run.name}** has no test report yet" + (
             ": press Evaluate." if settings.training_enabled else ".")
         return hint, *EMPTY[1:], 0.0
-    return *render(report), _mtime(run / "test_metrics.json")
+    return *render(report), rundir.mtime(run / "test_metrics.json")
 
 
 def progress(name: str | None, shown: float, settings: AppSettings):
@@ -72,17 +72,10 @@ def progress(name: str | None, shown: float, settings: AppSettings):
         line = f"Evaluating **{run.name}**: {done}/{total or '?'} test images…"
     elif p.get("status") in ("failed", "interrupted"):
         line = settings.redact(f"Evaluation of **{run.name}** {p['status']}: {p.get('error') or 'see console.log'}")
-    report_time = _mtime(run / "test_metrics.json")
+    report_time = rundir.mtime(run / "test_metrics.json")
     if p.get("status") == "finished" and report_time > shown and (report := read_report(run)):
         return line, report_time, *render(report)
     return line, shown, *[gr.skip()] * len(EMPTY)
-
-
-def _mtime(path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def render(report: dict):

@@ -57,7 +57,7 @@ def run_info(run: Path) -> RunInfo:
     config = rundir.read_json(run / "config.json", {}) or {}
     return RunInfo(name=run.name, path=run, status=run_status(run), epochs_done=len(metrics),
                    epochs=config.get("epochs"), best_val_acc=max((m["val_acc"] for m in metrics), default=None),
-                   updated=max((p.stat().st_mtime for p in run.iterdir()), default=0.0))
+                   updated=rundir.last_change(run))
 
 
 def list_runs(runs_dir: str | Path) -> list[RunInfo]:
