@@ -89,6 +89,14 @@ def test_corrupt_image_is_reported_and_skipped(compcars):
     assert stats["unreadable"]["count"] == 1
 
 
+def test_verify_counts_what_training_refuses(compcars):
+    """A valid 81-megapixel PNG: PIL only warns below twice its limit, so a plain decode calls it readable; the
+    loader refuses it as a decompression bomb. `stats --verify` must report what training will skip."""
+    big = compcars / "data/image/1/1/2010/11102010000.jpg"
+    Image.new("1", (9000, 9000)).save(big, format="PNG")
+    assert find_unreadable(index_dataset(compcars)) == ["data/image/1/1/2010/11102010000.jpg"]
+
+
 def test_index_cache_is_used_and_invalidated(compcars):
     first = index_dataset(compcars)
     t = time.perf_counter()

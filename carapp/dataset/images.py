@@ -103,13 +103,12 @@ def _crop(img: Image.Image, bbox: list[int], scale: float) -> Image.Image:
 
 
 def find_unreadable(index) -> list[str]:
-    """Paths (relative to the dataset root) of images that fail to decode."""
+    """Paths (relative to the dataset root) of images that training would skip: open_image is the one judge."""
     bad = []
     for rel in index.paths:
         try:
-            with Image.open(os.path.join(index.root, rel)) as img:
-                img.load()
-        except Exception:  # any decoder failure means unreadable; the path is what the user needs
+            open_image(os.path.join(index.root, rel))
+        except ImageError:
             bad.append(rel)
     return bad
 
