@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -184,7 +185,9 @@ def _exact_config(demo_root):
 def uninterrupted(demo_root, tmp_path_factory):
     from carapp.training.train import train
     run = tmp_path_factory.mktemp("exact") / "straight"
+    before = logging.getLogger("carapp").level
     train(_exact_config(demo_root), run)
+    assert logging.getLogger("carapp").level == before  # a caller's logging is left as it was
     return read_metrics(run)
 
 

@@ -77,6 +77,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
     check_trackers(cfg.log)  # before a long index or hash (a resume's own config is checked when opened)
     dist = init_distributed()
     handler = lock = tracker = None
+    level = log.level  # train.log needs INFO; a Python caller's own logging gets its level back afterwards
     made_here = False  # a folder this call created holds nothing of value until the run is prepared
     try:
         if dist.main:
@@ -109,6 +110,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
         if handler:
             log.removeHandler(handler)
             handler.close()
+        log.setLevel(level)
         if lock:
             lock.unlink(missing_ok=True)
         if made_here:  # failed before anything worth keeping (no data, bad options): leave no junk run behind
