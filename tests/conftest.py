@@ -182,13 +182,26 @@ def fn_index(url: str, api_name: str) -> int:
     return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name.lstrip("/"))
 
 
-def raw_call(url: str, api_name: str, data: list, timeout: float = 120) -> tuple[bool, object]:
-    """POST /gradio_api/queue/join with fn_index, then read the event stream: (success, output data or error)."""
+def fn_index_updating(url: str, elem_id: str, trigger: str) -> int:
+    """The event (API-hidden ones too) that `trigger` fires and that updates the component with this elem_id."""
+    import urllib.request
+    with urllib.request.urlopen(f"{url}config", timeout=30) as r:
+        config = json.loads(r.read())
+    target = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
+    return next(d["id"] for d in config["dependencies"]
+                if target in d["outputs"] and any(t[1] == trigger for t in d["targets"]))
+
+
+def raw_call(url: str, api_name: str | int, data: list, timeout: float = 120,
+             session: str | None = None) -> tuple[bool, object]:
+    """POST /gradio_api/queue/join with fn_index (an api name, or the index itself), then read the event stream:
+    (success, output data or error). A fresh session unless `session` names one."""
     import urllib.error
     import urllib.request
     import uuid
-    session = uuid.uuid4().hex
-    body = json.dumps({"data": data, "fn_index": fn_index(url, api_name), "session_hash": session,
+    session = session or uuid.uuid4().hex
+    index = api_name if isinstance(api_name, int) else fn_index(url, api_name)
+    body = json.dumps({"data": data, "fn_index": index, "session_hash": session,
                        "event_data": None, "trigger_id": None}).encode()
     request = urllib.request.Request(f"{url}gradio_api/queue/join", body, {"Content-Type": "application/json"})
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -138,24 +139,36 @@ def test_kill_9_at_any_moment_then_rerun_gives_every_image_exactly_once(collecti
 
 
 def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run, tmp_path):
-    """Public app: uploads only, capped; made-up paths and server folders refused; one analysis runs as a job."""
+    """Public app: uploads only, capped by the photos they hold (a zip by its members, an upload named twice once);
+    made-up paths and server folders refused; one analysis runs as a job; only the session that started it sees it,
+    and its downloads name uploads by file name, never by server path."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
     from carapp.ui import jobs
-    from conftest import raw_call, raw_upload, serving
+    from conftest import fn_index_updating, raw_call, raw_upload, serving
     root, truth = collection
+    with zipfile.ZipFile(tmp_path / "three.zip", "w") as z:
+        for p in list(truth)[:3]:
+            z.write(p, f"city/{Path(p).name}")
     with serving(demo_root, tiny_run, tmp_path, public=True, analyze_max_files=2) as url:
         uploaded = [{"path": raw_upload(url, Path(p)), "meta": {"_type": "gradio.FileData"}} for p in list(truth)[:3]]
         ok, error = raw_call(url, "/analyze", [uploaded, None, None, "folder"])
-        assert not ok and "at most 2 files" in error
+        assert not ok and "at most 2 photos" in error
+        zipped = {"path": raw_upload(url, tmp_path / "three.zip"), "meta": {"_type": "gradio.FileData"}}
+        ok, error = raw_call(url, "/analyze", [[zipped], None, None, "folder"])
+        assert not ok and "(3 photos" in error  # one upload, three photos inside
         ok, error = raw_call(url, "/analyze", [uploaded[:1], str(root), None, "folder"])
         assert not ok and "uploads only" in error
         ok, error = raw_call(url, "/analyze", [[{"path": "/etc/passwd"}], None, None, "folder"])
         assert not ok
-        from concurrent.futures import ThreadPoolExecutor
+        twice = [uploaded[0], uploaded[0], uploaded[1]]  # two photos, one named twice: within the cap
         with ThreadPoolExecutor(2) as pool:  # two clicks racing: one analysis starts, the other is told to wait
-            answers = list(pool.map(lambda _: raw_call(url, "/analyze", [uploaded[:2], None, None, "folder"]),
-                                    range(2)))
-        assert sorted(ok for ok, _ in answers) == [False, True], answers
-        assert "one job at a time" in next(a for ok, a in answers if not ok)
+            answers = list(pool.map(lambda s: (s, *raw_call(url, "/analyze", [twice, None, None, "folder"],
+                                                            session=s)), ["first", "second"]))
+        assert sorted(ok for _, ok, _ in answers) == [False, True], answers
+        assert "one job at a time" in next(a for _, ok, a in answers if not ok)
+        owner = next(s for s, ok, _ in answers if ok)
         assert len(list((tmp_path / "analyses").glob("analysis-*"))) == 1  # the refused one left nothing behind
         out = next((tmp_path / "analyses").glob("analysis-*"))
         deadline = time.time() + 120
@@ -163,6 +176,17 @@ def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run,
             assert time.time() < deadline, jobs.job_status(out / "progress.json")
             time.sleep(0.5)
         assert len(_rows(out / "predictions.csv")) == 2 and (out / "report.html").is_file()
+        tick = fn_index_updating(url, "analyze-progress", "tick")
+        ok, seen = raw_call(url, tick, [None, None])  # a stranger's new session: nothing of the other visitor's
+        assert ok and seen[0] == "No analysis yet." and "predictions" not in json.dumps(seen), seen
+        ok, seen = raw_call(url, tick, [None, None], session=owner)
+        assert ok and out.name in seen[0] and "finished" in seen[0]
+        csv_file = next(f for f in seen[6] if f["path"].endswith("predictions.csv"))
+        with urllib.request.urlopen(f"{url}gradio_api/file={csv_file['path']}", timeout=30) as r:
+            text = r.read().decode()
+        assert sorted(r["path"] for r in csv.DictReader(io.StringIO(text))) == sorted(
+            Path(p).name for p in list(truth)[:2])
+        assert "/tmp" not in text and str(tmp_path) not in text
 
 
 @pytest.mark.slow

@@ -1,20 +1,24 @@
 """Analyze tab: many photos or a zip (a server folder too, in a private app) → which makes and models appear, per
 group, with 95% intervals. The analysis is a background job (`python -m carapp analyze`) that outlives the tab; the
-view is read from its output folder every 2 s."""
+view is read from its output folder every 2 s. In a public app a visitor sees only the analysis their own session
+started: another visitor's photos are theirs."""
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import tempfile
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from .. import rundir
-from ..analysis.collection import ALL_GROUPS, item_of
+from ..analysis.collection import ALL_GROUPS, is_image, item_of
 from ..dataset.images import ImageError, open_image
 from . import jobs
 from .predict_tab import default_model, model_choices, resolve_model
@@ -28,8 +32,9 @@ def analyses_dir(settings: AppSettings) -> Path:
     return Path(settings.runs_dir) / "analyses"
 
 
-def start(files, folder: str | None, model: str | None, group_by: str, settings: AppSettings) -> str:
-    """Start an analysis of the uploads (or, in a private app, a server folder) as a background job."""
+def start(files, folder: str | None, model: str | None, group_by: str, settings: AppSettings):
+    """Start an analysis of the uploads (or, in a private app, a server folder) as a background job; returns the
+    message and the analysis's name, which the session keeps (a public app shows a visitor only their own)."""
     source = resolve_model(model or default_model(settings), settings)
     out = analyses_dir(settings) / f"{time.strftime('analysis-%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     sources = _sources(files or [], folder, out, settings)
@@ -38,7 +43,7 @@ def start(files, folder: str | None, model: str | None, group_by: str, settings:
     except (jobs.JobError, ValueError, OSError) as exc:
         shutil.rmtree(out, ignore_errors=True)  # the folder of an analysis that never started
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
-    return f"Analysing **{out.name}** in the background…"
+    return f"Analysing **{out.name}** in the background…", out.name
 
 
 def _sources(files: list, folder: str | None, out: Path, settings: AppSettings) -> list[str]:
@@ -47,14 +52,15 @@ def _sources(files: list, folder: str | None, out: Path, settings: AppSettings) 
         if not settings.paths_editable:
             raise gr.Error("This public app analyses uploads only.", print_exception=False)
         return [folder.strip()]
-    paths = [accepted_upload(f) for f in files]
+    paths = list(dict.fromkeys(accepted_upload(f) for f in files))  # one upload named twice is analysed once
     if not paths:
         raise gr.Error("Drop photos or a zip of photos first.", print_exception=False)
-    size_mb = sum(os.path.getsize(p) for p in paths) / 2**20
-    if settings.public and (len(paths) > settings.analyze_max_files or size_mb > settings.analyze_max_mb):
-        raise gr.Error(f"This public app analyses at most {settings.analyze_max_files} files and "
-                       f"{settings.analyze_max_mb} MB at a time ({len(paths)} files, {size_mb:.0f} MB sent).",
-                       print_exception=False)
+    if settings.public:
+        photos, size_mb = _workload(paths)
+        if photos > settings.analyze_max_files or size_mb > settings.analyze_max_mb:
+            raise gr.Error(f"This public app analyses at most {settings.analyze_max_files} photos and "
+                           f"{settings.analyze_max_mb} MB at a time, a zip counted by the photos in it, unpacked "
+                           f"({photos} photos, {size_mb:.0f} MB sent).", print_exception=False)
     out.mkdir(parents=True, exist_ok=True)
     zips = [p for p in paths if p.lower().endswith(".zip")]
     photos = [p for p in paths if p not in zips]
@@ -63,14 +69,38 @@ def _sources(files: list, folder: str | None, out: Path, settings: AppSettings) 
     return zips + ([str(out / "uploads.txt")] if photos else [])
 
 
+def _workload(paths: list[str]) -> tuple[int, float]:
+    """Photos and megabytes an analysis of these uploads reads: a zip's image members, at their unpacked size."""
+    photos, size = 0, 0
+    for path in paths:
+        if not path.lower().endswith(".zip"):
+            photos, size = photos + 1, size + os.path.getsize(path)
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = [i for i in archive.infolist() if not i.is_dir() and is_image(i.filename)]
+        except (zipfile.BadZipFile, OSError):
+            raise gr.Error(f"{os.path.basename(path)} is not a readable zip.", print_exception=False) from None
+        photos, size = photos + len(members), size + sum(i.file_size for i in members)
+    return photos, size / 2**20
+
+
 def newest_analysis(settings: AppSettings) -> Path | None:
     folders = [p for p in analyses_dir(settings).glob("analysis-*") if (p / "progress.json").is_file()]
     return max(folders, key=rundir.mtime, default=None)
 
 
-def status(shown: str, settings: AppSettings):
-    """Timer: the newest analysis's progress; its results once it has finished (shown: the one on screen)."""
-    out = newest_analysis(settings)
+def shown_analysis(mine: str, settings: AppSettings) -> Path | None:
+    """The analysis this session shows: in a public app only the one it started; in a private app the newest."""
+    if not settings.public:
+        return newest_analysis(settings)
+    out = analyses_dir(settings) / mine if mine else None
+    return out if out and (out / "progress.json").is_file() else None
+
+
+def status(mine: str, shown: str, settings: AppSettings):
+    """Timer: the session's analysis's progress; its results once it has finished (shown: the one on screen)."""
+    out = shown_analysis(mine, settings)
     if out is None:
         return "No analysis yet.", shown, *[gr.skip()] * 5
     p = jobs.job_status(out / "progress.json")
@@ -90,7 +120,7 @@ def results(out: Path, settings: AppSettings):
     model = rundir.read_json(out / "analysis.json", {}).get("identity", {}).get("model")
     return (make_share_figure(summary.to_dict("records")), summary,
             gr.Dropdown(choices=makes, value=makes[0] if makes else None),
-            unsure_gallery(rows, model), _downloads(out))
+            unsure_gallery(rows, model), _downloads(out, settings.public))
 
 
 def models_of(make: str | None, folder: str | None) -> pd.DataFrame | None:
@@ -121,10 +151,32 @@ def unsure_gallery(rows: pd.DataFrame, model: str | None, n: int = 12) -> list:
     return items
 
 
-def _downloads(out: Path) -> list[str]:
-    """Copies of the outputs in a temp folder, from where Gradio serves files."""
-    folder = Path(tempfile.mkdtemp(prefix="carapp-analysis-"))
-    return [str(shutil.copy(out / name, folder / name)) for name in OUTPUTS if (out / name).is_file()]
+def _downloads(out: Path, public: bool) -> list[str]:
+    """The outputs, copied once per analysis into a temp folder, from where Gradio serves files. A public app's
+    predictions.csv names each upload by its file name: the server's upload folders are no one's business."""
+    folder = Path(tempfile.gettempdir()) / "carapp-downloads" / out.name
+    if not all((folder / name).is_file() for name in OUTPUTS if (out / name).is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUTS:
+            if (out / name).is_file():
+                with rundir.atomic_writer(folder / name, newline="") as f:
+                    f.write(_public_predictions(out / name) if public and name == "predictions.csv"
+                            else (out / name).read_text())
+    return [str(folder / name) for name in OUTPUTS if (folder / name).is_file()]
+
+
+def _public_predictions(path: Path) -> str:
+    """predictions.csv with each path cut to the upload's file name ("photo.jpg", "city.zip!paris/photo.jpg")."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        archive, sep, member = row["path"].partition(".zip!")
+        row["path"] = os.path.basename(archive) + sep + member
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["path"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def build(settings: AppSettings, demo: gr.Blocks) -> None:
@@ -132,8 +184,9 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         gr.Markdown("Drop many photos or a zip (its top-level folders become groups: cities, months, campaigns). "
                     "Every photo is answered with a model, a make only, *unsure*, *no car* or *unreadable*; the "
                     "shares come with 95% intervals." + ("" if settings.paths_editable else
-                                                         f" Up to {settings.analyze_max_files} files and "
-                                                         f"{settings.analyze_max_mb} MB at a time."))
+                                                         f" Up to {settings.analyze_max_files} photos and "
+                                                         f"{settings.analyze_max_mb} MB at a time (a zip counts "
+                                                         f"by the photos in it); you see only your own analysis."))
         with gr.Row():
             files = gr.File(file_count="multiple", file_types=["image", ".zip"], label="Photos or a zip",
                             elem_id="analyze-files", type="filepath")
@@ -153,12 +206,13 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         table = gr.Dataframe(label="summary.csv", interactive=False, max_height=400)
         gallery = gr.Gallery(label="Unsure photos to review (heatmap of the best guess)", columns=6, height=300)
         downloads = gr.File(label="Downloads: predictions.csv, summary.csv, report.html", file_count="multiple")
+        mine = gr.State("")  # the analysis this session started (server-side: a client cannot name another's)
         shown = gr.State("")
         timer = gr.Timer(2.0)
-    button.click(lambda f, d, m, g: start(f, d, m, g, settings), [files, folder, model, group_by], message,
+    button.click(lambda f, d, m, g: start(f, d, m, g, settings), [files, folder, model, group_by], [message, mine],
                  api_name="analyze")
-    timer.tick(lambda s: status(s, settings), shown, [progress, shown, shares, table, make, gallery, downloads],
-               api_visibility="private")
+    timer.tick(lambda m, s: status(m, s, settings), [mine, shown],
+               [progress, shown, shares, table, make, gallery, downloads], api_visibility="private")
     make.change(models_of, [make, shown], models, api_visibility="private")
     demo.load(lambda: gr.Dropdown(choices=model_choices(settings), value=default_model(settings)), None, model,
               api_visibility="private")

@@ -26,7 +26,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         dataset_tab.build(settings, demo)
         train_tab.build(settings, demo)
         evaluate_tab.build(settings, demo)
-    # a bounded queue: a flood of requests is refused at once instead of making every later visitor wait
+    # a bounded queue: a flood of requests is refused at once instead of making every later visitor wait;
+    # the limit holds per event (Gradio's rule), predictions share one pool of 2 (predict_tab)
     demo.queue(default_concurrency_limit=4, max_size=settings.queue_size)
     return demo
 

@@ -248,7 +248,9 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     outputs = [label, cam, answer, makes]
     fn = lambda img, m=None, meth="gradcam", t=TOP1, a=False, mt=None, kt=None: predict(  # noqa: E731
         img, m, meth, t, a, mt, kt, settings=settings)
-    api_button.click(fn, inputs, outputs, api_name="predict", preprocess=False, concurrency_limit=2)
+    # one pool of 2 for every prediction, the app's and the API's alike (a limit is per event unless they share an id)
+    api_button.click(fn, inputs, outputs, api_name="predict", preprocess=False, concurrency_limit=2,
+                     concurrency_id="classify")
     shown = lambda *values: show_answer(*values, settings=settings)  # noqa: E731
     for event in (button.click, image.change):  # an upload, a pasted photo or an example is classified at once
         event(shown, inputs, outputs, preprocess=False, concurrency_limit=2, concurrency_id="classify",
