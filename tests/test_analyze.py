@@ -219,3 +219,22 @@ def test_onnx_runtime_answers_like_pytorch_and_int8_runs(collection, tiny_run, t
             assert float(onnx["model_prob"]) == pytest.approx(float(row["model_prob"]), abs=1e-4)
     assert all(r["status"] in ("model", "make", "unsure", "no-car", "unreadable") for r in results["int8"].values())
     assert list((tmp_path / "int8").glob(".model-*-int8.onnx"))  # exported and quantised once, kept for a rerun
+
+
+def test_downloads_are_copied_once_and_follow_a_rerun(tmp_path):
+    """Each timer tick of a finished analysis used to copy its outputs (≈5 MB with report.html) into a new temp folder:
+    a stranger could fill the disk. Now one copy per analysis, refreshed when a rerun rewrites the outputs; a public
+    copy of predictions.csv names uploads by file name."""
+    from carapp.ui.analyze_tab import _downloads
+    out = tmp_path / f"analysis-{time.time_ns()}"
+    out.mkdir()
+    (out / "predictions.csv").write_text("path,status\n/tmp/gradio/ab12/car.jpg,model\n"
+                                         "/tmp/gradio/cd/c.zip!nyc/x.png,no-car\n")
+    (out / "summary.csv").write_text("group,level,name\n")
+    first = _downloads(out, public=True)
+    assert first == _downloads(out, public=True) and len(first) == 2
+    assert Path(first[0]).read_text() == "path,status\ncar.jpg,model\nc.zip!nyc/x.png,no-car\n"
+    assert "/tmp/gradio/ab12/car.jpg" in Path(_downloads(out, public=False)[0]).read_text()  # the owner's own paths
+    time.sleep(0.01)
+    (out / "predictions.csv").write_text("path,status\n/tmp/gradio/ef/van.jpg,make\n")
+    assert Path(_downloads(out, public=True)[0]).read_text() == "path,status\nvan.jpg,make\n"

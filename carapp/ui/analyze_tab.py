@@ -154,14 +154,13 @@ def unsure_gallery(rows: pd.DataFrame, model: str | None, n: int = 12) -> list:
 def _downloads(out: Path, public: bool) -> list[str]:
     """The outputs, copied once per analysis into a temp folder, from where Gradio serves files. A public app's
     predictions.csv names each upload by its file name: the server's upload folders are no one's business."""
-    folder = Path(tempfile.gettempdir()) / "carapp-downloads" / out.name
-    if not all((folder / name).is_file() for name in OUTPUTS if (out / name).is_file()):
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUTS:
-            if (out / name).is_file():
-                with rundir.atomic_writer(folder / name, newline="") as f:
-                    f.write(_public_predictions(out / name) if public and name == "predictions.csv"
-                            else (out / name).read_text())
+    folder = Path(tempfile.gettempdir()) / "carapp-downloads" / (out.name + ("-public" if public else ""))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:
+        if rundir.mtime(out / name) > rundir.mtime(folder / name):  # new, or rewritten by a rerun (--force)
+            with rundir.atomic_writer(folder / name, newline="") as f:
+                f.write(_public_predictions(out / name) if public and name == "predictions.csv"
+                        else (out / name).read_text())
     return [str(folder / name) for name in OUTPUTS if (folder / name).is_file()]
 
 
