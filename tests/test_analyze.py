@@ -222,8 +222,8 @@ def test_onnx_runtime_answers_like_pytorch_and_int8_runs(collection, tiny_run, t
 
 
 def test_downloads_are_copied_once_and_follow_a_rerun(tmp_path):
-    """Each timer tick of a finished analysis used to copy its outputs (≈5 MB with report.html) into a new temp folder:
-    a stranger could fill the disk. Now one copy per analysis, refreshed when a rerun rewrites the outputs; a public
+    """Each timer tick of a finished analysis used to copy its outputs (≈5 MB with report.html) into a new temp
+    folder: a stranger could fill the disk. Now one copy per analysis, refreshed when a rerun rewrites the outputs; a public
     copy of predictions.csv names uploads by file name."""
     from carapp.ui.analyze_tab import _downloads
     out = tmp_path / f"analysis-{time.time_ns()}"

@@ -44,7 +44,8 @@ def evaluate(name: str | None, recompute: bool, settings: AppSettings):
         jobs.start_evaluation(run, settings.runs_dir)
     except (jobs.JobError, ValueError, OSError) as exc:
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
-    return f"Evaluating **{run.name}** on its test split in the background…", *EMPTY[1:], rundir.mtime(run / "test_metrics.json")
+    return (f"Evaluating **{run.name}** on its test split in the background…", *EMPTY[1:],
+            rundir.mtime(run / "test_metrics.json"))
 
 
 def stored(name: str | None, settings: AppSettings):
