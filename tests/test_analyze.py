@@ -158,6 +158,10 @@ def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run,
         zipped = {"path": raw_upload(url, tmp_path / "three.zip"), "meta": {"_type": "gradio.FileData"}}
         ok, error = raw_call(url, "/analyze", [[zipped], None, None, "folder"])
         assert not ok and "(3 photos" in error  # one upload, three photos inside
+        (tmp_path / "fake.zip").write_bytes(b"not a zip at all")
+        fake = {"path": raw_upload(url, tmp_path / "fake.zip"), "meta": {"_type": "gradio.FileData"}}
+        ok, error = raw_call(url, "/analyze", [[fake], None, None, "folder"])
+        assert not ok and error.startswith("fake.zip: not a folder") and "/tmp" not in error, error
         ok, error = raw_call(url, "/analyze", [uploaded[:1], str(root), None, "folder"])
         assert not ok and "uploads only" in error
         ok, error = raw_call(url, "/analyze", [[{"path": "/etc/passwd"}], None, None, "folder"])

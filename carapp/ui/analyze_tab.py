@@ -11,14 +11,13 @@ import shutil
 import tempfile
 import time
 import uuid
-import zipfile
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from .. import rundir
-from ..analysis.collection import ALL_GROUPS, is_image, item_of
+from ..analysis.collection import ALL_GROUPS, CollectionError, collect, item_of
 from ..dataset.images import ImageError, open_image
 from . import jobs
 from .predict_tab import default_model, model_choices, resolve_model
@@ -37,11 +36,13 @@ def start(files, folder: str | None, model: str | None, group_by: str, settings:
     message and the analysis's name, which the session keeps (a public app shows a visitor only their own)."""
     source = resolve_model(model or default_model(settings), settings)
     out = analyses_dir(settings) / f"{time.strftime('analysis-%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    sources = _sources(files or [], folder, out, settings)
     try:
+        sources = _sources(files or [], folder, out, settings)
         jobs.start_analysis(sources, source, out, settings.runs_dir, group_by if group_by == "none" else "folder")
-    except (jobs.JobError, ValueError, OSError) as exc:
+    except (jobs.JobError, ValueError, OSError, gr.Error) as exc:
         shutil.rmtree(out, ignore_errors=True)  # the folder of an analysis that never started
+        if isinstance(exc, gr.Error):
+            raise
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
     return f"Analysing **{out.name}** in the background…", out.name
 
@@ -55,34 +56,32 @@ def _sources(files: list, folder: str | None, out: Path, settings: AppSettings) 
     paths = list(dict.fromkeys(accepted_upload(f) for f in files))  # one upload named twice is analysed once
     if not paths:
         raise gr.Error("Drop photos or a zip of photos first.", print_exception=False)
-    if settings.public:
-        photos, size_mb = _workload(paths)
-        if photos > settings.analyze_max_files or size_mb > settings.analyze_max_mb:
-            raise gr.Error(f"This public app analyses at most {settings.analyze_max_files} photos and "
-                           f"{settings.analyze_max_mb} MB at a time, a zip counted by the photos in it, unpacked "
-                           f"({photos} photos, {size_mb:.0f} MB sent).", print_exception=False)
     out.mkdir(parents=True, exist_ok=True)
     zips = [p for p in paths if p.lower().endswith(".zip")]
     photos = [p for p in paths if p not in zips]
     if photos:
         (out / "uploads.txt").write_text("".join(p + "\n" for p in photos))
-    return zips + ([str(out / "uploads.txt")] if photos else [])
+    sources = zips + ([str(out / "uploads.txt")] if photos else [])
+    if settings.public:
+        _check_caps(sources, paths, settings)
+    return sources
 
 
-def _workload(paths: list[str]) -> tuple[int, float]:
-    """Photos and megabytes an analysis of these uploads reads: a zip's image members, at their unpacked size."""
-    photos, size = 0, 0
-    for path in paths:
-        if not path.lower().endswith(".zip"):
-            photos, size = photos + 1, size + os.path.getsize(path)
-            continue
-        try:
-            with zipfile.ZipFile(path) as archive:
-                members = [i for i in archive.infolist() if not i.is_dir() and is_image(i.filename)]
-        except (zipfile.BadZipFile, OSError):
-            raise gr.Error(f"{os.path.basename(path)} is not a readable zip.", print_exception=False) from None
-        photos, size = photos + len(members), size + sum(i.file_size for i in members)
-    return photos, size / 2**20
+def _check_caps(sources: list[str], uploads: list[str], settings: AppSettings) -> None:
+    """A public analysis is bounded by the photos the job will read (collect's own count: a zip by its members)
+    and by the megabytes sent."""
+    try:
+        images = len(collect(sources)[0])
+    except CollectionError as exc:  # a bad or bomb zip is refused here, named as the visitor named it
+        said = str(exc)
+        for upload in uploads:
+            said = said.replace(upload, os.path.basename(upload))
+        raise gr.Error(said, print_exception=False) from None
+    size_mb = sum(os.path.getsize(p) for p in uploads) / 2**20
+    if images > settings.analyze_max_files or size_mb > settings.analyze_max_mb:
+        raise gr.Error(f"This public app analyses at most {settings.analyze_max_files} photos and "
+                       f"{settings.analyze_max_mb} MB at a time, a zip counted by the photos in it "
+                       f"({images} photos, {size_mb:.0f} MB sent).", print_exception=False)
 
 
 def newest_analysis(settings: AppSettings) -> Path | None:

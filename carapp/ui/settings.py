@@ -23,7 +23,7 @@ class AppSettings:
     queue_size: int = 32          # requests waiting in the queue at most; more are refused at once
     clean_cache: bool = True      # delete uploads and answers older than two hours (and the app's own at exit)
     analyze_max_files: int = 500  # public mode: one analysis reads at most this many photos (zip members too) ...
-    analyze_max_mb: int = 200     # ... and unpacked megabytes (CARAPP_ANALYZE_MAX_FILES / _MB raise them)
+    analyze_max_mb: int = 200     # ... and megabytes sent (CARAPP_ANALYZE_MAX_FILES / _MB raise them)
     first_model: bool = True      # public, no model, demo data: train the demo preset at start (CARAPP_FIRST_MODEL=0)
 
     @property
