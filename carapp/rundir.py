@@ -133,12 +133,25 @@ def last_change(run: Path) -> float:
         return 0.0
 
 
-def stop_requested(run: Path) -> bool:
-    return (run / "STOP").exists()
+def stop_target(run: Path) -> str | None:
+    """What a STOP file in the run asks: None (there is none), "" (whichever trainer runs: `touch STOP`), or the
+    PID of the one trainer it was pressed for (the app's Stop)."""
+    try:
+        return (Path(run) / "STOP").read_text().strip()
+    except OSError:
+        return None
 
 
-def request_stop(run: str | os.PathLike) -> None:
-    (Path(run) / "STOP").touch()
+def stop_requested(run: Path, pid: int | None = None) -> bool:
+    """Whether the trainer with this PID (default: this process) is asked to stop. A Stop pressed for one job never
+    stops the next one: a resumed trainer is another process."""
+    return stop_target(run) in ("", str(pid or os.getpid()))
+
+
+def request_stop(run: str | os.PathLike, pid: int | None = None) -> None:
+    """Ask the trainer with this PID to stop (None: whichever trainer runs the run now)."""
+    with atomic_writer(Path(run) / "STOP") as f:
+        f.write(str(pid) if pid else "")
 
 
 class RunLocked(RuntimeError):

@@ -193,30 +193,43 @@ def fn_index_updating(url: str, elem_id: str, trigger: str) -> int:
 
 
 def raw_call(url: str, api_name: str | int, data: list, timeout: float = 120,
-             session: str | None = None) -> tuple[bool, object]:
+             session: str | None = None, source: str | None = None) -> tuple[bool, object]:
     """POST /gradio_api/queue/join with fn_index (an api name, or the index itself), then read the event stream:
-    (success, output data or error). A fresh session unless `session` names one."""
-    import urllib.error
-    import urllib.request
+    (success, output data or error). A fresh session unless `session` names one; from the loopback address
+    `source` (127.0.0.2, ...) when given, as another machine would connect."""
     import uuid
     session = session or uuid.uuid4().hex
     index = api_name if isinstance(api_name, int) else fn_index(url, api_name)
     body = json.dumps({"data": data, "fn_index": index, "session_hash": session,
                        "event_data": None, "trigger_id": None}).encode()
-    request = urllib.request.Request(f"{url}gradio_api/queue/join", body, {"Content-Type": "application/json"})
-    try:
-        urllib.request.urlopen(request, timeout=30).read()
-    except urllib.error.HTTPError as exc:  # e.g. 503 when the queue is full
-        return False, json.loads(exc.read() or b"{}").get("detail", f"HTTP {exc.code}")
-    with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
-        for line in stream:
-            if not line.startswith(b"data:"):
-                continue
-            msg = json.loads(line[5:])
-            if msg.get("msg") == "process_completed":
-                out = msg.get("output") or {}
-                return bool(msg.get("success")), (out.get("data") if msg.get("success") else out.get("error"))
+    status, answer = http_request(url, "gradio_api/queue/join", body, {"Content-Type": "application/json"},
+                                  source=source)
+    if status != 200:  # e.g. 503 when the queue is full, 429 past a client's share
+        return False, json.loads(answer.read() or b"{}").get("detail", f"HTTP {status}")
+    answer.read()
+    status, stream = http_request(url, f"gradio_api/queue/data?session_hash={session}", timeout=timeout,
+                                  source=source)
+    for line in stream:
+        if not line.startswith(b"data:"):
+            continue
+        msg = json.loads(line[5:])
+        if msg.get("msg") == "process_completed":
+            out = msg.get("output") or {}
+            return bool(msg.get("success")), (out.get("data") if msg.get("success") else out.get("error"))
     return False, "stream ended without an answer"
+
+
+def http_request(url: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30,
+                 source: str | None = None):
+    """One HTTP request to the app, from the loopback address `source` if given: (status, response)."""
+    import http.client
+    import urllib.parse
+    where = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
+    conn.request("POST" if body is not None else "GET", where.path.rstrip("/") + "/" + path, body, headers or {})
+    response = conn.getresponse()
+    return response.status, response
 
 
 def raw_upload(url: str, path: Path) -> str:

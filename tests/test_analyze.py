@@ -14,9 +14,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from scipy.stats import binomtest
-
 from conftest import ROOT, cli_error, cli_json, run_cli
+from scipy.stats import binomtest
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +144,9 @@ def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run,
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    from carapp.ui import jobs
     from conftest import fn_index_updating, raw_call, raw_upload, serving
+
+    from carapp.ui import jobs
     root, truth = collection
     with zipfile.ZipFile(tmp_path / "three.zip", "w") as z:
         for p in list(truth)[:3]:
@@ -171,7 +171,8 @@ def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run,
             answers = list(pool.map(lambda s: (s, *raw_call(url, "/analyze", [twice, None, None, "folder"],
                                                             session=s)), ["first", "second"]))
         assert sorted(ok for _, ok, _ in answers) == [False, True], answers
-        assert "one job at a time" in next(a for _, ok, a in answers if not ok)
+        from carapp.ui.analyze_tab import BUSY
+        assert next(a for _, ok, a in answers if not ok) == BUSY  # nothing of which analysis is running
         owner = next(s for s, ok, _ in answers if ok)
         assert len(list((tmp_path / "analyses").glob("analysis-*"))) == 1  # the refused one left nothing behind
         out = next((tmp_path / "analyses").glob("analysis-*"))
@@ -242,3 +243,92 @@ def test_downloads_are_copied_once_and_follow_a_rerun(tmp_path):
     time.sleep(0.01)
     (out / "predictions.csv").write_text("path,status\n/tmp/gradio/ef/van.jpg,make\n")
     assert Path(_downloads(out, public=True)[0]).read_text() == "path,status\nvan.jpg,make\n"
+
+
+def _corrupt_zip(path: Path, photo: Path) -> Path:
+    """A zip of two stored copies of a photo whose first member's CRC-32 is wrong (local header and directory
+    alike): it passes every header check and fails only while that member is read."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.write(photo, "city/bad.jpg")
+        z.write(photo, "city/good.jpg")
+    raw = bytearray(path.read_bytes())
+    raw[14] ^= 0xFF                                   # the first local header's CRC-32
+    raw[raw.find(b"PK\x01\x02") + 16] ^= 0xFF         # the first directory entry's CRC-32
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_corrupt_zip_member_is_one_unreadable_photo_and_the_job_ends(collection, tiny_run, tmp_path):
+    """A wrong CRC-32 raised BadZipFile in the loader worker: the analysis died, and then waited at exit for a
+    worker that ignores SIGTERM, forever (holding the app's one job slot)."""
+    root, truth = collection
+    bad = _corrupt_zip(tmp_path / "bad.zip", Path(next(iter(truth))))
+    proc = run_cli("analyze", bad, "--run", tiny_run, "--out", tmp_path / "out", "--workers", "1",
+                   "--engine", "torch", "--json", timeout=120)
+    rows = {r["path"].rsplit("!", 1)[1]: r for r in _rows(tmp_path / "out" / "predictions.csv")}
+    assert rows["city/bad.jpg"]["status"] == "unreadable" and "CRC" in rows["city/bad.jpg"]["reason"]
+    assert rows["city/good.jpg"]["status"] != "unreadable"
+    assert json.loads(proc.stdout)["status_counts"]["unreadable"] == 1
+
+
+def test_a_process_that_dies_with_loader_workers_still_ends(tmp_path):
+    """However a process ends (here an uncaught error mid-loop, its traceback kept), its loader workers go with it."""
+    script = ("import torch.utils.data as d\n"
+              "import carapp.dataset.loader as l\n"
+              "class D(d.Dataset):\n"
+              "    def __len__(self): return 100\n"
+              "    def __getitem__(self, i): return i\n"
+              "for b in d.DataLoader(D(), batch_size=2, num_workers=1, worker_init_fn=l.ignore_stop_signals):\n"
+              "    raise RuntimeError('boom')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "boom" in proc.stderr
+
+
+def test_a_zip_with_a_broken_directory_is_refused_by_name(tiny_run, tmp_path):
+    with zipfile.ZipFile(tmp_path / "cd.zip", "w") as z:
+        z.writestr("a.jpg", b"x" * 100)
+    raw = bytearray((tmp_path / "cd.zip").read_bytes())
+    raw[raw.find(b"PK\x01\x02") + 3] = 9  # passes is_zipfile (its end record is fine); the directory is not
+    (tmp_path / "cd.zip").write_bytes(bytes(raw))
+    said = cli_error("analyze", tmp_path / "cd.zip", "--run", tiny_run, "--out", tmp_path / "out")
+    assert said.startswith("cd.zip: not a readable zip"), said
+    assert not (tmp_path / "out").exists()
+
+
+FORMULAS = ["=HYPERLINK(\"x\")", "=cmd|'-C calc'!A0", "@SUM(1)", "+1+2", "-3"]  # folder names: no slash
+
+
+def test_names_a_stranger_chose_cannot_become_spreadsheet_formulas(collection, tiny_run, tmp_path):
+    root, truth = collection
+    with zipfile.ZipFile(tmp_path / "f.zip", "w") as z:
+        for i, (name, photo) in enumerate(zip(FORMULAS, truth)):
+            z.write(photo, f"{name}/{name}{i}.jpg")
+    out = tmp_path / "out"
+    cli_json("analyze", tmp_path / "f.zip", "--run", tiny_run, "--out", out, "--workers", "0")
+    for name in ("predictions.csv", "summary.csv"):
+        with open(out / name, newline="") as f:
+            cells = [c for row in csv.reader(f) for c in row]
+        assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r")], name
+        assert {f"'{g}" for g in FORMULAS} <= set(cells), name
+    summary = _rows(out / "summary.csv")
+    assert all(float(r["share"]) >= 0 for r in summary)  # numbers stay numbers
+    again = cli_json("analyze", tmp_path / "f.zip", "--run", tiny_run, "--out", out, "--workers", "0")
+    assert again["images"] == len(FORMULAS)  # a rerun reads its own paths back: nothing predicted twice
+    assert sorted(again["groups"]) == sorted(FORMULAS)
+
+
+def test_the_onnx_export_is_made_once_per_model_and_shared(collection, tiny_run, tmp_path):
+    root, _ = collection
+    cache = Path(os.environ["CARAPP_CACHE"]) / "engines"
+    before = set(cache.glob("model-*.onnx"))
+    for out in ("a", "b"):
+        cli_json("analyze", root / "north", "--run", tiny_run, "--out", tmp_path / out, "--engine", "onnx",
+                 "--workers", "0")
+        assert not list((tmp_path / out).glob("*.onnx")) and not list((tmp_path / out).glob(".*.onnx"))
+    made = set(cache.glob("model-*.onnx")) - before
+    assert len(made) <= 1 and len(set(cache.glob("model-*.onnx"))) >= 1
+    import torch
+
+    from carapp.analysis.engines import pick_engine
+    assert pick_engine("auto", torch.device("cpu"), work=50, exported=False) == "torch"  # the export would not pay
+    assert pick_engine("auto", torch.device("cpu"), work=50, exported=True) == "onnx"

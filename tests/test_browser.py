@@ -137,7 +137,7 @@ def test_evaluate_click_through_to_the_photos_and_mark_one(app, page):
     assert lines == ["path,reason", f"{chosen},wrong label"]
 
 
-def test_demo_training_updates_the_plot_and_the_run_list(page, tmp_path):
+def test_demo_training_updates_the_plot_and_the_run_list_then_stop_and_resume(app, page, tmp_path):
     page.get_by_role("tab", name="Train").click()
     page.get_by_role("button", name="Start").click()
     page.wait_for_function("document.querySelector('#live').innerText.includes('running')", timeout=120_000)
@@ -152,6 +152,22 @@ def test_demo_training_updates_the_plot_and_the_run_list(page, tmp_path):
     # the "Stopping …" line goes once the run has stopped
     page.wait_for_function("!document.querySelector('#train-message').innerText.includes('Stopping')",
                            timeout=30_000)
+    # Resume resumes: the Stop pressed for the first trainer is not taken by the second (it stopped after one step)
+    run = jobs.list_runs(app[1])[0].path
+    epochs_at_stop = len(json.loads(f"[{','.join((run / 'metrics.jsonl').read_text().split())}]"))
+    deadline = time.time() + 60
+    while jobs.app_job(app[1]) and time.time() < deadline:  # the stopped trainer's process exits
+        time.sleep(0.5)
+    page.get_by_role("button", name="Resume").click()
+    page.wait_for_function("document.querySelector('#live').innerText.includes('running, epoch')", timeout=120_000)
+    deadline = time.time() + 300
+    while len((run / "metrics.jsonl").read_text().split()) <= epochs_at_stop:  # on to its next epoch
+        assert time.time() < deadline and jobs.run_status(run) == "running", jobs.run_status(run)
+        time.sleep(1)
+    page.wait_for_function("document.querySelector('#live').innerText.includes('running')", timeout=30_000)
+    page.screenshot(path=str(tmp_path / "resumed.png"), full_page=True)
+    page.get_by_role("button", name="Stop").click()
+    page.wait_for_function("document.querySelector('#live').innerText.match(/stopped|finished/)", timeout=120_000)
 
 
 def test_analyze_a_zip_in_the_browser(app, page, tmp_path):

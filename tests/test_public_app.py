@@ -161,7 +161,8 @@ def test_slow_heatmaps_are_off_in_public_and_a_flood_does_not_block_others(publi
     t0 = time.time()
     with ThreadPoolExecutor(40) as pool:
         answers = list(pool.map(lambda _: raw_call(url, "/predict", photo(upload, "scorecam")), range(40)))
-    assert all(not ok and ("turned off" in str(e) or "Queue is full" in str(e)) for ok, e in answers), answers
+    assert all(not ok and ("turned off" in str(e) or "Queue is full" in str(e) or "at most 8 at a time" in str(e))
+               for ok, e in answers), answers
     ok, data = raw_call(url, "/predict", photo(upload))
     assert ok and time.time() - t0 < 60
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -222,3 +223,25 @@ def test_cosine_schedule_warms_up_then_decays_and_label_smoothing_is_recorded(de
     assert [m["lr"] for m in read_metrics(tmp_path / "cos")] == pytest.approx([0.0015, 0.002, 0.001, 0.0], abs=1e-12)
     config = json.loads((tmp_path / "cos" / "config.json").read_text())
     assert (config["schedule"], config["warmup_epochs"], config["label_smoothing"]) == ("cosine", 2.0, 0.1)
+
+
+def test_a_stop_pressed_for_one_trainer_never_stops_the_next(tmp_path):
+    """The app's Stop names the trainer it was pressed for; a resumed trainer is another process and goes on (it
+    took the old STOP as its own and stopped after one step). `touch STOP` still stops whichever trainer runs."""
+    from carapp import rundir
+    from carapp.training.train import _take_over
+    rundir.request_stop(tmp_path, pid=os.getpid() + 1)
+    assert rundir.stop_requested(tmp_path, os.getpid() + 1) and not rundir.stop_requested(tmp_path)
+    lock, handler = _take_over(tmp_path)  # a new trainer (this process) starts on the run
+    lock.unlink()
+    logging.getLogger("carapp").removeHandler(handler)
+    handler.close()
+    assert not (tmp_path / "STOP").exists()
+    rundir.request_stop(tmp_path, pid=os.getpid())  # pressed for this trainer while it was starting: kept
+    lock, handler = _take_over(tmp_path)
+    lock.unlink()
+    logging.getLogger("carapp").removeHandler(handler)
+    handler.close()
+    assert rundir.stop_requested(tmp_path)
+    (tmp_path / "STOP").write_text("")  # touch STOP
+    assert rundir.stop_requested(tmp_path) and rundir.stop_requested(tmp_path, 12345)

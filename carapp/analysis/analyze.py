@@ -9,7 +9,6 @@ moment (even kill -9) completes with every image exactly once.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -20,12 +19,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .. import rundir
+from .. import rundir, safecsv
 from ..dataset.images import ImageError, open_image
 from ..dataset.loader import build_transform, ignore_stop_signals, resize_size
 from ..runtime import init_distributed
-from .collection import ALL_GROUPS, CollectionError, Item, collect
-from .engines import ENGINES, OnnxEngine, TorchEngine, export_with_features, pick_engine, quantize
+from .collection import ALL_GROUPS, READ_ERRORS, CollectionError, Item, collect
+from .engines import ENGINES, OnnxEngine, TorchEngine, export_shared, pick_engine, quantize, shared_onnx_path
 
 log = logging.getLogger("carapp")
 
@@ -50,7 +49,7 @@ class CollectionImages(Dataset):
             return i, self.transform(open_image(self.items[i].open(self.archives), draft_size=self.draft)), None
         except ImageError as exc:
             return i, None, exc.reason
-        except (OSError, KeyError, ValueError) as exc:  # a vanished file, a broken zip member
+        except READ_ERRORS as exc:  # a vanished file, a broken zip member
             return i, None, f"cannot read ({exc})"
 
 
@@ -69,15 +68,17 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
         raise CollectionError(f"no images found in {', '.join(sources)} ({skipped} other files skipped)")
     dist = init_distributed()
     predictor = Predictor.load(run, device=device)
-    engine = pick_engine(engine, predictor.device)
+    onnx_file = shared_onnx_path(predictor, run)
+    engine = pick_engine(engine, predictor.device, len(items) * (predictor.image_size / 224) ** 2,
+                         onnx_file.is_file())
     if dist.main:
-        identity = _claim(out, run, predictor, force)
+        _claim(out, run, predictor, force)
         rundir.write_json(out / "progress.json", {"status": "running", "done": 0, "total": len(items),
                                                   "pid": os.getpid(), "updated": time.time()})
-        model_file = _prepare_engine(engine, predictor, out, identity, items)
+        model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
     dist.barrier()
-    if not dist.main:
-        model_file = _prepare_engine(engine, predictor, out, rundir.read_json(out / META)["identity"], items)
+    if not dist.main:  # rank 0 exported it: here it is found in the cache
+        model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
     part = out / ("predictions.csv" if dist.world == 1 else f".predictions.rank{dist.rank}.csv")
     shard = items[dist.rank::dist.world]
     done = read_done(part)
@@ -114,7 +115,7 @@ def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_s
     new_file = not part.exists() or part.stat().st_size == 0
     started, done = time.time(), 0
     with open(part, "a", newline="") as f:
-        writer = csv.writer(f)
+        writer = safecsv.Writer(f)
         if new_file:
             writer.writerow(COLUMNS)
         for indices, images, bad in loader:
@@ -176,23 +177,20 @@ def _cut_torn_tail(path: Path, chunk: int = 1 << 16) -> None:
 def iter_rows(path: Path):
     """The rows of a predictions file, one at a time."""
     with open(path, newline="") as f:
-        yield from csv.DictReader(f)
+        yield from safecsv.DictReader(f)
 
 
-def _prepare_engine(engine: str, predictor, out: Path, identity: dict, items: list[Item]) -> Path | None:
-    """The ONNX file an ONNX engine runs, exported (and for int8 quantised) once per model into OUT."""
+def _prepare_engine(engine: str, predictor, onnx_file: Path, out: Path, items: list[Item]) -> Path | None:
+    """The ONNX file an ONNX engine runs: the model's shared export (made on first use), or for int8 its
+    quantised copy in OUT (calibrated on this collection's first photos, so it belongs to this analysis)."""
     if engine == "torch":
         return None
     if engine not in ENGINES:
         raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    tag = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    float_file = out / f".model-{tag}.onnx"
-    if not float_file.is_file():
-        log.info("exporting the model to ONNX for ONNX Runtime (once per output folder)")
-        export_with_features(predictor.model.cpu(), predictor.image_size, float_file)
+    float_file = export_shared(predictor, onnx_file)
     if engine == "onnx":
         return float_file
-    int8_file = out / f".model-{tag}-int8.onnx"
+    int8_file = out / f".{float_file.stem}-int8.onnx"
     if not int8_file.is_file():
         log.info("quantising to int8, calibrated on the first %d photos", min(len(items), CALIBRATION_PHOTOS))
         dataset = CollectionImages(items[:CALIBRATION_PHOTOS], predictor.image_size, predictor.resize)
@@ -203,7 +201,7 @@ def _prepare_engine(engine: str, predictor, out: Path, identity: dict, items: li
     return int8_file
 
 
-def _claim(out: Path, run: str, predictor, force: bool) -> dict:
+def _claim(out: Path, run: str, predictor, force: bool) -> None:
     """OUT belongs to one model: results of another are refused unless --force, which starts OUT afresh."""
     out.mkdir(parents=True, exist_ok=True)
     identity = {"model": str(Path(run).resolve()) if "://" not in str(run) else str(run),
@@ -219,7 +217,6 @@ def _claim(out: Path, run: str, predictor, force: bool) -> dict:
         for part in [*out.glob(".predictions.rank*.csv"), *out.glob(".model-*.onnx")]:
             part.unlink()
     rundir.write_json(out / META, {"identity": identity, "calibrated": predictor.calibration.calibrated})
-    return identity
 
 
 def _merge(out: Path, parts: list[Path]) -> None:
@@ -227,7 +224,7 @@ def _merge(out: Path, parts: list[Path]) -> None:
     target = out / "predictions.csv"
     done = read_done(target)
     with open(target, "a", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
+        writer = safecsv.DictWriter(f, COLUMNS)
         if not done and f.tell() == 0:
             writer.writeheader()
         for part in parts:

@@ -11,6 +11,7 @@ import csv
 import io
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +20,11 @@ ROOT_GROUP = "(top level)"      # images directly in a source folder, not in a s
 ALL_GROUPS = "(all)"
 MAX_MEMBER_BYTES = 64 * 2**20   # an image in a zip larger than this when unpacked is refused as a bomb
 MAX_RATIO = 200                 # ... as is one that unpacks to more than 200x its packed size
+# What reading one photo can raise, a zip member's included: a vanished file, a wrong CRC-32, a garbled deflate
+# stream, headers that lie about sizes, an encrypted or unknown compression method. Each makes that photo
+# unreadable, never the job's end (an uncaught one in a loader worker ended the whole analysis).
+READ_ERRORS = (OSError, KeyError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
+               zlib.error)
 
 
 class CollectionError(ValueError):
@@ -92,7 +98,11 @@ def _folder(root: Path) -> tuple[list[Item], int]:
 def _zip(path: Path) -> tuple[list[Item], int]:
     """Members of a zip, checked before anything is read: no absolute or ../ paths, no bombs."""
     items, skipped = [], 0
-    with zipfile.ZipFile(path) as archive:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:  # passes is_zipfile, yet its directory is broken
+        raise CollectionError(f"{path.name}: not a readable zip ({exc})") from None
+    with archive:
         for info in archive.infolist():
             name = PurePosixPath(info.filename)
             if info.filename.startswith(("/", "\\")) or ".." in name.parts or ":" in info.filename.split("/")[0]:
@@ -143,7 +153,9 @@ def _group_map(path: Path) -> dict[str, str]:
 
 def item_of(path: str) -> Item:
     """The Item behind a predictions.csv path ("archive.zip!member" for a zip member)."""
-    archive, sep, member = path.rpartition("!")
-    if sep and os.path.isfile(archive) and zipfile.is_zipfile(archive):
-        return Item(path, ROOT_GROUP, archive, member)
+    cut = path.find("!")
+    while cut >= 0:  # the first "!" after which the path is a member: either name may hold a "!" of its own
+        if os.path.isfile(path[:cut]) and zipfile.is_zipfile(path[:cut]):
+            return Item(path, ROOT_GROUP, path[:cut], path[cut + 1:])
+        cut = path.find("!", cut + 1)
     return Item(path, ROOT_GROUP)

@@ -7,7 +7,10 @@ the first photos of the collection) is faster still, at a small cost in agreemen
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,11 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cache import cache_dir
 from ..dataset.loader import IMAGENET_MEAN, IMAGENET_STD, to_input
 from ..evaluation.evaluate import forward
+from ..saved import model_version
 
 log = logging.getLogger("carapp")
 ENGINES = ("auto", "torch", "onnx", "int8")
+KEEP_ENGINES = 4          # shared ONNX exports kept in the cache, the most recently used
+# Photos (at 224 px) from which auto exports to ONNX: on a 2-core CPU ONNX Runtime takes a ResNet-50 38 ms a photo
+# against PyTorch's 72 (docs/BENCHMARKS.md), so a ~30 s export is won back after ~900 photos.
+EXPORT_PAYS_OFF = 1000
 
 
 class TorchEngine:
@@ -98,10 +107,34 @@ def quantize(float_model: Path, path: Path, calibration: list[np.ndarray]) -> Pa
     return path
 
 
-def pick_engine(name: str, device: torch.device) -> str:
-    """auto: ONNX Runtime on CPUs when it is installed, PyTorch on GPUs."""
+def shared_onnx_path(predictor, source: str | Path) -> Path:
+    """Where the ONNX export of the model behind `source` lives in the engine cache: one file per model version
+    (its weights file and their mtime, its labels, input size and the exporting torch), shared by every analysis
+    of it, the app's and the CLI's. An export is a ~94 MB file and ~30 s of a 2-core CPU for a ResNet-50."""
+    key = [list(model_version(source)), predictor.labels, predictor.image_size, torch.__version__]
+    return cache_dir("engines") / f"model-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.onnx"
+
+
+def export_shared(predictor, path: Path) -> Path:
+    """The shared export, made on first use; the least recently used beyond KEEP_ENGINES are deleted."""
+    if path.is_file():
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: the last to be pruned
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("exporting the model to ONNX for ONNX Runtime (once per model, kept in %s)", path.parent)
+    export_with_features(predictor.model.cpu(), predictor.image_size, path)
+    for old in sorted(path.parent.glob("model-*.onnx"), key=lambda f: f.stat().st_mtime)[:-KEEP_ENGINES]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def pick_engine(name: str, device: torch.device, work: float, exported: bool) -> str:
+    """auto: ONNX Runtime on CPUs when it is installed and pays: the model is exported already, or the job is
+    large enough (`work`: photos at 224 px, scaled by their pixels) that the export's time is won back. PyTorch on
+    GPUs and for small jobs, so that auto never makes a job slower than PyTorch alone."""
     if name != "auto":
         return name
     if device.type != "cpu" or importlib.util.find_spec("onnxruntime") is None:
         return "torch"
-    return "onnx"
+    return "onnx" if exported or work >= EXPORT_PAYS_OFF else "torch"

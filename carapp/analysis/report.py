@@ -8,7 +8,6 @@ with 95% Wilson intervals; level `status` holds the unsure and no-car buckets (o
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 from collections import Counter, defaultdict
@@ -17,8 +16,9 @@ from pathlib import Path
 import plotly.graph_objects as go
 from scipy.stats import binomtest
 
+from .. import safecsv
 from ..dataset.images import open_image
-from .collection import ALL_GROUPS, item_of
+from .collection import ALL_GROUPS, READ_ERRORS, item_of
 
 SUMMARY_COLUMNS = ["group", "level", "name", "count", "share", "ci_low", "ci_high"]
 THUMBNAILS = 48
@@ -64,7 +64,7 @@ class Tally:
 def tally(predictions: Path) -> Tally:
     result = Tally()
     with open(predictions, newline="") as f:
-        for row in csv.DictReader(f):
+        for row in safecsv.DictReader(f):
             result.add(row)
     return result
 
@@ -92,7 +92,7 @@ def write_summary(out: Path, t: Tally) -> list[dict]:
     summary = summary_rows(t)
     tmp = out / ".summary.csv.tmp"
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, SUMMARY_COLUMNS)
+        writer = safecsv.DictWriter(f, SUMMARY_COLUMNS)
         writer.writeheader()
         writer.writerows(summary)
     tmp.replace(out / "summary.csv")
@@ -167,7 +167,7 @@ def _thumbnails(rows: list[dict], total: int) -> str:
     for r in rows:
         try:
             img = open_image(item_of(r["path"]).open(archives), draft_size=256)
-        except (ValueError, OSError, KeyError):
+        except READ_ERRORS:
             continue
         img.thumbnail((140, 140))
         buf = io.BytesIO()

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..cache import cache_dir
 from .images import ImageError, open_image
 from .index import DatasetIndex, index_dataset
 
@@ -106,8 +107,7 @@ def _facts_of(args: tuple[str, str]) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------------------- the cache
 
 def _cache_file(root: str) -> Path:
-    cache_dir = Path(os.environ.get("CARAPP_CACHE", Path.home() / ".cache" / "carapp")) / "health"
-    return cache_dir / (hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:16] + ".json")
+    return cache_dir("health") / (hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:16] + ".json")
 
 
 def _read_cache(path: Path) -> dict:

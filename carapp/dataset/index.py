@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import cache_dir
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
@@ -112,9 +114,8 @@ def _signature(base: Path, fmt: str, leaves: list[Path]) -> str:
 
 
 def _cache_file(root: Path, fmt: str) -> Path:
-    cache_dir = Path(os.environ.get("CARAPP_CACHE", Path.home() / ".cache" / "carapp")) / "index"
     key = hashlib.sha1(f"{root.resolve()}|{fmt}".encode()).hexdigest()[:16]
-    return cache_dir / f"{key}.json"
+    return cache_dir("index") / f"{key}.json"
 
 
 def index_dataset(root: str | os.PathLike, fmt: str = "auto", use_cache: bool = True) -> DatasetIndex:

@@ -1,8 +1,10 @@
 """From a split to batches: transforms, a dataset that survives bad files, and a resumable epoch sampler."""
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import multiprocessing
 import os
 import signal
 from typing import NamedTuple
@@ -191,6 +193,18 @@ def ignore_stop_signals(_worker_id: int) -> None:
     and save. The main process shuts them down itself, and they exit on their own if it dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs first
+def _kill_leftover_workers() -> None:
+    """A process that ends with loader workers still running kills them. Normally the loader has shut them down;
+    but an uncaught exception keeps its traceback (sys.last_traceback), hence the loader, alive past exit, and then
+    multiprocessing's exit handler sends the workers SIGTERM, which they ignore, and waits for them forever: the
+    process never ends and holds its job slot and memory (seen with a corrupt zip member)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:  # loader workers are daemonic; a process someone started on purpose is not ours to end
+            child.kill()
+            child.join(timeout=10)
 
 
 def make_loader(dataset: CarImages, batch_size: int, workers: int, sampler=None, pin: bool = False) -> DataLoader:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..cache import cache_dir
 from .images import ImageError, open_image
 from .index import index_dataset
 
 
 def cache_root(data_root: str | os.PathLike) -> Path:
-    base = Path(os.environ.get("CARAPP_CACHE", Path.home() / ".cache" / "carapp")) / "resized"
+    base = cache_dir("resized")
     return base / hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:16]
 
 

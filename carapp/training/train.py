@@ -124,10 +124,9 @@ def _take_over(run: Path) -> tuple[Path, logging.Handler]:
     state, a "preparing" progress line and train.log."""
     run.mkdir(parents=True, exist_ok=True)
     lock = rundir.acquire_lock(run)
-    # A STOP is stale (left by an earlier trainer) unless it was asked of this very process: the app records a job's
-    # PID before the job starts, and a Stop can come while PyTorch is still being imported.
-    for_me = rundir.read_progress(run).get("pid") == os.getpid()
-    if not (for_me and rundir.stop_requested(run)):
+    # A STOP is stale (pressed for an earlier trainer, or touched before this one started) unless it names this very
+    # process: the app records a job's PID before the job starts, and its Stop can come while PyTorch is imported.
+    if rundir.stop_target(run) != str(os.getpid()):
         (run / "STOP").unlink(missing_ok=True)
     rundir.write_progress(run, status="running", phase="preparing")
     return lock, _log_to(run / "train.log")

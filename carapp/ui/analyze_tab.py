@@ -4,6 +4,7 @@ view is read from its output folder every 2 s. In a public app a visitor sees on
 started: another visitor's photos are theirs."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -16,15 +17,17 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from .. import rundir
-from ..analysis.collection import ALL_GROUPS, CollectionError, collect, item_of
-from ..dataset.images import ImageError, open_image
+from .. import rundir, safecsv
+from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, collect, item_of
+from ..dataset.images import open_image
 from . import jobs
 from .predict_tab import default_model, model_choices, resolve_model
 from .settings import AppSettings
 from .uploads import accepted_upload
 
 OUTPUTS = ("predictions.csv", "summary.csv", "report.html")
+UPLOADS = "uploads.csv"  # in the output folder: the uploaded photos, for the job to read
+BUSY = "The app is busy with another job (one at a time): try again in a few minutes."
 
 
 def analyses_dir(settings: AppSettings) -> Path:
@@ -35,6 +38,8 @@ def start(files, folder: str | None, model: str | None, group_by: str, settings:
     """Start an analysis of the uploads (or, in a private app, a server folder) as a background job; returns the
     message and the analysis's name, which the session keeps (a public app shows a visitor only their own)."""
     source = resolve_model(model or default_model(settings), settings)
+    if settings.public:
+        expire_analyses(settings)
     out = analyses_dir(settings) / f"{time.strftime('analysis-%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     try:
         sources = _sources(files or [], folder, out, settings)
@@ -43,6 +48,8 @@ def start(files, folder: str | None, model: str | None, group_by: str, settings:
         shutil.rmtree(out, ignore_errors=True)  # the folder of an analysis that never started
         if isinstance(exc, gr.Error):
             raise
+        if settings.public and isinstance(exc, jobs.JobBusy):  # which analysis, and so when, is another's business
+            raise gr.Error(BUSY, print_exception=False) from None
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
     return f"Analysing **{out.name}** in the background…", out.name
 
@@ -59,9 +66,10 @@ def _sources(files: list, folder: str | None, out: Path, settings: AppSettings) 
     out.mkdir(parents=True, exist_ok=True)
     zips = [p for p in paths if p.lower().endswith(".zip")]
     photos = [p for p in paths if p not in zips]
-    if photos:
-        (out / "uploads.txt").write_text("".join(p + "\n" for p in photos))
-    sources = zips + ([str(out / "uploads.txt")] if photos else [])
+    if photos:  # a CSV with a path column, quoted: no file name (a comma, a newline, "path") changes how it reads
+        with open(out / UPLOADS, "w", newline="") as f:
+            csv.writer(f).writerows([["path"], *([p] for p in photos)])
+    sources = zips + ([str(out / UPLOADS)] if photos else [])
     if settings.public:
         _check_caps(sources, paths, settings)
     return sources
@@ -82,6 +90,35 @@ def _check_caps(sources: list[str], uploads: list[str], settings: AppSettings) -
         raise gr.Error(f"This public app analyses at most {settings.analyze_max_files} photos and "
                        f"{settings.analyze_max_mb} MB at a time, a zip counted by the photos in it "
                        f"({images} photos, {size_mb:.0f} MB sent).", print_exception=False)
+
+
+def expire_analyses(settings: AppSettings) -> list[str]:
+    """A public app's analyses, with their download copies, go when older than analyses_max_hours, then the oldest
+    while all of them take more than analyses_max_mb: visitors cannot fill the disk. The running one stays.
+    Returns the names deleted."""
+    job = jobs.app_job(settings.runs_dir)
+    running = Path(job["folder"]).name if job and job.get("folder") else None
+    folders = sorted(analyses_dir(settings).glob("analysis-*"), key=rundir.mtime)
+    sizes = {p: _size(p) + _size(_download_folder(p, True)) for p in folders}
+    total, too_old, gone = sum(sizes.values()), time.time() - settings.analyses_max_hours * 3600, []
+    for folder in folders:  # oldest first
+        if folder.name == running or rundir.mtime(folder) >= too_old and total <= settings.analyses_max_mb * 2**20:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(_download_folder(folder, True), ignore_errors=True)
+        total -= sizes[folder]
+        gone.append(folder.name)
+    return gone
+
+
+def _size(folder: Path) -> int:
+    """Bytes in a folder's files; one that goes while they are counted counts 0."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def newest_analysis(settings: AppSettings) -> Path | None:
@@ -143,7 +180,7 @@ def unsure_gallery(rows: pd.DataFrame, model: str | None, n: int = 12) -> list:
     for path in unsure.path:
         try:
             photo = open_image(item_of(path).open(archives), draft_size=512)
-        except (ImageError, OSError, KeyError):
+        except READ_ERRORS:
             continue
         result = predictor.predict(photo, top_k=1)
         items.append((result.cam, f"{Path(path).name}: {result.top[0][0]}? ({result.top[0][1]:.0%})"))
@@ -153,7 +190,7 @@ def unsure_gallery(rows: pd.DataFrame, model: str | None, n: int = 12) -> list:
 def _downloads(out: Path, public: bool) -> list[str]:
     """The outputs, copied once per analysis into a temp folder, from where Gradio serves files. A public app's
     predictions.csv names each upload by its file name: the server's upload folders are no one's business."""
-    folder = Path(tempfile.gettempdir()) / "carapp-downloads" / (out.name + ("-public" if public else ""))
+    folder = _download_folder(out, public)
     folder.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:
         if rundir.mtime(out / name) > rundir.mtime(folder / name):  # new, or rewritten by a rerun (--force)
@@ -163,15 +200,19 @@ def _downloads(out: Path, public: bool) -> list[str]:
     return [str(folder / name) for name in OUTPUTS if (folder / name).is_file()]
 
 
+def _download_folder(out: Path, public: bool) -> Path:
+    return Path(tempfile.gettempdir()) / "carapp-downloads" / (out.name + ("-public" if public else ""))
+
+
 def _public_predictions(path: Path) -> str:
     """predictions.csv with each path cut to the upload's file name ("photo.jpg", "city.zip!paris/photo.jpg")."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = list(safecsv.DictReader(f))
     for row in rows:
         archive, sep, member = row["path"].partition(".zip!")
         row["path"] = os.path.basename(archive) + sep + member
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["path"], lineterminator="\n")
+    writer = safecsv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["path"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return text.getvalue()

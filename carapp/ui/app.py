@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import gradio as gr
+from starlette.middleware import Middleware
 
-from . import analyze_tab, dataset_tab, evaluate_tab, first_model, predict_tab, train_tab
+from . import analyze_tab, dataset_tab, evaluate_tab, first_model, limits, predict_tab, train_tab
 from .settings import REPO, AppSettings
 
 MAX_UPLOAD = "10mb"
@@ -28,8 +29,18 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         evaluate_tab.build(settings, demo)
     # a bounded queue: a flood of requests is refused at once instead of making every later visitor wait;
     # the limit holds per event (Gradio's rule), predictions share one pool of 2 (predict_tab)
-    demo.queue(default_concurrency_limit=4, max_size=settings.queue_size)
+    # api_open off: every request goes through the queue and its limits (open, /gradio_api/run/ bypasses them)
+    demo.queue(default_concurrency_limit=4, max_size=settings.queue_size, api_open=False)
     return demo
+
+
+def shares(settings: AppSettings) -> list[Middleware]:
+    """A public app's limits per visitor (see limits): a fair share of the queue, and uploads no larger than an
+    analysis may send (plus room for the form around the files)."""
+    if not settings.public:
+        return []
+    return [Middleware(limits.UploadLimit, max_bytes=(settings.analyze_max_mb + 1) * 2**20),
+            Middleware(limits.FairQueue, per_client=settings.queue_per_client, behind_proxy=settings.behind_proxy)]
 
 
 def launch(demo: gr.Blocks, settings: AppSettings, share: bool = False, **kwargs):
@@ -37,5 +48,6 @@ def launch(demo: gr.Blocks, settings: AppSettings, share: bool = False, **kwargs
     app with no model starts training its first one (see first_model)."""
     first_model.start_in_background(settings)
     return demo.launch(share=share, auth=settings.auth, max_file_size=MAX_UPLOAD,
+                       app_kwargs={"middleware": shares(settings)},
                        allowed_paths=[str(REPO / "assets")], theme=gr.themes.Soft(),
                        css_paths=[str(REPO / "assets" / "style.css")], footer_links=["api"], **kwargs)

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,11 +22,18 @@ PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding carap
 JOB_FILE = ".app-job.json"              # in the runs folder: the job the app started last
 REQUESTED_CONFIG = "requested_config.json"  # what the app asked a new run to train with
 STARTING = "starting"                   # progress phase of a job whose process has not spoken yet
+# A job that changes nothing in its folder for this long is taken as hung and ended (CARAPP_JOB_STALL_MINUTES):
+# every kind of job writes its progress at least every few steps or photos.
+STALL_SECONDS = float(os.environ.get("CARAPP_JOB_STALL_MINUTES") or 30) * 60
 _START_LOCK = threading.Lock()
 
 
 class JobError(RuntimeError):
     """A job request that cannot be honoured; the message is for the user."""
+
+
+class JobBusy(JobError):
+    """Another job holds the one job slot; the message names it (a public app says less: see analyze_tab)."""
 
 
 @dataclass
@@ -103,9 +111,50 @@ def _wait_until_started(proc: subprocess.Popen, progress: Path, timeout: float =
 
 
 def app_job(runs_dir: str | Path) -> dict | None:
-    """The job this app started last, while its process lives: {"pid", "run", "kind"}."""
-    job = rundir.read_json(Path(runs_dir) / JOB_FILE)
-    return job if job and rundir.pid_alive(job.get("pid", 0)) else None
+    """The job this app started last, while it lives and moves: {"pid", "started", "since", "run", "kind", "folder",
+    "progress"}. A job whose process is gone (its PID perhaps another process's now) or that changed nothing in its
+    folder for STALL_SECONDS holds the one job slot no longer: it is ended with whatever it left running, and its
+    log and progress say why. So neither a hung job nor a restart of the app keeps every later job refused."""
+    path = Path(runs_dir) / JOB_FILE
+    job = rundir.read_json(path)
+    if not job:
+        return None
+    pid = job.get("pid", 0)
+    reused = rundir.pid_alive(pid) and job.get("started") not in (None, process_started(pid))
+    alive = rundir.pid_alive(pid) and not reused
+    folder = Path(job.get("folder") or Path(runs_dir) / job.get("run", ""))
+    quiet = time.time() - max(rundir.last_change(folder), job.get("since", 0))
+    if alive and quiet < STALL_SECONDS:
+        return job
+    if not reused:  # a hung job and its loader workers, or workers a dead job left behind: one process group
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+    _mark_ended(job, folder, f"it made no progress for {quiet / 60:.0f} minutes" if alive else "its process is gone")
+    if rundir.read_json(path) == job:  # not a job another app process started meanwhile
+        path.unlink(missing_ok=True)
+    return None
+
+
+def process_started(pid: int) -> int | None:
+    """When a process started (clock ticks since boot): with the PID, it names one process, never its successor."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[-1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _mark_ended(job: dict, folder: Path, why: str) -> None:
+    """A job that ended without saying so (its progress still 'running'): a line in its console.log, and its
+    progress marked — interrupted for a trainer (its last.pt makes the run resumable), failed for the others."""
+    progress = folder / job.get("progress", "progress.json")
+    record = rundir.read_json(progress, {})
+    if record.get("status") != "running":
+        return  # it finished, stopped or failed by itself and said so
+    with contextlib.suppress(OSError), open(folder / "console.log", "a") as log:
+        log.write(f"\ncarapp app: this {job.get('kind', '')} job was ended: {why}. The app's job slot is free.\n")
+    status = "interrupted" if job.get("kind") == "train" else "failed"
+    rundir.write_json(progress, {**record, "status": status, "error": f"ended by the app: {why}"})
 
 
 @contextlib.contextmanager
@@ -120,7 +169,7 @@ def _one_job(runs_dir: str | Path):
         job = app_job(runs_dir)
         if busy or job:
             name = busy.name if busy else job["run"]
-            raise JobError(f"{name} is busy with a job now: wait for it or stop it (one job at a time)")
+            raise JobBusy(f"{name} is busy with a job now: wait for it or stop it (one job at a time)")
         yield
 
 
@@ -128,7 +177,9 @@ def _start(runs_dir: str | Path, args: list[str], folder: Path, kind: str, progr
     """One background job (`python -m carapp ARGS`) writing into `folder`, once nothing else runs."""
     with _one_job(runs_dir):
         proc = _spawn(args, folder)
-        rundir.write_json(Path(runs_dir) / JOB_FILE, {"pid": proc.pid, "run": folder.name, "kind": kind})
+        rundir.write_json(Path(runs_dir) / JOB_FILE, {"pid": proc.pid, "started": process_started(proc.pid),
+                                                      "since": time.time(), "run": folder.name, "kind": kind,
+                                                      "folder": str(folder), "progress": progress})
         # the job's progress, as the job itself will write it, so that every view sees it running from now on
         rundir.write_json(folder / progress, {"status": "running", "phase": STARTING, "pid": proc.pid,
                                               "updated": time.time()})
@@ -211,5 +262,6 @@ def run_eta(p: dict, metrics: list[dict]) -> float | None:
 
 
 def stop_training(run: str | Path) -> None:
-    """Ask politely: the trainer finishes its step, saves last.pt and exits."""
-    rundir.request_stop(run)
+    """Ask politely: the trainer finishes its step, saves last.pt and exits. The Stop names the trainer running
+    now, so it never stops the one a later Resume starts."""
+    rundir.request_stop(run, rundir.read_progress(Path(run)).get("pid"))

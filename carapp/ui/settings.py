@@ -21,9 +21,13 @@ class AppSettings:
     auth: tuple[str, str] | None = None
     allow_slow_cam: bool = False  # the owner's override for public mode (CARAPP_SLOW_CAM=1): ScoreCAM and friends
     queue_size: int = 32          # requests waiting in the queue at most; more are refused at once
+    queue_per_client: int = 8     # public mode: requests of one client waiting or running (CARAPP_QUEUE_PER_CLIENT)
+    behind_proxy: bool = False    # a Space: the visitor's address is the one its proxy adds to X-Forwarded-For
     clean_cache: bool = True      # delete uploads and answers older than two hours (and the app's own at exit)
     analyze_max_files: int = 500  # public mode: one analysis reads at most this many photos (zip members too) ...
     analyze_max_mb: int = 200     # ... and megabytes sent (CARAPP_ANALYZE_MAX_FILES / _MB raise them)
+    analyses_max_hours: float = 24  # public mode: analyses older than this are deleted (CARAPP_ANALYSES_MAX_HOURS) ...
+    analyses_max_mb: float = 2000   # ... and the oldest while all of them take more (CARAPP_ANALYSES_MAX_MB)
     first_model: bool = True      # public, no model, demo data: train the demo preset at start (CARAPP_FIRST_MODEL=0)
 
     @property
@@ -75,8 +79,12 @@ def resolve_settings(data: str | None = None, checkpoint: str | None = None, run
         auth=(user, password) if user and password else None,
         allow_slow_cam=os.environ.get("CARAPP_SLOW_CAM") == "1",
         queue_size=int(os.environ.get("CARAPP_QUEUE_SIZE") or 32),
+        queue_per_client=int(os.environ.get("CARAPP_QUEUE_PER_CLIENT") or 8),
+        behind_proxy=bool(os.environ.get("SPACE_ID")),
         analyze_max_files=int(os.environ.get("CARAPP_ANALYZE_MAX_FILES") or 500),
         analyze_max_mb=int(os.environ.get("CARAPP_ANALYZE_MAX_MB") or 200),
+        analyses_max_hours=float(os.environ.get("CARAPP_ANALYSES_MAX_HOURS") or 24),
+        analyses_max_mb=float(os.environ.get("CARAPP_ANALYSES_MAX_MB") or 2000),
         first_model=os.environ.get("CARAPP_FIRST_MODEL", "1") != "0",
     )
 
