@@ -18,7 +18,7 @@ from carapp.ui.settings import resolve_settings  # noqa: E402
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="carapp: car make/model classifier with Grad-CAM")
     parser.add_argument("--data", help="dataset root (default: CARAPP_DATA, else the built-in demo dataset)")
-    parser.add_argument("--checkpoint", help="run directory or checkpoint file (default: the newest run)")
+    parser.add_argument("--checkpoint", help="run directory or checkpoint file (default: the run whose best.pt has the best val accuracy)")
     parser.add_argument("--runs-dir", help="where run directories live (default: checkpoints/)")
     parser.add_argument("--share", action="store_true", help="public Gradio link (public mode: no training)")
     args = parser.parse_args()

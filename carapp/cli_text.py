@@ -56,7 +56,8 @@ def evaluation(r: dict) -> str:
             f"macro-F1 {r['macro_f1']:.3f} on {r['num_images']:,} images")
     if "ece" in r:
         line += (f"\nmake top-1 {_pct(r['make_top1'])}, ECE {r['ece']:.3f}; answered with a model "
-                 f"{_pct(r['coverage'])}, of those right {_pct(r['selective_accuracy'])}")
+                 f"{_pct(r['coverage'])}" + ("" if r["selective_accuracy"] is None else
+                                             f", of those right {_pct(r['selective_accuracy'])}"))
     return line
 
 
@@ -71,8 +72,12 @@ def train(r: dict) -> str:
 
 def calibrate(r: dict) -> str:
     t = r["thresholds"]
-    return (f"temperature {r['temperature']:.3f}; validation ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f}\n"
-            f"answer thresholds: model {t['model']:.3f}, make {t['make']:.3f}")
+    from .evaluation.answers import threshold_note
+    kept = "" if r.get("temperature_fitted", r["temperature"]) == r["temperature"] else \
+        f" (the fitted {r['temperature_fitted']:.3f} made validation worse: not used)"
+    return "\n".join(filter(None, [
+        f"temperature {r['temperature']:.3f}{kept}; validation ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f}",
+        f"answer thresholds: model {t['model']:.3f}, make {t['make']:.3f}", threshold_note(r)]))
 
 
 def export(r: dict) -> str:

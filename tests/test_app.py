@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -200,3 +201,24 @@ def test_a_stop_pressed_while_the_job_starts_is_not_lost(demo_root, tmp_path):
         time.sleep(0.5)
     assert jobs.run_status(run) == "stopped", (run / "console.log").read_text()[-2000:]
     assert json.loads((run / "progress.json").read_text())["epoch"] <= 1
+
+
+def test_one_definition_of_a_runs_figures_everywhere(tmp_path):
+    """The Model list named the highest val acc of any epoch while best.pt holds the lowest val loss; the Run list
+    said "0 of 12 epochs" while the status line said "epoch 1/12"."""
+    from carapp import rundir
+    from carapp.ui import jobs, predict_tab, train_tab
+    from carapp.ui.settings import resolve_settings
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"epochs": 12}))
+    (run / "best.pt").write_bytes(b"")
+    for epoch, loss, acc in ((1, 1.0, 0.80), (2, 0.5, 0.926), (3, 0.7, 0.959)):
+        rundir.append_metrics(run, {"epoch": epoch, "train_loss": 1, "train_acc": 0.5, "val_loss": loss,
+                                    "val_acc": acc, "lr": 1e-3, "seconds": 1})
+    settings = resolve_settings(None, None, str(tmp_path))
+    assert predict_tab.model_choices(settings) == [("r1 (best.pt: val acc 92.6%)", "r1")]
+    (run / "progress.json").write_text(json.dumps({"status": "running", "pid": os.getpid(), "epoch": 4}))
+    assert train_tab.run_labels(jobs.list_runs(tmp_path)) == [("r1 (running, epoch 4 of 12)", "r1")]
+    (run / "progress.json").write_text(json.dumps({"status": "stopped", "epoch": 4}))
+    assert train_tab.run_labels(jobs.list_runs(tmp_path)) == [("r1 (stopped, 3 of 12 epochs)", "r1")]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from carapp.rundir import read_metrics
 from carapp.ui import jobs
 from conftest import ROOT, serving
 
@@ -144,7 +145,7 @@ def test_demo_training_updates_the_plot_and_the_run_list_then_stop_and_resume(ap
     page.locator("#curves .js-plotly-plot").wait_for(state="visible", timeout=240_000)
     # the Run list follows the run: its label counts the finished epochs without a reload
     run_box = page.locator("#run-pick input")
-    page.wait_for_function("el => /running, [1-9]\\d* of \\d+ epochs/.test(el.value)", arg=run_box.element_handle(),
+    page.wait_for_function("el => /running, epoch [2-9]\\d* of \\d+/.test(el.value)", arg=run_box.element_handle(),
                            timeout=120_000)
     page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
     page.get_by_role("button", name="Stop").click()
@@ -154,14 +155,14 @@ def test_demo_training_updates_the_plot_and_the_run_list_then_stop_and_resume(ap
                            timeout=30_000)
     # Resume resumes: the Stop pressed for the first trainer is not taken by the second (it stopped after one step)
     run = jobs.list_runs(app[1])[0].path
-    epochs_at_stop = len(json.loads(f"[{','.join((run / 'metrics.jsonl').read_text().split())}]"))
+    epochs_at_stop = len(read_metrics(run))
     deadline = time.time() + 60
     while jobs.app_job(app[1]) and time.time() < deadline:  # the stopped trainer's process exits
         time.sleep(0.5)
     page.get_by_role("button", name="Resume").click()
     page.wait_for_function("document.querySelector('#live').innerText.includes('running, epoch')", timeout=120_000)
     deadline = time.time() + 300
-    while len((run / "metrics.jsonl").read_text().split()) <= epochs_at_stop:  # on to its next epoch
+    while len(read_metrics(run)) <= epochs_at_stop:  # on to its next epoch
         assert time.time() < deadline and jobs.run_status(run) == "running", jobs.run_status(run)
         time.sleep(1)
     page.wait_for_function("document.querySelector('#live').innerText.includes('running')", timeout=30_000)

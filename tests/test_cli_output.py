@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from carapp import cli
-from conftest import FAST_TRAIN
+from conftest import FAST_TRAIN, ROOT
 
 TINY_TRAIN = [*FAST_TRAIN, "--epochs", "1", "--steps-per-epoch", "2"]
 
@@ -123,3 +125,13 @@ def test_demo_data_never_overwrites(tmp_path, capfd):
 def test_missing_image_is_not_found(run, tmp_path, capfd):
     code, out = call(capfd, "predict", tmp_path / "nope.jpg", "--run", run)
     assert code == 1 and out[0]["error"].endswith("file not found")
+
+
+@pytest.mark.parametrize("args", [["predict", "nothere.jpg", "--run", "nothere"], ["stats", "--data", "/nonexistent"],
+                                  ["train", "--resume", "/nonexistent-run"], ["evaluate", "--run", "/nope", "--json"]])
+def test_a_missing_path_is_refused_before_torch_is_imported(args):
+    """`predict nothere.jpg --run nothere` took 11.8 s to say the run is not there: PyTorch was imported first."""
+    script = ("import sys\nfrom carapp import cli\ncode = cli.main(sys.argv[1:])\n"
+              "print('torch imported' if 'torch' in sys.modules else 'no torch', code, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "error: " in proc.stderr and proc.stderr.strip().endswith("no torch 2"), proc.stderr

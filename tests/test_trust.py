@@ -267,3 +267,27 @@ def test_answer_status_without_an_ood_threshold():
     thresholds = {"model": 0.9, "make": 0.8, "ood": None}
     assert answer_status(0.95, 0.99, thresholds, ood_score=1e9) == "model"
     assert answer_status(0.5, 0.5, {"model": 0.9, "make": 0.8}, ood_score=1e9) == "unsure"
+
+
+def test_a_temperature_that_makes_validation_worse_is_not_kept_and_no_threshold_is_said_in_words():
+    """After a short run, the NLL-fitted temperature raised val ECE 0.017 -> 0.056 and was kept; the thresholds
+    came out at 1.000 and the summary said only "of those right -"."""
+    from carapp.evaluation.answers import threshold_note
+    from carapp.evaluation.calibrate import _improves
+    from carapp.evaluation.trust import ece, fit_temperature, softmax
+    rng = np.random.default_rng(0)
+    worse = None
+    for _ in range(200):  # small validation splits: where the NLL's best temperature raises the ECE
+        logits, labels = rng.normal(0, 2, (12, 4)), rng.integers(0, 4, 12)
+        t = fit_temperature(logits, labels)
+        if ece(softmax(logits, t), labels) > ece(softmax(logits), labels) + 0.01:
+            worse = (logits, labels, t)
+            break
+    assert worse is not None
+    assert not _improves(*worse)
+    logits, labels = rng.normal(0, 1, (400, 4)), rng.integers(0, 4, 400)
+    logits[np.arange(400), labels] += 3 * rng.random(400)  # a model that is right, and overconfident, often
+    assert _improves(logits * 4, labels, fit_temperature(logits * 4, labels))
+    note = threshold_note({"thresholds": {"model": 1.0, "make": 0.4}, "target_accuracy": 0.95, "val_top1": 0.097})
+    assert "model answers 95% right" in note and "9.7%" in note and "More epochs" in note
+    assert threshold_note({"thresholds": {"model": 0.6, "make": 0.4}}) == ""

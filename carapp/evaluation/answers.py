@@ -42,6 +42,7 @@ class Calibration:
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
     bank: FeatureBank | None = None
     calibrated: bool = False            # False: an older run, with temperature 1 and the default thresholds
+    note: str = ""                      # threshold_note: why every answer is 'not sure', if it is
 
     @classmethod
     def load(cls, folder: Path | None, labels: list[str], class_makes: list[str] | None = None) -> "Calibration":
@@ -59,7 +60,7 @@ class Calibration:
         thresholds = {**DEFAULT_THRESHOLDS, **info.get("thresholds", {})}
         if bank is None:
             thresholds["ood"] = None
-        return cls(labels, makes, float(info.get("temperature", 1.0)), thresholds, bank, True)
+        return cls(labels, makes, float(info.get("temperature", 1.0)), thresholds, bank, True, threshold_note(info))
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits, self.temperature)
@@ -84,6 +85,19 @@ class Calibration:
                               (make_names[makes[0]], float(by_make[i, makes[0]])),
                               [(make_names[j], float(by_make[i, j])) for j in makes], score))
         return out
+
+
+def threshold_note(calibration: dict) -> str:
+    """In words, when no threshold lets answers reach the target accuracy on validation (calibrate then sets 1.0:
+    every answer is 'not sure'): what the model does reach, and what would help. Empty otherwise."""
+    thresholds, target = calibration.get("thresholds", {}), calibration.get("target_accuracy", 0.95)
+    missed = [k for k in ("model", "make") if thresholds.get(k, 0) >= 1.0]
+    if not missed:
+        return ""
+    reached = calibration.get("val_top1")
+    return (f"No confidence threshold makes {' or '.join(k + ' answers' for k in missed)} {target:.0%} right on the "
+            f"validation photos" + (f" (the model is right on {reached:.1%} of them)" if reached is not None else "")
+            + f": every such answer is 'not sure'. More epochs or more data per class would help.")
 
 
 def first_words(labels: list[str]) -> list[str]:

@@ -228,18 +228,21 @@ def fit(trainer: Trainer, run: Path, stop: StopSignal, tracker: Tracker | None) 
 
 def finish(run: Path, cfg: TrainConfig, epochs_done: int, tracker: Tracker) -> dict:
     """After training, on one process: calibrate best.pt on val, then measure it on the test split."""
+    from ..evaluation.answers import threshold_note
     from ..evaluation.calibrate import calibrate_run
     from ..evaluation.evaluate import evaluate_run
     calibration = calibrate_run(run, workers=cfg.workers)
     log.info("calibrated: temperature %.3f, val ECE %.4f -> %.4f; answer thresholds model %.3f make %.3f",
              calibration["temperature"], calibration["ece_before"], calibration["ece_after"],
              calibration["thresholds"]["model"], calibration["thresholds"]["make"])
+    if note := threshold_note(calibration):
+        log.info(note)
     test = evaluate_run(run, "test", workers=cfg.workers)
     tracker.test(test)
     log.info("test (best.pt): top-1 %.4f top-5 %.4f macro-F1 %.4f make top-1 %.4f ECE %.4f on %d images; "
-             "%.1f%% answered with a model, %.1f%% of those right", test["top1"], test["top5"], test["macro_f1"],
-             test["make_top1"], test["ece"], test["num_images"], 100 * test["coverage"],
-             100 * (test["selective_accuracy"] or 0))
+             "%.1f%% answered with a model%s", test["top1"], test["top5"], test["macro_f1"], test["make_top1"],
+             test["ece"], test["num_images"], 100 * test["coverage"],
+             "" if test["selective_accuracy"] is None else f", {test['selective_accuracy']:.1%} of those right")
     rundir.write_progress(run, status="finished", epoch=epochs_done, epochs=cfg.epochs, test=test)
     return test
 

@@ -8,6 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import exclusions, plots, rundir
+from ..evaluation.answers import threshold_note
 from . import error_analysis as errors
 from . import jobs
 from .settings import AppSettings
@@ -110,6 +111,8 @@ def trust_markdown(m: dict) -> str:
     line += "  \n" + " · ".join(f"{status}: {n}" for status, n in counts.items())
     if not m.get("calibrated"):
         line += "  \n_Not calibrated: `python -m carapp calibrate --run RUN`, then re-evaluate._"
+    elif note := threshold_note(m):
+        line += f"  \n_{note}_"
     return line
 
 

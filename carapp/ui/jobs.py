@@ -43,7 +43,7 @@ class RunInfo:
     status: str          # running | stopped | finished | failed | interrupted | new
     epochs_done: int
     epochs: int | None
-    best_val_acc: float | None
+    best_val_acc: float | None  # of the epoch best.pt holds: the lowest val loss (not the highest val acc)
     updated: float
 
 
@@ -64,7 +64,8 @@ def run_info(run: Path) -> RunInfo:
     metrics = rundir.read_metrics(run)
     config = rundir.read_json(run / "config.json", {}) or {}
     return RunInfo(name=run.name, path=run, status=run_status(run), epochs_done=len(metrics),
-                   epochs=config.get("epochs"), best_val_acc=max((m["val_acc"] for m in metrics), default=None),
+                   epochs=config.get("epochs"),
+                   best_val_acc=min(metrics, key=lambda m: m["val_loss"])["val_acc"] if metrics else None,
                    updated=rundir.last_change(run))
 
 

@@ -22,14 +22,16 @@ from .uploads import EXAMPLES, accepted_upload
 
 TOP1 = "top-1 prediction"
 SLOW_CAM_BUSY = ("Another slow heatmap is being computed; try again in a moment, or use gradcam (instant).")
+MODEL_SLIDER_INFO = "the model's own: where its validation answers reach the target accuracy"
 _SLOW_CAM = threading.BoundedSemaphore(1)  # ScoreCAM & co: one at a time, whatever the queue's concurrency
 
 
 def model_choices(settings: AppSettings) -> list[tuple[str, str]]:
-    """The configured model first, then the trained runs, best validation accuracy first (the default is the best)."""
+    """The configured model first, then the trained runs, best validation accuracy of their best.pt first (the
+    default is the best)."""
     runs = sorted((r for r in jobs.list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()),
                   key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))
-    choices = [(f"{r.name} (best val acc {r.best_val_acc:.1%})" if r.best_val_acc is not None else r.name, r.name)
+    choices = [(f"{r.name} (best.pt: val acc {r.best_val_acc:.1%})" if r.best_val_acc is not None else r.name, r.name)
                for r in runs]
     if settings.checkpoint:
         shown = "configured model" if settings.public else f"configured: {settings.checkpoint}"
@@ -166,10 +168,11 @@ def model_thresholds(model: str | None, settings: AppSettings):
     """The sliders follow the chosen model's calibrated thresholds."""
     try:
         from ..predict import cached_predictor
-        thresholds = cached_predictor(resolve_model(model, settings)).calibration.thresholds if model else {}
+        calibration = cached_predictor(resolve_model(model, settings)).calibration if model else None
     except Exception:  # a model that cannot load shows its error on Predict; here it only means default sliders
-        thresholds = {}
-    return (gr.Slider(value=slider_value(thresholds.get("model", 0.5))),
+        calibration = None
+    thresholds, note = (calibration.thresholds, calibration.note) if calibration else ({}, "")
+    return (gr.Slider(value=slider_value(thresholds.get("model", 0.5)), info=note or MODEL_SLIDER_INFO),
             gr.Slider(value=slider_value(thresholds.get("make", 0.5))))
 
 
@@ -226,7 +229,8 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                     gr.Markdown("A model or make is named only when its (calibrated) probability reaches these; "
                                 "they start at the values chosen on the validation split for 95% accuracy.")
                     with gr.Row():
-                        model_threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Name the model from")
+                        model_threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Name the model from",
+                                                    info=MODEL_SLIDER_INFO)
                         make_threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Name the make from")
                     tta = gr.Checkbox(label="Also look at the mirrored photo (flip TTA: a second forward pass)")
                 button = gr.Button("Classify", variant="primary")

@@ -1,4 +1,4 @@
-"""What the app serves: from flags, then the environment, then defaults (the demo dataset, the newest run)."""
+"""What the app serves: from flags, then the environment, then defaults (the demo dataset, the best run)."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ CONFIGURED = "(configured model)"   # stands for settings.checkpoint in the Mode
 @dataclass
 class AppSettings:
     data: str                   # dataset root
-    checkpoint: str | None      # run directory, checkpoint file, or None (the newest run with a best.pt)
+    checkpoint: str | None      # run directory, checkpoint file, or None (the run whose best.pt is best on val)
     runs_dir: str
     public: bool                # a Hugging Face Space or a --share link: strangers can reach it
     allow_training: bool        # the owner's override for public mode (CARAPP_ALLOW_TRAINING=1)

@@ -171,7 +171,9 @@ def log_tail(run: Path, lines: int = 25) -> str:
 
 
 def run_labels(runs: list) -> list[tuple[str, str]]:
-    return [(f"{r.name} ({r.status}, {r.epochs_done} of {r.epochs or '?'} epochs)", r.name) for r in runs]
+    """A running run names the epoch it is in, as the status line does; any other the epochs it finished."""
+    return [(f"{r.name} (running, epoch {r.epochs_done + 1} of {r.epochs or '?'})" if r.status == "running" else
+             f"{r.name} ({r.status}, {r.epochs_done} of {r.epochs or '?'} epochs)", r.name) for r in runs]
 
 
 def run_choices(settings: AppSettings):
