@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # carapp's own progress at INFO; libraries only warn (the ONNX exporter's optimiser logs its passes at INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
     try:
         with _stdout_to_stderr(args.json):  # --json: nothing but the JSON value reaches stdout
             check_paths(args)

@@ -42,11 +42,16 @@ def sizes_figure(sizes: list[tuple[int, int]]) -> go.Figure:
     return fig
 
 
-def curves_figure(metrics: list[dict]) -> go.Figure:
-    """Train/val loss and accuracy per epoch, side by side."""
+def curves_figure(metrics: list[dict], steps: list[dict] | None = None) -> go.Figure:
+    """Train/val loss and accuracy per epoch, side by side; with `steps` (rundir.read_steps) also the training
+    pass's running figures as they came, so the curves move from the first seconds, not from the first epoch's end."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"))
     epochs = [m["epoch"] for m in metrics]
+    at = [s["epoch"] - 1 + s["step"] / max(s["steps"], 1) for s in steps or []]  # epoch 1 ends at x = 1
     for col, key in ((1, "loss"), (2, "acc")):
+        if steps:
+            fig.add_trace(go.Scatter(x=at, y=[s[key] for s in steps], mode="lines", name=f"train {key} (running)",
+                                     line=dict(width=1), opacity=0.6), row=1, col=col)
         for split, dash in (("train", "solid"), ("val", "dash")):
             fig.add_trace(go.Scatter(x=epochs, y=[m[f"{split}_{key}"] for m in metrics], mode="lines+markers",
                                      name=f"{split} {key}", line=dict(dash=dash)), row=1, col=col)

@@ -18,6 +18,7 @@ from pathlib import Path
 from .dataset.index import index_dataset
 from .dataset.split import Split
 
+STEPS_FILE = "steps.jsonl"                 # running training figures, about once a second (read_steps)
 EVAL_PROGRESS = "evaluate_progress.json"   # live progress of an evaluation (status, split, done, total, pid)
 
 
@@ -88,9 +89,28 @@ def append_metrics(run: Path, row: dict) -> None:
 
 def read_metrics(run: Path) -> list[dict]:
     """Finished epochs; a torn last line (a crash mid-write) is ignored."""
+    return _read_lines(Path(run) / "metrics.jsonl")
+
+
+def append_step(run: Path, row: dict) -> None:
+    """A line of steps.jsonl, the training pass's running figures as the live progress shows them (about once a
+    second): the curves show them before the first epoch ends. A view only: not fsynced."""
+    with open(run / STEPS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_steps(run: Path, most: int = 2000) -> list[dict]:
+    """The running figures, one per (epoch, step) — a resumed pass's own where it went over the same steps again —
+    in order, thinned to at most `most` rows."""
+    rows = {(r["epoch"], r["step"]): r for r in _read_lines(Path(run) / STEPS_FILE) if {"epoch", "step"} <= set(r)}
+    ordered = [rows[k] for k in sorted(rows)]
+    return ordered[::-(-len(ordered) // most)] if len(ordered) > most else ordered
+
+
+def _read_lines(path: Path) -> list[dict]:
     rows = []
     try:
-        lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+        lines = path.read_text().splitlines()
     except OSError:
         return rows
     for line in lines:

@@ -119,7 +119,7 @@ def test_no_trained_model_yet_says_what_to_do(demo_root, tmp_path):
     try:
         with pytest.raises(AppError) as err:
             client(url).predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
-        assert str(err.value).startswith("No trained model yet: train one in the Train tab")
+        assert str(err.value).startswith("No trained model yet: press **Train the demo model** here")
     finally:
         demo.close()
 

@@ -60,6 +60,13 @@ def test_run_directory_contract(trained_run):
     test = json.loads((run / "test_metrics.json").read_text())
     assert {"top1", "top5", "macro_f1", "num_images"} <= set(test)
     assert test["num_images"] == sum(r["split"] == "test" for r in rows)
+    # the running figures within each epoch, for the live curves before an epoch ends: every epoch's last step
+    from carapp import plots
+    from carapp.rundir import read_steps
+    steps = read_steps(run)
+    assert {s["epoch"] for s in steps if s["step"] == s["steps"]} == {m["epoch"] for m in read_metrics(run)}
+    names = [t.name for t in plots.curves_figure([], steps).data]
+    assert names[:1] == ["train loss (running)"] and "train acc (running)" in names
 
 
 def test_resume_continues_with_same_split_and_metrics(trained_run):

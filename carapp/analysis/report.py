@@ -14,6 +14,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 from scipy.stats import binomtest
 
 from .. import safecsv
@@ -23,6 +25,7 @@ from .collection import ALL_GROUPS, READ_ERRORS, item_of
 SUMMARY_COLUMNS = ["group", "level", "name", "count", "share", "ci_low", "ci_high"]
 THUMBNAILS = 48
 HISTOGRAM_BINS = 20
+PALETTE = qualitative.Plotly  # one colour per group, the same in both panels
 
 
 def wilson(count: int, n: int) -> tuple[float, float]:
@@ -124,20 +127,29 @@ def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> 
 
 
 def make_share_figure(summary: list[dict], top: int = 12) -> go.Figure:
-    """Share of each group's photos per make (the most frequent makes overall), then the unsure, no-car and
-    unreadable buckets, with 95% intervals: a collection the model is unsure of shows as such, not as a blank."""
-    columns = [("make", s["name"]) for s in summary if s["group"] == ALL_GROUPS and s["level"] == "make"][:top]
-    columns += [("status", name) for name in ("unsure", "no-car", "unreadable")]
+    """Share of each group's photos per make (the most frequent makes overall) and, in a panel of their own, the
+    photos with no make (unsure, no car, unreadable), with 95% intervals: a collection the model is unsure of shows
+    as such, not as a blank. One group alone is drawn once, as the whole collection."""
+    makes = [("make", s["name"]) for s in summary if s["group"] == ALL_GROUPS and s["level"] == "make"][:top]
+    buckets = [("status", name) for name in ("unsure", "no-car", "unreadable")]
     groups = sorted({s["group"] for s in summary}, key=lambda g: (g == ALL_GROUPS, g))
-    fig = go.Figure()
-    for group in groups:
+    if len(groups) <= 2:  # a group and (all): the same photos twice
+        groups = [ALL_GROUPS]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.75, 0.25], shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=("makes", "no make named"))
+    for i, group in enumerate(groups):
         mine = {(s["level"], s["name"]): s for s in summary if s["group"] == group}
-        shares = [mine.get(c, {"share": 0, "ci_low": 0, "ci_high": 0}) for c in columns]
-        fig.add_trace(go.Bar(name=group, x=[name for _, name in columns], y=[s["share"] for s in shares], error_y=dict(
-            type="data", symmetric=False, array=[s["ci_high"] - s["share"] for s in shares],
-            arrayminus=[s["share"] - s["ci_low"] for s in shares])))
-    fig.update_layout(barmode="group", yaxis_tickformat=".0%", template="plotly_white", height=420,
-                      yaxis_title="share of photos", margin=dict(l=50, r=20, t=20, b=40))
+        for col, columns in ((1, makes), (2, buckets)):
+            shares = [mine.get(c, {"share": 0, "ci_low": 0, "ci_high": 0}) for c in columns]
+            fig.add_trace(go.Bar(name=group, x=[name for _, name in columns], y=[s["share"] for s in shares],
+                                 marker_color=PALETTE[i % len(PALETTE)], legendgroup=group, showlegend=col == 1,
+                                 error_y=dict(type="data", symmetric=False,
+                                              array=[s["ci_high"] - s["share"] for s in shares],
+                                              arrayminus=[s["share"] - s["ci_low"] for s in shares])),
+                          row=1, col=col)
+    fig.update_layout(barmode="group", template="plotly_white", height=420, margin=dict(l=50, r=20, t=40, b=40))
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    fig.update_yaxes(title_text="share of photos", row=1, col=1)
     return fig
 
 

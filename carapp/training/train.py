@@ -150,6 +150,7 @@ def _prepare(cfg: TrainConfig, run: Path, resume: bool, epochs: int | None, spli
         rundir.write_split(run, split)
         resolve_batch_size(cfg, len(split.class_info))  # "auto" becomes a number before config.json freezes it
         rundir.truncate_metrics(run, 0)  # a run that died before its first last.pt may have left epoch lines
+        (run / rundir.STEPS_FILE).unlink(missing_ok=True)  # ... and step lines
         ckpt = None
     if resume:  # what the first start recorded besides the config (the photos it left out) stays
         old = rundir.read_json(run / "config.json") or {}
@@ -331,6 +332,8 @@ def _train_pass(trainer: Trainer, run: Path, stop: StopSignal, epoch: int, bad_p
             rundir.write_progress(run, status="running", epoch=epoch, epochs=cfg.epochs, step=state["step"],
                                   steps=steps, running_loss=meter.loss, running_acc=meter.acc,
                                   images_per_sec=rate, eta_seconds=eta)
+            rundir.append_step(run, {"epoch": epoch, "step": state["step"], "steps": steps, "loss": meter.loss,
+                                     "acc": meter.acc})
         if stop_now and state["step"] < steps:
             state["partial"] = meter.state_dict()
             bar.close()

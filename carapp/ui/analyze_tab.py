@@ -138,13 +138,13 @@ def status(mine: str, shown: str, settings: AppSettings):
     """Timer: the session's analysis's progress; its results once it has finished (shown: the one on screen)."""
     out = shown_analysis(mine, settings)
     if out is None:
-        return "No analysis yet.", shown, *[gr.skip()] * 5
+        return "No analysis yet.", shown, *[gr.skip()] * 6
     p = jobs.job_status(out / "progress.json")
     line = f"**{out.name}** — {p.get('status', '?')}: {p.get('done', 0)}/{p.get('total') or '?'} photos"
     if p.get("status") == "running" and p.get("images_per_sec"):
         line += f", {p['images_per_sec']:.1f} photos/s, ETA {p.get('eta_seconds', 0):.0f} s"
     if p.get("status") != "finished" or shown == str(out):
-        return line, shown, *[gr.skip()] * 5
+        return line, shown, *[gr.skip()] * 6
     return line, str(out), *results(out, settings)
 
 
@@ -154,9 +154,10 @@ def results(out: Path, settings: AppSettings):
     rows = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     makes = summary[(summary.group == ALL_GROUPS) & (summary.level == "make")].name.tolist()
     model = rundir.read_json(out / "analysis.json", {}).get("identity", {}).get("model")
-    return (make_share_figure(summary.to_dict("records")), summary,
-            gr.Dropdown(choices=makes, value=makes[0] if makes else None),
-            unsure_gallery(rows, model), _downloads(out, settings.public))
+    first = makes[0] if makes else None
+    # the models of the first make too: the same make chosen again fires no change, and left the last analysis's
+    return (make_share_figure(summary.to_dict("records")), summary, gr.Dropdown(choices=makes, value=first),
+            models_of(first, str(out)), unsure_gallery(rows, model), _downloads(out, settings.public))
 
 
 def models_of(make: str | None, folder: str | None) -> pd.DataFrame | None:
@@ -251,7 +252,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     button.click(lambda f, d, m, g: start(f, d, m, g, settings), [files, folder, model, group_by], [message, mine],
                  api_name="analyze")
     timer.tick(lambda m, s: status(m, s, settings), [mine, shown],
-               [progress, shown, shares, table, make, gallery, downloads], api_visibility="private")
+               [progress, shown, shares, table, make, models, gallery, downloads], api_visibility="private")
     make.change(models_of, [make, shown], models, api_visibility="private")
     demo.load(lambda: gr.Dropdown(choices=model_choices(settings), value=default_model(settings)), None, model,
               api_visibility="private")

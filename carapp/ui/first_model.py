@@ -1,5 +1,6 @@
-"""A public app with nothing to predict with trains the demo preset once, in the background, at start-up: the first
-visitor of a fresh Space sees its progress on Predict, and real answers for the examples once it is ready."""
+"""A first model for an app with nothing to predict with: the demo preset, trained in the background. A public app
+trains it by itself at start-up (the first visitor of a fresh Space sees its progress on Predict, and real answers
+for the examples once it is ready); a private one offers it on Predict with one button."""
 from __future__ import annotations
 
 import logging
@@ -34,26 +35,38 @@ def start_in_background(settings: AppSettings) -> threading.Thread | None:
 
 
 def _start(settings: AppSettings) -> None:
-    run = Path(settings.runs_dir) / NAME
     try:
-        ensure_data(settings)
-        if (run / "config.json").is_file():
-            jobs.resume_training(run, settings.runs_dir)
-        else:
-            jobs.start_training(make_config("demo", data=settings.data), settings.runs_dir, name=NAME)
-        log.info("no model configured: training the demo preset as %s", run)
+        start_now(settings)
+        log.info("no model configured: training the demo preset as %s", Path(settings.runs_dir) / NAME)
     except (jobs.JobError, OSError, ValueError) as exc:  # busy, or a broken folder: the app serves on without it
         log.warning("could not start the first model: %s", exc)
 
 
-def progress(settings: AppSettings) -> str | None:
-    """One line while the first model trains, else None."""
+def offered(settings: AppSettings) -> bool:
+    """A private app with no model offers the first model on Predict, where a newcomer is (a public one trains
+    it by itself)."""
+    return not settings.public and not settings.checkpoint and not any(
+        (r.path / "best.pt").is_file() for r in jobs.list_runs(settings.runs_dir))
+
+
+def start_now(settings: AppSettings) -> None:
+    """The owner's click: the demo preset on the app's dataset, as the first model (raises JobError when busy)."""
     run = Path(settings.runs_dir) / NAME
-    p = rundir.read_progress(run) if settings.public else {}
+    ensure_data(settings)
+    if (run / "config.json").is_file() and (run / "split.csv").is_file():
+        jobs.resume_training(run, settings.runs_dir)
+    else:
+        jobs.start_training(make_config("demo", data=settings.data), settings.runs_dir, name=NAME)
+
+
+def progress(settings: AppSettings) -> str | None:
+    """One line while the first model trains (or its job is starting), else None."""
+    run = Path(settings.runs_dir) / NAME
+    p = rundir.read_progress(run)
     if jobs.status_of(p) != "running":
         return None
     eta = jobs.run_eta(p, rundir.read_metrics(run))
-    where = f"epoch {p['epoch']} of {p.get('epochs', '?')}" if p.get("epoch") else "preparing"
+    where = f"epoch {p['epoch']} of {p.get('epochs', '?')}" if p.get("epoch") else "loading PyTorch and the data"
     return (f"**A first model is being trained for this app** on the synthetic demo cars ({where}"
             + (f", about {eta / 60:.0f} min left" if eta is not None else "") +
             "). The examples can be classified once it is ready; this page picks it up by itself.")

@@ -101,8 +101,8 @@ def no_model_message(settings: AppSettings) -> str:
     if job:
         return job
     if settings.training_enabled:
-        return ("No trained model yet: train one in the Train tab (the demo preset takes 3-5 minutes on a 2-core "
-                "CPU) or start the app with --checkpoint.")
+        return ("No trained model yet: press **Train the demo model** here (3-5 minutes on a 2-core CPU), train one "
+                "in the Train tab, or start the app with --checkpoint.")
     return "No trained model yet: this app's owner has not configured one (CARAPP_CHECKPOINT)."
 
 
@@ -241,6 +241,8 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                                 label="Examples (synthetic demo cars, not photos)")
             with gr.Column():
                 model_line = gr.Markdown(elem_id="model-line")
+                train_first = gr.Button("Train the demo model (3-5 minutes on a laptop CPU)", visible=False,
+                                        variant="primary", elem_id="train-first")
                 answer = gr.Markdown(elem_id="answer")
                 with gr.Row():
                     label = gr.Label(num_top_classes=5, label="Top 5 models", elem_id="top5")
@@ -262,7 +264,9 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     method.change(cam_label, method, cam, api_visibility="private")
     demo.load(lambda: gr.Dropdown(choices=model_choices(settings), value=default_model(settings)), None, model,
               api_visibility="private")
-    demo.load(lambda: first_model_view(settings), None, [model_line, timer], api_visibility="private")
+    demo.load(lambda: first_model_view(settings), None, [model_line, timer, train_first], api_visibility="private")
+    train_first.click(lambda: start_first_model(settings), None, [model_line, timer, train_first],
+                      api_visibility="private")
     timer.tick(lambda m: first_model_tick(m, settings), model, [model_line, timer, model], api_visibility="private")
     model.change(lambda m: target_choices(m, settings), model, target, api_visibility="private")
     model.change(lambda m: model_thresholds(m, settings), model, [model_threshold, make_threshold],
@@ -283,8 +287,23 @@ def model_summary(model: str | None, settings: AppSettings) -> str:
 
 
 def first_model_view(settings: AppSettings):
-    line = first_model.progress(settings)
-    return line or gr.skip(), gr.Timer(active=bool(line))
+    """On load: the first model's progress while it trains; with no model at all, what to do (the Model box stays
+    empty, so its change event never says it)."""
+    training = first_model.progress(settings)
+    line = training or (no_model_message(settings) if not model_choices(settings) else None)
+    return (line or gr.skip(), gr.Timer(active=bool(training)),
+            gr.Button(visible=not training and first_model.offered(settings)))
+
+
+def start_first_model(settings: AppSettings):
+    """The Predict tab's button: train the demo preset, show its progress here, pick the model up when ready."""
+    if not settings.training_enabled or not first_model.offered(settings):
+        raise gr.Error("This app has a model already, or its owner has turned training off.", print_exception=False)
+    try:
+        first_model.start_now(settings)
+    except (jobs.JobError, OSError, ValueError) as exc:
+        raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
+    return first_model.progress(settings) or "Starting the demo model…", gr.Timer(active=True), gr.Button(visible=False)
 
 
 def first_model_tick(model: str | None, settings: AppSettings):

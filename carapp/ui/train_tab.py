@@ -131,7 +131,9 @@ def status(name: str | None, settings: AppSettings, runs: list | None = None):
     test_md = (f"**Test (best.pt):** top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%}, macro-F1 "
                f"{test['macro_f1']:.3f} on {test['num_images']} images" if test else "")
     raw = json.loads(settings.redact(json.dumps({**progress, "run": run.name, "status": jobs.status_of(progress)})))
-    return (settings.redact(status_markdown(run, progress, metrics)), plots.curves_figure(metrics) if metrics else None,
+    steps = rundir.read_steps(run)
+    return (settings.redact(status_markdown(run, progress, metrics)),
+            plots.curves_figure(metrics, steps) if metrics or steps else None,
             table, settings.redact(log_tail(run)), test_md, raw)
 
 
@@ -256,7 +258,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         with gr.Accordion("Learning-rate range test", open=False, visible=settings.training_enabled) as lr_box:
             lr_plot = gr.Plot(label="Loss against learning rate", elem_id="lr-find")
         live = gr.Markdown(elem_id="live")
-        curves = gr.Plot(label="Loss and accuracy per epoch", elem_id="curves")
+        curves = gr.Plot(label="Loss and accuracy: running within each epoch, and per epoch", elem_id="curves")
         table = gr.Dataframe(epoch_table([]), label="Per epoch (as the paper's Table 6)", interactive=False)
         test = gr.Markdown()
         with gr.Accordion("Log", open=False) as log_box:
