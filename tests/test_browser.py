@@ -218,9 +218,9 @@ def test_a_newcomer_trains_the_demo_model_from_predict_and_gets_an_answer(demo_r
                                    timeout=600_000)
             assert "demo-model" in page.locator("#model-choice input").input_value()
             page.locator("button.gallery-item").first.click()
-            page.wait_for_function("document.querySelector('#answer').innerText.trim().length > 0", timeout=120_000)
+            _answer_names(page, [c["name"] for c in json.loads((runs / "demo-model" / "labels.json").read_text())])
+            page.locator("#cam img").wait_for(state="visible", timeout=30_000)
             page.screenshot(path=str(tmp_path / "answered.png"), full_page=True)
-            assert page.locator("#top5").inner_text().strip()
             browser.close()
     finally:
         stop_all_jobs(runs)
