@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 
 from . import rundir
+from .analysis.engines import export_with_features
 from .dataset.loader import IMAGENET_MEAN, IMAGENET_STD, Letterbox, resize_size
 from .evaluation.answers import BANK_FILE, CALIBRATION_FILE
 from .saved import EXPORT_TAG, load_model
-
-ONNX_OPSET = 18
 
 
 def preprocessing(image_size: int, resize: str = "crop") -> dict:
@@ -32,7 +31,8 @@ def preprocessing(image_size: int, resize: str = "crop") -> dict:
         fit = {"resize": "crop", "resize_short_side": resize_size(image_size), "center_crop": image_size}
     return {"input": "float32 NCHW, RGB, batch of any size", **fit, "scale": "pixel / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "output": "logits, one per class in labels.json order: softmax(logits / temperature) for probabilities, "
-                      "with the temperature from calibration.json (1 when absent)"}
+                      "with the temperature from calibration.json (1 when absent); ONNX: also features, the pooled "
+                      "layer3 activations that feature_bank.npz scores for 'not a car'"}
 
 
 def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
@@ -47,7 +47,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     else:
-        export_onnx(model, image_size, out / "model.onnx")
+        export_with_features(model, image_size, out / "model.onnx")
     info = rundir.read_json(run / "labels.json") if run.is_dir() else None
     rundir.write_json(out / "labels.json", info or [{"index": i, "name": n} for i, n in enumerate(labels)])
     rundir.write_json(out / "config.json", {"format": EXPORT_TAG, "version": 1, "weights": fmt,
@@ -61,11 +61,6 @@ def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
     return out
 
 
-def export_onnx(model: torch.nn.Module, image_size: int, path: Path) -> None:
-    dummy = torch.randn(1, 3, image_size, image_size)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(model.eval(), (dummy,), str(path), input_names=["image"], output_names=["logits"],
-                      opset_version=ONNX_OPSET, dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
 
 
 def model_card(run: Path, config: dict, labels: list[str]) -> str:

@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from . import rundir
+from .analysis.engines import OnnxEngine
 from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .dataset.images import open_image
 from .dataset.loader import build_transform, letterbox_box, resize_size, to_input
 from .evaluation.answers import Calibration, class_makes_of, first_words
 from .evaluation.evaluate import forward
 from .runtime import pick_device
-from .saved import load_model, model_version
+from .saved import load_model, model_version, onnx_export
 
 CAM_DISPLAY_SIZE = (256, 448)  # the overlay's side: small photos are enlarged, large ones reduced
 
@@ -44,12 +46,17 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, labels: list[str], config: dict, device: str = "auto",
-                 calibration: Calibration | None = None):
-        self.device = pick_device(device)
-        self.model = model.to(self.device).eval()
+    """A model with its calibration: PyTorch (heatmaps included), or ONNX Runtime for an ONNX export (`onnx_file`;
+    answers and the "not a car" score, no heatmap)."""
+
+    def __init__(self, model: torch.nn.Module | None, labels: list[str], config: dict, device: str = "auto",
+                 calibration: Calibration | None = None, onnx_file: Path | None = None):
+        self.device = pick_device(device) if onnx_file is None else torch.device("cpu")
+        self.model = model.to(self.device).eval() if model is not None else None
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.onnx_file = onnx_file
+        self.onnx = OnnxEngine(onnx_file) if onnx_file is not None else None
         self.labels, self.config = labels, config
         self.calibration = calibration or Calibration(labels, first_words(labels))
         self.image_size = int(config.get("image_size", 224))
@@ -61,6 +68,12 @@ class Predictor:
     def load(cls, source: str | Path, device: str = "auto") -> "Predictor":
         """A run directory, a checkpoint file, an exported folder, or hf://owner/name[@revision]; the calibration
         beside the model (calibration.json, feature_density.npz) comes along when there is one."""
+        folder = onnx_export(source)
+        if folder is not None:
+            labels = [c["name"] for c in rundir.read_json(folder / "labels.json", [])]
+            config = (rundir.read_json(folder / "config.json") or {}).get("training", {})
+            return cls(None, labels, config, device, Calibration.load(folder, labels, class_makes_of(folder, labels)),
+                       onnx_file=folder / "model.onnx")
         model, config, labels, folder = load_model(source)
         calibration = Calibration.load(folder, labels, class_makes_of(folder, labels))
         return cls(model, labels, config, device, calibration)
@@ -69,7 +82,8 @@ class Predictor:
         """One line about the model, for people: backbone, classes, input size, calibration."""
         backbone = self.config.get("backbone", "ResNet")
         return (f"{backbone} · {len(self.labels)} classes · {self.image_size} px input · "
-                + ("calibrated" if self.calibration.calibrated else "not calibrated"))
+                + ("calibrated" if self.calibration.calibrated else "not calibrated")
+                + (" · ONNX Runtime (no heatmap)" if self.onnx else ""))
 
     def predict(self, image: Image.Image | str | Path, top_k: int = 5, cam: bool = True,
                 method: str = "gradcam", target: int | str | None = None, tta: bool = False,
@@ -87,6 +101,8 @@ class Predictor:
         if cam and method not in METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(METHODS)}")
         images = [im.convert("RGB") for im in images]
+        if self.onnx is not None:
+            return self._predict_onnx(images, top_k, tta, thresholds)
         x = self.prepare(images)
         with torch.inference_mode():
             logits, pooled, features = forward(self.model, x, tta)
@@ -105,6 +121,14 @@ class Predictor:
         for pred, im, heat, t in zip(preds, images, heats, targets):
             pred.cam, pred.explained = overlay_on_photo(im, heat, self.image_size, self.resize), self.labels[t]
         return preds
+
+    def _predict_onnx(self, images: list[Image.Image], top_k: int, tta: bool, thresholds: dict | None):
+        batch = torch.stack([self.transform(im) for im in images])
+        logits, pooled = self.onnx(batch)
+        if tta:  # as forward() does: the logits averaged with the mirrored photo's
+            logits = (logits + self.onnx(batch.flip(-1))[0]) / 2
+        answers = self.calibration.answers(logits, pooled, min(top_k, len(self.labels)), thresholds)
+        return [Prediction(a.top, None, None, a.status, a.make, a.makes, a.ood_score) for a in answers]
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:
         return to_input(torch.stack([self.transform(im) for im in images]), self.device, channels_last=True)

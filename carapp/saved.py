@@ -61,6 +61,16 @@ def model_from_weights(weights: dict, config: dict, labels: list[str], where: Pa
     return model.eval()
 
 
+def onnx_export(source: str | Path) -> Path | None:
+    """The folder of a carapp ONNX export (model.onnx beside config.json and labels.json), or None: it runs in ONNX
+    Runtime, not in PyTorch (see Predictor.load)."""
+    folder = hub_snapshot(str(source)) if str(source).startswith("hf://") else Path(source)
+    config = rundir.read_json(folder / "config.json") if folder.is_dir() else None
+    if not config or config.get("format") != EXPORT_TAG or not (folder / "model.onnx").is_file():
+        return None
+    return folder if not (folder / "model.safetensors").is_file() else None
+
+
 def is_export(path: Path) -> bool:
     return path.is_dir() and ((path / "model.safetensors").is_file() or (path / "model.onnx").is_file())
 
@@ -69,8 +79,8 @@ def _from_export(folder: Path) -> tuple[torch.nn.Module, dict, list[str]]:
     from safetensors.torch import load_file
     config = rundir.read_json(folder / "config.json") or {}
     if config.get("format") != EXPORT_TAG or not (folder / "model.safetensors").is_file():
-        raise CheckpointError(f"{folder} is not a carapp export with model.safetensors (an ONNX export is for other "
-                              f"runtimes: export with --format safetensors for carapp)")
+        raise CheckpointError(f"{folder} is not a carapp export with model.safetensors (an ONNX export runs in ONNX "
+                              f"Runtime: Predictor.load and predict take it; training code needs safetensors)")
     labels = [c["name"] for c in rundir.read_json(folder / "labels.json", [])]
     training = config.get("training", {})
     return model_from_weights(load_file(str(folder / "model.safetensors")), training, labels, folder), training, \

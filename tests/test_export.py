@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,25 @@ def test_push_exports_and_uploads(tiny_run, monkeypatch):
     assert calls["files"] == ["README.md", "calibration.json", "config.json", "feature_bank.npz", "labels.json",
                               "model.safetensors"]
     assert 'Predictor.load("hf://carfan/tiny-cars")' in calls["card"]
+
+
+def test_predict_and_analyze_take_an_onnx_export(tiny_run, tmp_path):
+    """`predict --run exported/demo-onnx` was refused though the README says an exported folder works."""
+
+    out = export_run(tiny_run, "onnx", tmp_path / "onnx")
+    torch_answers = cli_json("predict", *EXAMPLES[:3], "--run", tiny_run)
+    onnx_answers = cli_json("predict", *EXAMPLES[:3], "--run", out, "--cam", tmp_path / "cams")
+    for a, b in zip(torch_answers, onnx_answers):
+        assert (a["status"], a["top"][0]["label"]) == (b["status"], b["top"][0]["label"])
+        assert abs(a["top"][0]["prob"] - b["top"][0]["prob"]) < 1e-4
+        assert b["ood_score"] is not None and abs(a["ood_score"] - b["ood_score"]) < 1e-4  # "not a car" travels too
+        assert "cam" not in b  # no heatmap from ONNX Runtime
+    assert "ONNX Runtime" in Predictor.load(out).describe()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in EXAMPLES[:3]:
+        shutil.copy(p, photos)
+    exports = set(Path(os.environ["CARAPP_CACHE"]).glob("engines/model-*.onnx"))
+    result = cli_json("analyze", photos, "--run", out, "--out", tmp_path / "analysis", "--workers", "0")
+    assert result["images"] == 3
+    assert set(Path(os.environ["CARAPP_CACHE"]).glob("engines/model-*.onnx")) == exports  # its own file serves

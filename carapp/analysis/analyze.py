@@ -68,7 +68,9 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
         raise CollectionError(f"no images found in {', '.join(sources)} ({skipped} other files skipped)")
     dist = init_distributed()
     predictor = Predictor.load(run, device=device)
-    onnx_file = shared_onnx_path(predictor, run)
+    onnx_file = predictor.onnx_file or shared_onnx_path(predictor, run)  # an ONNX export brings its own
+    if predictor.onnx_file and engine not in ("auto", "onnx", "int8"):
+        raise ValueError(f"{run} is an ONNX export: it runs in ONNX Runtime (--engine onnx or int8), not {engine}")
     engine = pick_engine(engine, predictor.device, len(items) * (predictor.image_size / 224) ** 2,
                          onnx_file.is_file())
     if dist.main:
@@ -187,7 +189,7 @@ def _prepare_engine(engine: str, predictor, onnx_file: Path, out: Path, items: l
         return None
     if engine not in ENGINES:
         raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    float_file = export_shared(predictor, onnx_file)
+    float_file = onnx_file if predictor.onnx_file else export_shared(predictor, onnx_file)
     if engine == "onnx":
         return float_file
     int8_file = out / f".{float_file.stem}-int8.onnx"

@@ -25,6 +25,7 @@ from ..saved import model_version
 
 log = logging.getLogger("carapp")
 ENGINES = ("auto", "torch", "onnx", "int8")
+ONNX_OPSET = 18
 KEEP_ENGINES = 4          # shared ONNX exports kept in the cache, the most recently used
 # Photos (at 224 px) from which auto exports to ONNX: on a 2-core CPU ONNX Runtime takes a ResNet-50 38 ms a photo
 # against PyTorch's 72 (docs/BENCHMARKS.md), so a ~30 s export is won back after ~900 photos.
@@ -65,9 +66,9 @@ class OnnxEngine:
     def prepare(self, images: torch.Tensor) -> np.ndarray:
         return ((images.numpy().astype(np.float32) / 255.0 - self.mean) / self.std).astype(np.float32)
 
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        logits, features = self.session.run(None, {"image": self.prepare(images)})
-        return logits, features
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.session.run(None, {"image": self.prepare(images)})
+        return outputs[0], outputs[1] if len(outputs) > 1 else None  # exports older than the features output
 
 
 def export_with_features(model: torch.nn.Module, image_size: int, path: Path) -> Path:
@@ -75,7 +76,7 @@ def export_with_features(model: torch.nn.Module, image_size: int, path: Path) ->
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.onnx.export(WithFeatures(model).eval(), (torch.randn(2, 3, image_size, image_size),), str(tmp),
-                      input_names=["image"], output_names=["logits", "features"], opset_version=18,
+                      input_names=["image"], output_names=["logits", "features"], opset_version=ONNX_OPSET,
                       dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False, verbose=False)
     os.replace(tmp, path)
     return path
