@@ -191,6 +191,21 @@ def test_analyze_a_zip_in_the_browser(app, page, tmp_path):
     page.locator("#analyze-shares .js-plotly-plot").wait_for(state="visible", timeout=30_000)
     assert "north" in page.locator("#analyze-shares").inner_text()
     page.screenshot(path=str(tmp_path / "analyze.png"), full_page=True)
+    # a second analysis, of one photo: its results replace the first's, and a gallery of one photo stays a thumbnail
+    # (Gradio shrank the grid to one column: the photo filled the width, cropped beyond recognition)
+    single = tmp_path / "one.zip"
+    with zipfile.ZipFile(single, "w") as z:
+        z.write(Path(data) / rows[0]["path"], "solo.jpg")
+    page.set_input_files("#analyze-files input[type=file]", str(single))
+    page.wait_for_function("document.querySelector('#analyze-files').innerText.includes('one.zip')", timeout=60_000)
+    _click_until_answered(page, "Analyze", "#analyze-progress:has-text('finished: 1/1')", timeout=120_000)
+    page.wait_for_function("!document.querySelector('#analyze-shares').innerText.includes('north')", timeout=30_000)
+    item = page.locator("#analyze-unsure .gallery-item").first
+    item.wait_for(state="visible", timeout=60_000)
+    assert page.locator("#analyze-unsure .gallery-item").count() == 1
+    width = item.bounding_box()["width"]
+    assert width < page.locator("#analyze-unsure").bounding_box()["width"] / 4, width
+    page.screenshot(path=str(tmp_path / "analyze-one.png"), full_page=True)
 
 
 def test_a_newcomer_trains_the_demo_model_from_predict_and_gets_an_answer(demo_root, tmp_path):

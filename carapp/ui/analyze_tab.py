@@ -19,8 +19,10 @@ import pandas as pd
 
 from .. import rundir, safecsv
 from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, collect, item_of
+from ..analysis.report import SUMMARY_COLUMNS
 from ..dataset.images import open_image
 from . import jobs
+from .photos import SIX_WIDE
 from .predict_tab import default_model, model_choices, resolve_model
 from .settings import AppSettings
 from .uploads import accepted_upload
@@ -242,9 +244,12 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         shares = gr.Plot(label="Make share per group (95% intervals)", elem_id="analyze-shares")
         with gr.Row():
             make = gr.Dropdown(label="Models of make", choices=[])
-            models = gr.Dataframe(label="Models of the chosen make", interactive=False, max_height=300)
-        table = gr.Dataframe(label="summary.csv", interactive=False, max_height=400)
-        gallery = gr.Gallery(label="Unsure photos to review (heatmap of the best guess)", columns=6, height=300)
+            models = gr.Dataframe(pd.DataFrame(columns=SUMMARY_COLUMNS), label="Models of the chosen make",
+                                  interactive=False, max_height=300)
+        table = gr.Dataframe(pd.DataFrame(columns=SUMMARY_COLUMNS), label="summary.csv", interactive=False,
+                             max_height=400)
+        gallery = gr.Gallery(label="Unsure photos to review (heatmap of the best guess)", columns=6, height=300,
+                             object_fit="contain", elem_classes=SIX_WIDE, elem_id="analyze-unsure")
         downloads = gr.File(label="Downloads: predictions.csv, summary.csv, report.html", file_count="multiple")
         mine = gr.State("")  # the analysis this session started (server-side: a client cannot name another's)
         shown = gr.State("")

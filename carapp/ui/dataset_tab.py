@@ -11,7 +11,7 @@ from ..dataset.images import sample_sizes
 from ..dataset.index import DatasetError, index_dataset
 from ..dataset.split import dataset_stats, kept_classes
 from . import health_panel
-from .photos import thumbnails
+from .photos import SIX_WIDE, thumbnails
 from .settings import AppSettings, ensure_data
 
 
@@ -88,7 +88,8 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
         sizes_plot = gr.Plot(label="Image sizes")
         with gr.Row():
             cls = gr.Dropdown(label="Sample images of class", choices=[], scale=2)
-        gallery = gr.Gallery(label="Samples", columns=6, rows=2, height="auto", elem_id="samples")
+        gallery = gr.Gallery(label="Samples", columns=6, rows=2, height="auto", elem_id="samples",
+                             object_fit="contain", elem_classes=SIX_WIDE)
         health_panel.build(settings, demo, root)
     outputs = [summary, counts_plot, makes_plot, views_plot, sizes_plot, cls]
     scan_fn = lambda r, log: scan(r, log, settings)

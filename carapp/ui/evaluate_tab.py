@@ -11,6 +11,7 @@ from .. import exclusions, plots, rundir
 from ..evaluation.answers import threshold_note
 from . import error_analysis as errors
 from . import jobs
+from .photos import SIX_WIDE
 from .settings import AppSettings
 
 
@@ -153,11 +154,13 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                     "to see those test photos with the heatmap of the predicted class.")
         pair = gr.Dropdown(label="True → predicted", choices=[], elem_id="pair")
         pair_gallery = gr.Gallery(label="Photos of the pair, over the heatmap of the predicted class", columns=6,
-                                  height=320, object_fit="contain", elem_id="pair-photos")
+                                  height=320, object_fit="contain", elem_id="pair-photos", elem_classes=SIX_WIDE)
         gallery = gr.Gallery(label="Top losses: the test photos whose own label looked least likely (true → "
-                             "predicted, loss)", columns=6, height="auto", elem_id="top-losses")
+                             "predicted, loss)", columns=6, height="auto", elem_id="top-losses",
+                             object_fit="contain", elem_classes=SIX_WIDE)
         suspects = gr.Gallery(label="Label suspects (confident learning on held-out predictions)", columns=6,
-                              height="auto", elem_id="label-suspects")
+                              height="auto", elem_id="label-suspects", object_fit="contain",
+                              elem_classes=SIX_WIDE)
         with gr.Row(visible=settings.training_enabled):
             reason = gr.Radio([*exclusions.REASONS, exclusions.KEEP], value="wrong label", scale=3,
                               label="Mark the photo clicked in a gallery", info="'keep' takes it off the list")

@@ -7,7 +7,7 @@ import pandas as pd
 
 from ..dataset.health import HealthError, check_health
 from . import jobs
-from .photos import thumbnails
+from .photos import SIX_WIDE, thumbnails
 from .settings import AppSettings, ensure_data
 
 COLUMNS = ["problem", "files", "detail", "paths"]
@@ -87,6 +87,7 @@ def build(settings: AppSettings, demo: gr.Blocks, root: gr.Textbox) -> None:
     table = gr.Dataframe(pd.DataFrame(columns=COLUMNS), interactive=False, max_height=400, elem_id="health-table",
                          label="Findings (click a row)")
     gallery = gr.Gallery(label="Photos of the row", columns=6, height=320, object_fit="contain",
+                         elem_classes=SIX_WIDE,
                          elem_id="health-photos")
     paths = gr.State([])
 

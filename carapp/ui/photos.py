@@ -5,6 +5,8 @@ import os
 
 from ..dataset.images import ImageError, open_image
 
+SIX_WIDE = ["six-wide"]  # the CSS class (assets/style.css) that keeps a gallery at six columns with one photo
+
 
 def thumbnails(root: str, paths, limit: int, size: int = 256) -> list[tuple]:
     """(thumbnail, path) for the first `limit` paths (relative to root) whose file opens."""
