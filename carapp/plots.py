@@ -127,7 +127,9 @@ def coverage_figure(curve: list[dict], threshold: float) -> go.Figure:
     if chosen:
         fig.add_trace(go.Scatter(x=[chosen["coverage"]], y=[chosen["accuracy"]], mode="markers",
                                  marker=dict(size=12, color="firebrick"), name=f"chosen threshold {threshold:.2f}"))
+    accuracies = [c["accuracy"] for c in points]
+    narrow = bool(accuracies) and max(accuracies) - min(accuracies) < 0.1  # whole percents would repeat: 99%, 99%
     fig.update_layout(title="Accuracy against coverage", xaxis_title="share of images answered with a model",
-                      yaxis_title="accuracy of those answers", xaxis_tickformat=".0%", yaxis_tickformat=".0%",
-                      **LAYOUT)
+                      yaxis_title="accuracy of those answers", xaxis_tickformat=".0%",
+                      yaxis_tickformat=".1%" if narrow else ".0%", **LAYOUT)
     return fig

@@ -222,3 +222,22 @@ def test_one_definition_of_a_runs_figures_everywhere(tmp_path):
     assert train_tab.run_labels(jobs.list_runs(tmp_path)) == [("r1 (running, epoch 4 of 12)", "r1")]
     (run / "progress.json").write_text(json.dumps({"status": "stopped", "epoch": 4}))
     assert train_tab.run_labels(jobs.list_runs(tmp_path)) == [("r1 (stopped, 3 of 12 epochs)", "r1")]
+
+
+def test_presentation_says_no_model_once_and_headlines_no_model_it_did_not_name(tiny_run, tmp_path):
+    import gradio as gr
+
+    from carapp import plots
+    from carapp.ui import predict_tab
+    from carapp.ui.settings import resolve_settings
+    example = str(ROOT / "assets/examples/aurora_sprint.jpg")
+    empty = resolve_settings(None, None, str(tmp_path / "none"))
+    assert predict_tab.show_answer(example, settings=empty)[2] == "**Nothing to classify with yet** (see above)."
+    import shutil
+    shutil.copytree(tiny_run, tmp_path / "runs" / "tiny")
+    settings = resolve_settings(None, None, str(tmp_path / "runs"))
+    top, cam, answer, makes = predict_tab.show_answer(example, settings=settings)
+    assert isinstance(top, gr.Label) and top.show_heading is False  # the one-epoch model names nothing: unsure
+    assert "not sure" in answer.lower() or "not a car" in answer.lower(), answer
+    flat = [{"coverage": c / 10, "accuracy": 0.99 - c / 1000, "threshold": 1 - c / 10} for c in range(1, 11)]
+    assert plots.coverage_figure(flat, 0.5).layout.yaxis.tickformat == ".1%"  # 99.0%, 98.9%: no repeated ticks

@@ -62,6 +62,14 @@ def resolve_model(source: str | None, settings: AppSettings) -> str:
 def predict(image, model: str | None = None, method: str = "gradcam", target: str | None = TOP1,
             tta: bool = False, model_threshold: float | None = None, make_threshold: float | None = None, *,
             settings: AppSettings):
+    """/predict: label confidences, the heatmap, the answer in words, make confidences."""
+    result, calibrated = classify(image, model, method, target, tta, model_threshold, make_threshold, settings)
+    return ({label: prob for label, prob in result.top}, result.cam, answer_markdown(result, calibrated),
+            {m: p for m, p in result.makes})
+
+
+def classify(image, model, method, target, tta, model_threshold, make_threshold, settings: AppSettings):
+    """(the Prediction, whether the model is calibrated) for a photo Gradio accepted; problems as gr.Error."""
     from ..checkpoint import CheckpointError
     from ..predict import cached_predictor
     path = accepted_upload(image)
@@ -91,8 +99,7 @@ def predict(image, model: str | None = None, method: str = "gradcam", target: st
         # heatmap at once (the same example) would share a file that is rewritten while it is sent. A per-answer
         # id in the PNG's text makes each answer its own file.
         result.cam.info["carapp-answer"] = uuid.uuid4().hex
-    return ({label: prob for label, prob in result.top}, result.cam,
-            answer_markdown(result, predictor.calibration.calibrated), {m: p for m, p in result.makes})
+    return result, predictor.calibration.calibrated
 
 
 def no_model_message(settings: AppSettings) -> str:
@@ -112,15 +119,22 @@ def show_answer(image, model=None, method="gradcam", target=TOP1, tta=False, mod
     panels of the previous photo are cleared, instead of error badges over stale results."""
     if image is None:
         return None, None, "", None
+    if not (model or default_model(settings)):  # the model line above says what to do: not twice
+        return None, None, "**Nothing to classify with yet** (see above).", None
     try:
-        return predict(image, model, method, target, tta, model_threshold, make_threshold, settings=settings)
+        result, calibrated = classify(image, model, method, target, tta, model_threshold, make_threshold, settings)
     except gr.Error as exc:
         return None, None, f"**{exc.message}**", None
+    # no model named (not sure, not a car): the top-5 list stays, without a model's name as its headline
+    named = result.status in ("model", "make")
+    return (gr.Label(value={label: prob for label, prob in result.top}, show_heading=named), result.cam,
+            answer_markdown(result, calibrated), {m: p for m, p in result.makes})
 
 
 def cam_label(method: str) -> gr.Image:
+    """A short title: the image's icons sit at its right end and covered a long one."""
     shown = {"none": "no heatmap", "gradcam": "Grad-CAM"}.get(method, method)
-    return gr.Image(label=f"What the network looked at ({shown}; the outlined square is what it saw)")
+    return gr.Image(label=f"Where it looked ({shown})")
 
 
 def checked_thresholds(model_threshold, make_threshold) -> dict:
@@ -247,8 +261,10 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                 with gr.Row():
                     label = gr.Label(num_top_classes=5, label="Top 5 models", elem_id="top5")
                     makes = gr.Label(num_top_classes=5, label="Top makes", elem_id="makes")
-                cam = gr.Image(label="What the network looked at (Grad-CAM; the outlined square is what it saw)",
+                cam = gr.Image(label="Where it looked (Grad-CAM)",
                                format="png", elem_id="cam", interactive=False, height=360)
+                gr.Markdown("The outlined square is what the network saw; the dimmed margins were cut away.",
+                            elem_id="cam-note")
         timer = gr.Timer(5.0, active=False)  # ticks only while the first model is being trained
     inputs = [image, model, method, target, tta, model_threshold, make_threshold]
     outputs = [label, cam, answer, makes]
