@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_path
 
 
 class CheckpointError(ValueError):
@@ -17,18 +18,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Write to a temp file in the same folder, fsync, then os.replace: a crash leaves the old file whole."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state_file(path: str | os.PathLike, map_location="cpu"):

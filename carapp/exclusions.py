@@ -10,7 +10,7 @@ import csv
 import threading
 from pathlib import Path
 
-from .rundir import atomic_writer
+from .atomic import atomic_writer
 
 REASONS = ("wrong label", "not a car", "duplicate", "exclude")
 KEEP = "keep"                    # a mark that takes a photo off the list again

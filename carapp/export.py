@@ -13,7 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 
 from . import rundir
 from .analysis.engines import export_with_features

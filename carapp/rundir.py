@@ -7,31 +7,19 @@ a STOP file asks a running trainer to stop.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
+from .atomic import atomic_writer
 from .dataset.index import index_dataset
 from .dataset.split import Split
 
 STEPS_FILE = "steps.jsonl"                 # running training figures, about once a second (read_steps)
 EVAL_PROGRESS = "evaluate_progress.json"   # live progress of an evaluation (status, split, done, total, pid)
 
-
-@contextlib.contextmanager
-def atomic_writer(path: Path, newline: str | None = None):
-    """A text file that appears whole or not at all: a reader never sees it half-written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w", newline=newline) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj) -> None:
@@ -124,9 +112,8 @@ def _read_lines(path: Path) -> list[dict]:
 def truncate_metrics(run: Path, epochs_done: int) -> None:
     """On resume, keep only the epochs the checkpoint knows, so no epoch is listed twice."""
     rows = [r for r in read_metrics(run) if r["epoch"] <= epochs_done]
-    tmp = run / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, run / "metrics.jsonl")
+    with atomic_writer(run / "metrics.jsonl") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_progress(run: Path, **fields) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..cache import cache_dir
 from ..dataset.loader import IMAGENET_MEAN, IMAGENET_STD, to_input
 from ..evaluation.evaluate import forward
@@ -73,12 +74,11 @@ class OnnxEngine:
 
 def export_with_features(model: torch.nn.Module, image_size: int, path: Path) -> Path:
     """ONNX (opset 18, dynamic batch) with outputs logits and features; written to a temp name, then renamed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(WithFeatures(model).eval(), (torch.randn(2, 3, image_size, image_size),), str(tmp),
-                      input_names=["image"], output_names=["logits", "features"], opset_version=ONNX_OPSET,
-                      dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False, verbose=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(WithFeatures(model).eval(), (torch.randn(2, 3, image_size, image_size),), str(tmp),
+                          input_names=["image"], output_names=["logits", "features"], opset_version=ONNX_OPSET,
+                          dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False, verbose=False)
     return path
 
 
@@ -95,16 +95,14 @@ def quantize(float_model: Path, path: Path, calibration: list[np.ndarray]) -> Pa
             batch = next(self.batches, None)
             return None if batch is None else {"image": batch}
 
-    prepared = path.with_name(f".{path.name}.{os.getpid()}.pre.onnx")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    prepared = path.with_name(f".{path.name}.{os.getpid()}.pre.onnx")  # scratch: the pre-processed float model
     try:
-        quant_pre_process(str(float_model), str(prepared))
-        quantize_static(str(prepared), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            quant_pre_process(str(float_model), str(prepared))
+            quantize_static(str(prepared), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
     finally:
         prepared.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 from scipy.stats import binomtest
 
 from .. import safecsv
+from ..atomic import atomic_writer
 from ..dataset.images import open_image
 from .collection import ALL_GROUPS, READ_ERRORS, item_of
 
@@ -93,12 +94,10 @@ def _row(group: str, level: str, name: str, count: int, n: int) -> dict:
 
 def write_summary(out: Path, t: Tally) -> list[dict]:
     summary = summary_rows(t)
-    tmp = out / ".summary.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_writer(out / "summary.csv", newline="") as f:
         writer = safecsv.DictWriter(f, SUMMARY_COLUMNS)
         writer.writeheader()
         writer.writerows(summary)
-    tmp.replace(out / "summary.csv")
     return summary
 
 
@@ -120,9 +119,8 @@ def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> 
             "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}figure{display:inline-block;"
             "margin:4px;font-size:11px;width:140px}img{max-width:140px}</style></head><body>"
             + "\n".join(sections) + "</body></html>")
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "report.html")
+    with atomic_writer(out / "report.html") as f:
+        f.write(page)
     return out / "report.html"
 
 

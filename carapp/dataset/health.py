@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import atomic_writer
 from ..cache import cache_dir
 from .images import ImageError, open_image
 from .index import DatasetIndex, index_dataset
@@ -125,9 +126,8 @@ def _write_cache(path: Path, files: dict) -> None:
 def _write_json(path: Path, obj) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, path)
+        with atomic_writer(path) as f:
+            f.write(json.dumps(obj))
     except OSError as exc:  # a full or read-only cache costs the next pass its speed, nothing else
         log.warning("health cache not written (%s)", exc)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_writer
 from ..cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,8 @@ def _write_cache(cache: Path, signature: str, index: DatasetIndex) -> None:
     payload = {k: v for k, v in index.__dict__.items() if k != "root"}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": INDEX_VERSION, "signature": signature, "index": payload}))
-        os.replace(tmp, cache)
+        with atomic_writer(cache) as f:
+            f.write(json.dumps({"version": INDEX_VERSION, "signature": signature, "index": payload}))
     except OSError as exc:  # a read-only home must not stop anyone from training
         log.warning("could not write the index cache %s: %s", cache, exc)
 

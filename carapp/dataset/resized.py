@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..atomic import atomic_writer
 from ..cache import cache_dir
 from .images import ImageError, open_image
 from .index import index_dataset
@@ -53,9 +54,8 @@ def build_resized_cache(data_root: str, short_side: int = 256, workers: int | No
                 failed += 1
             else:
                 manifest[rel] = original
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps({"short_side": short_side, "sizes": manifest}))
-    os.replace(tmp, out / "manifest.json")
+    with atomic_writer(out / "manifest.json") as f:
+        f.write(json.dumps({"short_side": short_side, "sizes": manifest}))
     return {"cache": str(out), "images": len(manifest), "unreadable": failed, "short_side": short_side}
 
 

@@ -97,7 +97,7 @@ def threshold_note(calibration: dict) -> str:
     reached = calibration.get("val_top1")
     return (f"No confidence threshold makes {' or '.join(k + ' answers' for k in missed)} {target:.0%} right on the "
             f"validation photos" + (f" (the model is right on {reached:.1%} of them)" if reached is not None else "")
-            + f": every such answer is 'not sure'. More epochs or more data per class would help.")
+            + ": every such answer is 'not sure'. More epochs or more data per class would help.")
 
 
 def first_words(labels: list[str]) -> list[str]:

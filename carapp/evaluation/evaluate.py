@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import rundir
+from ..atomic import atomic_writer
 from ..cam import head, stages, trunk
 from ..checkpoint import CheckpointError
 from ..config import TrainConfig
@@ -218,20 +219,20 @@ def _viewpoints(cfg: TrainConfig, paths: list[str]) -> list[int | None] | None:
 def _save(run: Path, split: str, metrics: dict, names: list[str], paths: list[str], probs: np.ndarray,
           labels: np.ndarray, answers: list, suspects: list[int]) -> None:
     summary = {k: v for k, v in metrics.items() if k not in ("confusion", "per_class_accuracy", "support")}
-    with rundir.atomic_writer(run / f"{split}_per_class.csv", newline="") as f:
+    with atomic_writer(run / f"{split}_per_class.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "name", "support", "accuracy"])
         w.writerows((i, n, s, "" if a is None else round(a, 6)) for i, (n, s, a) in
                     enumerate(zip(names, metrics["support"], metrics["per_class_accuracy"])))
-    with rundir.atomic_writer(run / f"{split}_confusion.csv") as f:
+    with atomic_writer(run / f"{split}_confusion.csv") as f:
         np.savetxt(f, metrics["confusion"], fmt="%d", delimiter=",")
     pred = probs.argmax(1)
-    with rundir.atomic_writer(run / f"{split}_predictions.csv", newline="") as f:
+    with atomic_writer(run / f"{split}_predictions.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "pred", "prob", "status", "make", "make_prob", "true_prob"])
         w.writerows((p, int(t), int(q), round(float(probs[i, q]), 6), a.status, a.make[0], round(a.make[1], 6),
                      round(float(probs[i, t]), 6)) for i, (p, t, q, a) in enumerate(zip(paths, labels, pred, answers)))
-    with rundir.atomic_writer(run / f"{split}_label_issues.csv", newline="") as f:
+    with atomic_writer(run / f"{split}_label_issues.csv", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "suggested", "label_quality"])
         w.writerows((paths[i], int(labels[i]), int(pred[i]), round(float(probs[i, labels[i]]), 6))

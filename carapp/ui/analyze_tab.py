@@ -20,6 +20,7 @@ import pandas as pd
 from .. import rundir, safecsv
 from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, collect, item_of
 from ..analysis.report import SUMMARY_COLUMNS
+from ..atomic import atomic_writer
 from ..dataset.images import open_image
 from . import jobs
 from .photos import SIX_WIDE
@@ -197,7 +198,7 @@ def _downloads(out: Path, public: bool) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:
         if rundir.mtime(out / name) > rundir.mtime(folder / name):  # new, or rewritten by a rerun (--force)
-            with rundir.atomic_writer(folder / name, newline="") as f:
+            with atomic_writer(folder / name, newline="") as f:
                 f.write(_public_predictions(out / name) if public and name == "predictions.csv"
                         else (out / name).read_text())
     return [str(folder / name) for name in OUTPUTS if (folder / name).is_file()]
