@@ -15,7 +15,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from ..dataset.images import is_image
+
 ROOT_GROUP = "(top level)"      # images directly in a source folder, not in a sub-folder
 ALL_GROUPS = "(all)"
 MAX_MEMBER_BYTES = 64 * 2**20   # an image in a zip larger than this when unpacked is refused as a bomb
@@ -45,10 +46,6 @@ class Item:
         if self.archive not in archives:
             archives[self.archive] = zipfile.ZipFile(self.archive)
         return io.BytesIO(archives[self.archive].read(self.member))
-
-
-def is_image(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def collect(sources: list[str], group_by: str = "folder") -> tuple[list[Item], int]:

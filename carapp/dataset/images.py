@@ -7,6 +7,13 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # what counts as a photo
+
+
+def is_image(name: str) -> bool:
+    """A photo by its file name's extension (datasets, collections, uploads alike)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
 # Refuse decompression bombs with our own message (PIL only warns between 1x and 2x its limit).
 MAX_PIXELS = 80_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS

@@ -18,10 +18,10 @@ import numpy as np
 
 from ..atomic import atomic_writer
 from ..cache import cache_dir
+from .images import is_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
 INDEX_VERSION = 1
 VIEWPOINTS = {-1: "uncertain", 1: "front", 2: "rear", 3: "side", 4: "front-side", 5: "rear-side"}
 
@@ -84,7 +84,7 @@ def _subdirs(path: Path) -> list[Path]:
 
 def _has_images(folder: Path) -> bool:
     with os.scandir(folder) as it:
-        return any(e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS for e in it)
+        return any(e.is_file() and is_image(e.name) for e in it)
 
 
 def _base_for(root: Path, fmt: str) -> Path:
@@ -158,7 +158,7 @@ def _write_cache(cache: Path, signature: str, index: DatasetIndex) -> None:
 
 def _images_in(folder: Path) -> list[str]:
     with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+        return sorted(e.name for e in it if e.is_file() and is_image(e.name))
 
 
 def _rel(path: Path, root: Path) -> str:

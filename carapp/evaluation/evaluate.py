@@ -24,14 +24,12 @@ from ..atomic import atomic_writer
 from ..cam import head, stages, trunk
 from ..checkpoint import CheckpointError
 from ..config import TrainConfig
-from ..dataset.index import index_dataset
+from ..dataset.index import VIEWPOINTS, index_dataset
 from ..dataset.loader import CarImages, make_loader, split_images, to_input
 from ..runtime import autocast, pick_device
 from ..saved import load_model
 from .answers import Calibration, class_makes_of
 from .trust import coverage_curve, ece, make_probs, reliability_bins, softmax
-
-VIEWPOINTS = {-1: "uncertain", 1: "front", 2: "rear", 3: "side", 4: "front-side", 5: "rear-side"}
 
 
 @dataclass
