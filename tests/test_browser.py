@@ -29,15 +29,27 @@ def app(demo_root, tiny_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(app):
+def browser():
+    """One Chromium for the module: Playwright's sync API runs one instance per thread."""
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(app[0])
-        yield page
+        yield browser
         browser.close()
+
+
+def new_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(app, browser):
+    page = new_page(browser, app[0])
+    yield page
+    page.close()
 
 
 def _click_until_answered(page, button: str, answer: str, timeout: float = 90_000) -> None:
@@ -208,35 +220,29 @@ def test_analyze_a_zip_in_the_browser(app, page, tmp_path):
     page.screenshot(path=str(tmp_path / "analyze-one.png"), full_page=True)
 
 
-def test_a_newcomer_trains_the_demo_model_from_predict_and_gets_an_answer(demo_root, tmp_path):
+def test_a_newcomer_trains_the_demo_model_from_predict_and_gets_an_answer(browser, demo_root, tmp_path):
     """A fresh clone: no model. Predict offers the demo model; its progress shows there; once it is ready the
     Model box holds it and an example gets a real answer — without leaving the tab."""
-    from playwright.sync_api import sync_playwright
-
     from conftest import start_app, stop_all_jobs
     runs = tmp_path / "runs"
     demo, url = start_app(demo_root, runs)
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(url)
-            page.locator("#train-first").wait_for(state="visible")
-            page.wait_for_function("document.querySelector('#model-line').innerText.includes('No trained model')")
-            page.screenshot(path=str(tmp_path / "fresh.png"), full_page=True)
-            page.locator("#train-first").click()
-            page.wait_for_function("document.querySelector('#model-line').innerText.includes('being trained')")
-            page.locator("#train-first").wait_for(state="hidden")
-            page.screenshot(path=str(tmp_path / "training.png"), full_page=True)
-            page.wait_for_function("document.querySelector('#model-line').innerText.includes('Model:')",
-                                   timeout=600_000)
-            assert "demo-model" in page.locator("#model-choice input").input_value()
-            page.locator("button.gallery-item").first.click()
-            _answer_names(page, [c["name"] for c in json.loads((runs / "demo-model" / "labels.json").read_text())])
-            page.locator("#cam img").wait_for(state="visible", timeout=30_000)
-            page.screenshot(path=str(tmp_path / "answered.png"), full_page=True)
-            browser.close()
+        page = new_page(browser, url)
+        page.locator("#train-first").wait_for(state="visible")
+        page.wait_for_function("document.querySelector('#model-line').innerText.includes('No trained model')")
+        page.screenshot(path=str(tmp_path / "fresh.png"), full_page=True)
+        page.locator("#train-first").click()
+        page.wait_for_function("document.querySelector('#model-line').innerText.includes('being trained')")
+        page.locator("#train-first").wait_for(state="hidden")
+        page.screenshot(path=str(tmp_path / "training.png"), full_page=True)
+        page.wait_for_function("document.querySelector('#model-line').innerText.includes('Model:')",
+                               timeout=600_000)
+        assert "demo-model" in page.locator("#model-choice input").input_value()
+        page.locator("button.gallery-item").first.click()
+        _answer_names(page, [c["name"] for c in json.loads((runs / "demo-model" / "labels.json").read_text())])
+        page.locator("#cam img").wait_for(state="visible", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "answered.png"), full_page=True)
+        page.close()
     finally:
         stop_all_jobs(runs)
         demo.close()
