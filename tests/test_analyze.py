@@ -349,3 +349,6 @@ def test_the_make_share_chart_keeps_makes_apart_from_no_answer_and_draws_one_gro
     assert list(makes[0].x) == ["Aurora"] and list(buckets[0].x) == ["unsure", "no-car", "unreadable"]
     two = one + [row("north", "make", "Aurora", 1.0)]
     assert {t.name for t in make_share_figure(two).data} == {"(top level)", "north", "(all)"}
+    unsure = [r for r in two if r["level"] != "make"] + [row("north", "status", "unsure", 1.0)]  # no make at all
+    assert {t.xaxis for t in make_share_figure(unsure).data} == {"x"}
+    assert {t.name for t in make_share_figure(unsure).data if t.showlegend} == {"(top level)", "north", "(all)"}

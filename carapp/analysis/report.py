@@ -133,11 +133,12 @@ def make_share_figure(summary: list[dict], top: int = 12) -> go.Figure:
     groups = sorted({s["group"] for s in summary}, key=lambda g: (g == ALL_GROUPS, g))
     if len(groups) <= 2:  # a group and (all): the same photos twice
         groups = [ALL_GROUPS]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.75, 0.25], shared_yaxes=True, horizontal_spacing=0.03,
-                        subplot_titles=("makes", "no make named"))
+    panels = [(columns, title) for columns, title in ((makes, "makes"), (buckets, "no make named")) if columns]
+    fig = make_subplots(rows=1, cols=len(panels), column_widths=[0.75, 0.25][-len(panels):], shared_yaxes=True,
+                        horizontal_spacing=0.03, subplot_titles=[title for _, title in panels])
     for i, group in enumerate(groups):
         mine = {(s["level"], s["name"]): s for s in summary if s["group"] == group}
-        for col, columns in ((1, makes), (2, buckets)):
+        for col, (columns, _) in enumerate(panels, start=1):
             shares = [mine.get(c, {"share": 0, "ci_low": 0, "ci_high": 0}) for c in columns]
             fig.add_trace(go.Bar(name=group, x=[name for _, name in columns], y=[s["share"] for s in shares],
                                  marker_color=PALETTE[i % len(PALETTE)], legendgroup=group, showlegend=col == 1,
