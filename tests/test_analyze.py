@@ -338,7 +338,9 @@ def test_the_onnx_export_is_made_once_per_model_and_shared(collection, tiny_run,
 
 
 def test_the_make_share_chart_keeps_makes_apart_from_no_answer_and_draws_one_group_once():
-    from carapp.analysis.report import make_share_figure
+    from carapp.analysis.report import SUMMARY_COLUMNS, make_share_figure
+    from carapp.ui.analyze_tab import models_of
+    assert list(models_of(None, None).columns) == SUMMARY_COLUMNS  # no make: an empty table with its headers
     row = lambda g, level, name, share: {"group": g, "level": level, "name": name, "count": 1, "share": share,  # noqa
                                          "ci_low": share / 2, "ci_high": min(1, share * 2)}
     one = [row(g, "make", "Aurora", 0.5) for g in ("(top level)", "(all)")] + \

@@ -208,6 +208,8 @@ def test_analyze_a_zip_in_the_browser(app, page, tmp_path):
     single = tmp_path / "one.zip"
     with zipfile.ZipFile(single, "w") as z:
         z.write(Path(data) / rows[0]["path"], "solo.jpg")
+    page.locator("#analyze-files button[aria-label='Clear']").first.click()  # a new drop adds to the list
+    page.wait_for_function("!document.querySelector('#analyze-files').innerText.includes('cities.zip')")
     page.set_input_files("#analyze-files input[type=file]", str(single))
     page.wait_for_function("document.querySelector('#analyze-files').innerText.includes('one.zip')", timeout=60_000)
     _click_until_answered(page, "Analyze", "#analyze-progress:has-text('finished: 1/1')", timeout=120_000)

@@ -163,10 +163,10 @@ def results(out: Path, settings: AppSettings):
             models_of(first, str(out)), unsure_gallery(rows, model), _downloads(out, settings.public))
 
 
-def models_of(make: str | None, folder: str | None) -> pd.DataFrame | None:
+def models_of(make: str | None, folder: str | None) -> pd.DataFrame:
     """The models of one make in the chosen analysis, all groups together."""
     if not make or not folder or not (Path(folder) / "summary.csv").is_file():
-        return None
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)  # an empty table with its headers (None showed "1 2 3")
     summary = pd.read_csv(Path(folder) / "summary.csv", keep_default_na=False)
     rows = pd.read_csv(Path(folder) / "predictions.csv", keep_default_na=False)
     names = set(rows[(rows.make == make) & (rows.status == "model")].model)
