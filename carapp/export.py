@@ -13,10 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
 from . import rundir
-from .analysis.engines import export_with_features
 from .dataset.loader import IMAGENET_MEAN, IMAGENET_STD, Letterbox, resize_size
+from .engines import export_with_features
 from .evaluation.answers import BANK_FILE, CALIBRATION_FILE
 from .saved import EXPORT_TAG, load_model
 

@@ -17,10 +17,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import rundir
-from .analysis.engines import OnnxEngine
 from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .dataset.images import open_image
 from .dataset.loader import build_transform, letterbox_box, resize_size, to_input
+from .engines import OnnxEngine
 from .evaluation.answers import Calibration, class_makes_of, first_words
 from .evaluation.evaluate import forward
 from .runtime import pick_device

@@ -330,7 +330,7 @@ def test_the_onnx_export_is_made_once_per_model_and_shared(collection, tiny_run,
     assert len(list((tmp_path / "cache" / "engines").glob("model-*.onnx"))) == 1
     assert "exporting the model to ONNX" in said[0] and "exporting" not in said[1]
     assert "unused nodes" not in said[0] and "constant folding" not in said[0], said[0]
-    from carapp.analysis.engines import pick_engine
+    from carapp.engines import pick_engine
     import torch
     assert pick_engine("auto", torch.device("cpu"), work=50, exported=False) == "torch"  # the export would not pay
     assert pick_engine("auto", torch.device("cpu"), work=50, exported=True) == "onnx"

@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from .. import rundir, safecsv
 from ..dataset.images import ImageError, open_image
 from ..dataset.loader import build_transform, ignore_stop_signals, resize_size
+from ..engines import ENGINES, OnnxEngine, TorchEngine, export_shared, pick_engine, quantize, shared_onnx_path
 from ..runtime import init_distributed
 from .collection import ALL_GROUPS, READ_ERRORS, CollectionError, Item, collect
-from .engines import ENGINES, OnnxEngine, TorchEngine, export_shared, pick_engine, quantize, shared_onnx_path
 
 log = logging.getLogger("carapp")
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
-from ..cache import cache_dir
-from ..dataset.loader import IMAGENET_MEAN, IMAGENET_STD, to_input
-from ..evaluation.evaluate import forward
-from ..saved import model_version
+from .atomic import atomic_path
+from .cache import cache_dir
+from .dataset.loader import IMAGENET_MEAN, IMAGENET_STD, to_input
+from .evaluation.evaluate import forward
+from .saved import model_version
 
 log = logging.getLogger("carapp")
 ENGINES = ("auto", "torch", "onnx", "int8")
