@@ -18,8 +18,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Write to a temp file in the same folder, fsync, then os.replace: a crash leaves the old file whole."""
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_state_file(path: str | os.PathLike, map_location="cpu"):
