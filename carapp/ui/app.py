@@ -40,7 +40,8 @@ def shares(settings: AppSettings) -> list[Middleware]:
     if not settings.public:
         return []
     return [Middleware(limits.UploadLimit, max_bytes=(settings.analyze_max_mb + 1) * 2**20),
-            Middleware(limits.FairQueue, per_client=settings.queue_per_client, behind_proxy=settings.behind_proxy)]
+            Middleware(limits.FairQueue, per_client=settings.queue_per_client, per_pool=settings.queue_per_pool,
+                       behind_proxy=settings.behind_proxy)]
 
 
 def launch(demo: gr.Blocks, settings: AppSettings, share: bool = False, **kwargs):

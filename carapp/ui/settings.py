@@ -22,6 +22,7 @@ class AppSettings:
     allow_slow_cam: bool = False  # the owner's override for public mode (CARAPP_SLOW_CAM=1): ScoreCAM and friends
     queue_size: int = 32          # requests waiting in the queue at most; more are refused at once
     queue_per_client: int = 8     # public mode: requests of one client waiting or running (CARAPP_QUEUE_PER_CLIENT)
+    queue_per_pool: int = 2       # ... of them in one pool of workers, e.g. predictions (CARAPP_QUEUE_PER_POOL)
     behind_proxy: bool = False    # a Space: the visitor's address is the one its proxy adds to X-Forwarded-For
     clean_cache: bool = True      # delete uploads and answers older than two hours (and the app's own at exit)
     analyze_max_files: int = 500  # public mode: one analysis reads at most this many photos (zip members too) ...
@@ -80,6 +81,7 @@ def resolve_settings(data: str | None = None, checkpoint: str | None = None, run
         allow_slow_cam=os.environ.get("CARAPP_SLOW_CAM") == "1",
         queue_size=int(os.environ.get("CARAPP_QUEUE_SIZE") or 32),
         queue_per_client=int(os.environ.get("CARAPP_QUEUE_PER_CLIENT") or 8),
+        queue_per_pool=int(os.environ.get("CARAPP_QUEUE_PER_POOL") or 2),
         behind_proxy=bool(os.environ.get("SPACE_ID")),
         analyze_max_files=int(os.environ.get("CARAPP_ANALYZE_MAX_FILES") or 500),
         analyze_max_mb=int(os.environ.get("CARAPP_ANALYZE_MAX_MB") or 200),
