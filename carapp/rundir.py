@@ -194,11 +194,26 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie (exited, not yet reaped) holds nothing
+    fields = _proc_stat(pid)  # a zombie (exited, not yet reaped) holds nothing
+    return fields is None or fields[0] != "Z"
+
+
+def process_started(pid: int) -> int | None:
+    """When a process started (clock ticks since boot): with the PID, it names one process, never its successor."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (ValueError, IndexError):
+        return None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from its state field on (the command name before it may hold spaces), or None."""
+    try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[-1][:1] != "Z"
+            return f.read().rsplit(") ", 1)[-1].split()
     except OSError:
-        return True
+        return None
 
 
 def remove_stale_temp_files(run: Path) -> None:

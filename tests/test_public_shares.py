@@ -21,6 +21,7 @@ from conftest import fn_index, http_request, raw_call, raw_upload, serving
 from test_analyze import _corrupt_zip
 from test_public_app import EXAMPLE, photo
 
+from carapp import rundir
 from carapp.ui import analyze_tab, jobs
 from carapp.ui.settings import resolve_settings
 
@@ -43,7 +44,7 @@ def _job_file(runs: Path, proc: subprocess.Popen, folder: Path, **fields) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "progress.json").write_text(json.dumps({"status": "running", "pid": proc.pid}))
     (runs / jobs.JOB_FILE).write_text(json.dumps({
-        "pid": proc.pid, "started": jobs.process_started(proc.pid), "since": time.time(), "run": folder.name,
+        "pid": proc.pid, "started": rundir.process_started(proc.pid), "since": time.time(), "run": folder.name,
         "kind": "analyze", "folder": str(folder), "progress": "progress.json", **fields}))
 
 
@@ -103,7 +104,7 @@ def test_a_dead_jobs_slot_is_free_and_a_pid_of_another_process_is_left_alone(tmp
     assert "its process is gone" in (runs / "analyses" / "analysis-dead" / "console.log").read_text()
     other = _sleeper()  # a live process whose PID the job file names, started later than the job was: not the job
     try:
-        _job_file(runs, other, runs / "analyses" / "analysis-reused", started=jobs.process_started(other.pid) - 1)
+        _job_file(runs, other, runs / "analyses" / "analysis-reused", started=rundir.process_started(other.pid) - 1)
         assert jobs.app_job(runs) is None and other.poll() is None
     finally:
         other.kill()

@@ -121,7 +121,7 @@ def app_job(runs_dir: str | Path) -> dict | None:
     if not job:
         return None
     pid = job.get("pid", 0)
-    reused = rundir.pid_alive(pid) and job.get("started") not in (None, process_started(pid))
+    reused = rundir.pid_alive(pid) and job.get("started") not in (None, rundir.process_started(pid))
     alive = rundir.pid_alive(pid) and not reused
     folder = Path(job.get("folder") or Path(runs_dir) / job.get("run", ""))
     quiet = time.time() - max(rundir.last_change(folder), job.get("since", 0))
@@ -134,15 +134,6 @@ def app_job(runs_dir: str | Path) -> dict | None:
     if rundir.read_json(path) == job:  # not a job another app process started meanwhile
         path.unlink(missing_ok=True)
     return None
-
-
-def process_started(pid: int) -> int | None:
-    """When a process started (clock ticks since boot): with the PID, it names one process, never its successor."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(") ", 1)[-1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _mark_ended(job: dict, folder: Path, why: str) -> None:
@@ -178,7 +169,7 @@ def _start(runs_dir: str | Path, args: list[str], folder: Path, kind: str, progr
     """One background job (`python -m carapp ARGS`) writing into `folder`, once nothing else runs."""
     with _one_job(runs_dir):
         proc = _spawn(args, folder)
-        rundir.write_json(Path(runs_dir) / JOB_FILE, {"pid": proc.pid, "started": process_started(proc.pid),
+        rundir.write_json(Path(runs_dir) / JOB_FILE, {"pid": proc.pid, "started": rundir.process_started(proc.pid),
                                                       "since": time.time(), "run": folder.name, "kind": kind,
                                                       "folder": str(folder), "progress": progress})
         # the job's progress, as the job itself will write it, so that every view sees it running from now on
