@@ -19,16 +19,25 @@ from .config import CAM_METHODS as METHODS
 PACKAGE_METHODS = dict(zip(METHODS, ("GradCAM", "GradCAMPlusPlus", "ScoreCAM", "EigenCAM", "LayerCAM")))
 
 
-def stages(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A torchvision ResNet up to layer4: (layer3's activations, which the "not a car" score reads; layer4's, which
+def stages(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A torchvision ResNet up to layer4: (the outputs of the stem, layer1 and layer2, whose channel statistics
+    the "not a car" score reads; layer3's activations, whose pooled features it reads too; layer4's, which
     Grad-CAM explains and the classifier pools)."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    mid = model.layer3(model.layer2(model.layer1(x)))
-    return mid, model.layer4(mid)
+    stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    low = [stem, model.layer1(stem)]
+    low.append(model.layer2(low[-1]))
+    mid = model.layer3(low[-1])
+    return low, mid, model.layer4(mid)
+
+
+def stage_widths(model: torch.nn.Module) -> tuple[list[int], int]:
+    """(channels of the stem, layer1 and layer2 outputs; channels of layer3's): the widths of stages()' outputs."""
+    width = [model.bn1.num_features, *(layer[-1].conv1.in_channels for layer in (model.layer1, model.layer2))]
+    return width, model.layer3[-1].conv1.in_channels
 
 
 def trunk(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return stages(model, x)[1]
+    return stages(model, x)[2]
 
 
 def head(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:

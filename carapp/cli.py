@@ -55,6 +55,9 @@ TRAIN_OPTIONS = [
     ("--lr-factor", float, "ReduceLROnPlateau factor"),
     ("--min-images", int, "keep classes with at least N images (default floor(mean); 0 keeps all)"),
     ("--steps-per-epoch", int, "steps per epoch (default: one pass over the training split)"),
+    ("--negatives", str, "outlier exposure: each step also shows a few photos without a car from this folder, pulled "
+     "towards 'no class' (generated: photo-like negatives carapp makes; default none)"),
+    ("--negatives-weight", float, "weight of the outlier-exposure term"),
     ("--seed", int, "seed of the split and the sampler"),
     ("--workers", int, "data loader worker processes"),
     ("--device", str, "auto | cpu | cuda | mps"),

@@ -77,7 +77,9 @@ def calibrate(r: dict) -> str:
         f" (the fitted {r['temperature_fitted']:.3f} made validation worse: not used)"
     return "\n".join(filter(None, [
         f"temperature {r['temperature']:.3f}{kept}; validation ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f}",
-        f"answer thresholds: model {t['model']:.3f}, make {t['make']:.3f}", threshold_note(r)]))
+        f"answer thresholds: model {t['model']:.3f}, make {t['make']:.3f}",
+        f"'not a car' above {t['ood']:.3f} on the largest of: {', '.join(r['ood_signals'])} (each scaled on the "
+        f"validation cars)" if t.get("ood") is not None and r.get("ood_signals") else "", threshold_note(r)]))
 
 
 def export(r: dict) -> str:

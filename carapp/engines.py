@@ -21,7 +21,7 @@ import torch
 from .atomic import atomic_path
 from .cache import cache_dir
 from .dataset.loader import IMAGENET_MEAN, IMAGENET_STD, to_input
-from .evaluation.evaluate import forward
+from .evaluation.evaluate import FEATURES_VERSION, forward
 from .saved import model_version
 
 log = logging.getLogger("carapp")
@@ -108,9 +108,10 @@ def quantize(float_model: Path, path: Path, calibration: list[np.ndarray]) -> Pa
 
 def shared_onnx_path(predictor, source: str | Path) -> Path:
     """Where the ONNX export of the model behind `source` lives in the engine cache: one file per model version
-    (its weights file and their mtime, its labels, input size and the exporting torch), shared by every analysis
+    (its weights file and their mtime, its labels, input size, the exporting torch and what its features hold), shared by every analysis
     of it, the app's and the CLI's. An export is a ~94 MB file and ~30 s of a 2-core CPU for a ResNet-50."""
-    key = [list(model_version(source)), predictor.labels, predictor.image_size, torch.__version__]
+    key = [list(model_version(source)), predictor.labels, predictor.image_size, torch.__version__,
+           FEATURES_VERSION]
     return cache_dir("engines") / f"model-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.onnx"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import rundir
 from .dataset.loader import IMAGENET_MEAN, IMAGENET_STD, Letterbox, resize_size
 from .engines import export_with_features
-from .evaluation.answers import BANK_FILE, CALIBRATION_FILE
+from .evaluation.answers import BANK_FILE, CALIBRATION_FILE, STATS_FILE
 from .saved import EXPORT_TAG, load_model
 
 
@@ -30,7 +30,8 @@ def preprocessing(image_size: int, resize: str = "crop") -> dict:
     return {"input": "float32 NCHW, RGB, batch of any size", **fit, "scale": "pixel / 255", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "output": "logits, one per class in labels.json order: softmax(logits / temperature) for probabilities, "
                       "with the temperature from calibration.json (1 when absent); ONNX: also features, the pooled "
-                      "layer3 activations that feature_bank.npz scores for 'not a car'"}
+                      "layer3 activations and the stem/layer1/layer2 channel statistics that feature_bank.npz and "
+                      "feature_stats.npz score for 'not a car'"}
 
 
 def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
@@ -51,7 +52,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
     rundir.write_json(out / "config.json", {"format": EXPORT_TAG, "version": 1, "weights": fmt,
                                             "num_classes": len(labels), "preprocessing": preprocessing(image_size, config.get("resize", "crop")),
                                             "training": config})
-    for name in (CALIBRATION_FILE, BANK_FILE):  # the temperature, thresholds and "not a car" score travel along
+    for name in (CALIBRATION_FILE, BANK_FILE, STATS_FILE):  # the temperature, thresholds, "not a car" score travel along
         source = (run if run.is_dir() else run.parent) / name
         if source.is_file():
             shutil.copyfile(source, out / name)
@@ -120,7 +121,7 @@ Recognising car makes and models in photos of whole cars, e.g. to tag or count m
 to show with Grad-CAM which parts of the car the prediction rests on.
 
 ## Limitations
-Knows only the classes above. With carapp, a calibrated model (calibration.json, feature_bank.npz) answers "model",
+Knows only the classes above. With carapp, a calibrated model (calibration.json, feature_bank.npz, feature_stats.npz) answers "model",
 "make" (model unsure), "unsure" or "no-car"; the raw network alone answers with one of its classes for any image, car
 or not. Trained on web photos of whole cars: close-ups, interiors, night or surveillance views, heavy occlusion, and models or years outside the training
 data will be misclassified, often with confidence. Class imbalance in the training data affects rarer models. Not

@@ -38,11 +38,19 @@ class Prediction:
     make: tuple[str, float] | None = None
     makes: list[tuple[str, float]] | None = None
     ood_score: float | None = None
+    ood_signal: str | None = None           # which "not a car" signal set ood_score
+    reason: str = ""                        # why this status, in words
+
+    @classmethod
+    def of(cls, answer) -> "Prediction":
+        return cls(answer.top, None, None, answer.status, answer.make, answer.makes, answer.ood_score,
+                   answer.ood_signal, answer.reason)
 
     def to_json(self) -> dict:
         return {"status": self.status, "top": [{"label": n, "prob": p} for n, p in self.top],
                 "make": {"label": self.make[0], "prob": self.make[1]} if self.make else None,
-                "makes": [{"label": n, "prob": p} for n, p in self.makes or []], "ood_score": self.ood_score}
+                "makes": [{"label": n, "prob": p} for n, p in self.makes or []], "ood_score": self.ood_score,
+                "ood_signal": self.ood_signal, "reason": self.reason}
 
 
 class Predictor:
@@ -67,7 +75,7 @@ class Predictor:
     @classmethod
     def load(cls, source: str | Path, device: str = "auto") -> "Predictor":
         """A run directory, a checkpoint file, an exported folder, or hf://owner/name[@revision]; the calibration
-        beside the model (calibration.json, feature_density.npz) comes along when there is one."""
+        beside the model (calibration.json, feature_bank.npz, feature_stats.npz) comes along when there is one."""
         folder = onnx_export(source)
         if folder is not None:
             labels = [c["name"] for c in rundir.read_json(folder / "labels.json", [])]
@@ -108,7 +116,7 @@ class Predictor:
             logits, pooled, features = forward(self.model, x, tta)
             answers = self.calibration.answers(logits.float().cpu().numpy(), pooled.float().cpu().numpy(),
                                                min(top_k, len(self.labels)), thresholds)
-            preds = [Prediction(a.top, None, None, a.status, a.make, a.makes, a.ood_score) for a in answers]
+            preds = [Prediction.of(a) for a in answers]
             if not cam:
                 return preds
             targets = [self._class_index(target) if target is not None else self.labels.index(a.top[0][0])
@@ -128,7 +136,7 @@ class Predictor:
         if tta:  # as forward() does: the logits averaged with the mirrored photo's
             logits = (logits + self.onnx(batch.flip(-1))[0]) / 2
         answers = self.calibration.answers(logits, pooled, min(top_k, len(self.labels)), thresholds)
-        return [Prediction(a.top, None, None, a.status, a.make, a.makes, a.ood_score) for a in answers]
+        return [Prediction.of(a) for a in answers]
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:
         return to_input(torch.stack([self.transform(im) for im in images]), self.device, channels_last=True)

@@ -50,6 +50,10 @@ def test_outputs_groups_and_intervals(collection, tiny_run, tmp_path):
     for r in rows:
         assert r["group"] == os.path.basename(os.path.dirname(r["path"]))
         assert r["status"] in ("model", "make", "unsure", "no-car", "unreadable")
+    prefix = {"make": "Make only: ", "unsure": "Not sure: ", "no-car": "Not a car: ", "model": ""}
+    for r in rows:  # every answer that names no model says why, in words and numbers
+        if r["status"] != "unreadable":
+            assert r["reason"].startswith(prefix[r["status"]]) and (r["status"] == "model") == (not r["reason"])
     broken = next(r for r in rows if r["path"].endswith("broken.jpg"))
     assert broken["status"] == "unreadable" and "not an image file" in broken["reason"]
     summary_rows = _rows(out / "summary.csv")
@@ -354,3 +358,18 @@ def test_the_make_share_chart_keeps_makes_apart_from_no_answer_and_draws_one_gro
     unsure = [r for r in two if r["level"] != "make"] + [row("north", "status", "unsure", 1.0)]  # no make at all
     assert {t.xaxis for t in make_share_figure(unsure).data} == {"x"}
     assert {t.name for t in make_share_figure(unsure).data if t.showlegend} == {"(top level)", "north", "(all)"}
+
+
+def test_the_report_counts_each_reason_for_no_car_apart(tmp_path):
+    from carapp.analysis.report import Tally, summary_rows, write_report
+    tally = Tally()
+    base = {"group": "g", "make": "Aurora", "make_prob": "0.4", "model": "Aurora Sprint", "model_prob": "0.4"}
+    texture = "Not a car: its colours and textures are unlike every car photo the model was trained on"
+    for i, why in enumerate([texture] * 3 + ["Not a car: none of the model's car classes responds to it"]):
+        tally.add({**base, "path": str(tmp_path / f"missing{i}.jpg"), "status": "no-car",
+                   "reason": f"{why} (far-from-training score {2 + i:.2f}; 99% of the validation cars score below 1.10)."})
+    tally.add({**base, "path": str(tmp_path / "car.jpg"), "status": "model", "reason": ""})
+    page = write_report(tmp_path, tally, summary_rows(tally), calibrated=True).read_text()
+    section = page[page.index("Why no car was named"):]
+    assert f"<td>{texture.replace(chr(39), '&#x27;')}</td><td>3</td>" in section
+    assert "responds to it</td><td>1</td>" in section and "score 2.00" not in section

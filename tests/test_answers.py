@@ -9,7 +9,8 @@ import pytest
 from conftest import FAST_TRAIN, ROOT, cli_error, cli_json, run_cli
 from PIL import Image
 
-from carapp.evaluation.answers import BANK_FILE, CALIBRATION_FILE
+from carapp.evaluation import trust
+from carapp.evaluation.answers import BANK_FILE, CALIBRATION_FILE, STATS_FILE
 from carapp.evaluation.trust import STATUSES, softmax
 from carapp.predict import Predictor
 
@@ -53,6 +54,7 @@ def test_calibrate_command_and_its_bad_input(run, tmp_path):
 def test_predict_json_has_status_makes_and_calibrated_probabilities(run):
     out = cli_json("predict", EXAMPLE, "--run", run, "--top-k", "3")[0]
     assert out["status"] in STATUSES and set(out["make"]) == {"label", "prob"} and len(out["makes"]) >= 1
+    assert out["reason"] and out["ood_signal"] in trust.SIGNAL_WORDS and out["ood_score"] is not None
     labels = json.loads((run / "labels.json").read_text())
     predictor = Predictor.load(run)
     x = predictor.prepare([Image.open(EXAMPLE).convert("RGB")])
@@ -77,11 +79,31 @@ def test_thresholds_decide_the_status(run):
     assert unsure.status == "unsure"
     not_a_car = predictor.predict(photo, cam=False, thresholds={"ood": -1.0})  # every photo is "far" now
     assert not_a_car.status == "no-car"
+    # every answer says why, with the numbers it was decided on
+    assert not_a_car.reason.startswith("Not a car: ") and f"{not_a_car.ood_score:.2f}" in not_a_car.reason
+    assert "-1.00" in not_a_car.reason and not_a_car.ood_signal in trust.SIGNAL_WORDS
+    assert trust.SIGNAL_WORDS[not_a_car.ood_signal] in not_a_car.reason
+    assert unsure.reason.startswith("Not sure: ") and "under the 100%" in unsure.reason
+    assert make_only.reason.startswith("Make only: ") and make_only.make[0] in make_only.reason
+    assert sure.reason.startswith(sure.top[0][0]) and f"{sure.top[0][1]:.0%}" in sure.reason
+
+
+def test_a_damaged_or_missing_statistics_file_costs_the_no_car_status_only(run, caplog):
+    info = json.loads((run / CALIBRATION_FILE).read_text())
+    assert info["ood_signals"] == ["stem", "layer1", "layer2", "layer3", "energy"] and (run / STATS_FILE).is_file()
+    (run / STATS_FILE).write_bytes(b"PK\x03\x04 not an archive")
+    damaged = Predictor.load(run)
+    assert damaged.calibration.thresholds["ood"] is None and "ignoring" in caplog.text
+    (run / STATS_FILE).unlink()  # the bank alone cannot be scored on the combined scale: no no-car either
+    result = Predictor.load(run).predict(Image.open(EXAMPLE), cam=False)
+    assert result.status != "no-car" and result.ood_score is None
+    assert result.top[0][0] == damaged.predict(Image.open(EXAMPLE), cam=False).top[0][0]
 
 
 def test_an_old_run_without_calibration_still_predicts_and_says_so(run):
     (run / CALIBRATION_FILE).unlink()
     (run / BANK_FILE).unlink()
+    (run / STATS_FILE).unlink()
     predictor = Predictor.load(run)
     assert not predictor.calibration.calibrated and predictor.calibration.temperature == 1.0
     result = predictor.predict(Image.open(EXAMPLE), cam=False)
@@ -119,7 +141,7 @@ def test_heatmap_covers_the_whole_photo_with_the_seen_region_outlined(run):
 def test_an_export_carries_the_calibration(run, tmp_path):
     from carapp.export import export_run
     out = export_run(run, "safetensors", tmp_path / "export")
-    assert (out / CALIBRATION_FILE).is_file() and (out / BANK_FILE).is_file()
+    assert (out / CALIBRATION_FILE).is_file() and (out / BANK_FILE).is_file() and (out / STATS_FILE).is_file()
     photo = Image.open(EXAMPLE)
     a, b = Predictor.load(run).predict(photo, cam=False), Predictor.load(out).predict(photo, cam=False)
     assert a.status == b.status and a.top[0][0] == b.top[0][0]

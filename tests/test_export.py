@@ -24,8 +24,8 @@ EXAMPLES = sorted((ROOT / "assets" / "examples").glob("*.jpg"))
 def exported(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("exported") / "tiny"
     summary = cli_json("export", "--run", tiny_run, "--format", "safetensors", "--out", out)
-    assert summary["files"] == ["README.md", "calibration.json", "config.json", "feature_bank.npz", "labels.json",
-                                "model.safetensors"]
+    assert summary["files"] == ["README.md", "calibration.json", "config.json", "feature_bank.npz",
+                                "feature_stats.npz", "labels.json", "model.safetensors"]
     return out
 
 
@@ -106,8 +106,8 @@ def test_push_exports_and_uploads(tiny_run, monkeypatch):
     url = push(tiny_run, "carfan/tiny-cars", private=True)
     assert url == "https://huggingface.co/carfan/tiny-cars"
     assert calls["token"] == "hf_test_token" and calls["repo"] == ("carfan/tiny-cars", True, True)
-    assert calls["files"] == ["README.md", "calibration.json", "config.json", "feature_bank.npz", "labels.json",
-                              "model.safetensors"]
+    assert calls["files"] == ["README.md", "calibration.json", "config.json", "feature_bank.npz",
+                              "feature_stats.npz", "labels.json", "model.safetensors"]
     assert 'Predictor.load("hf://carfan/tiny-cars")' in calls["card"]
 
 

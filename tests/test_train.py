@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_json, run_cli
+from conftest import ROOT, cli_error, cli_json, run_cli
 from PIL import Image
 
 from carapp.checkpoint import load_checkpoint
@@ -252,3 +252,37 @@ def test_a_stop_pressed_for_one_trainer_never_stops_the_next(tmp_path):
     assert rundir.stop_requested(tmp_path)
     (tmp_path / "STOP").write_text("")  # touch STOP
     assert rundir.stop_requested(tmp_path) and rundir.stop_requested(tmp_path, 12345)
+
+
+@pytest.mark.slow
+def test_outlier_exposure_resumes_exactly_and_refuses_a_wrong_folder(demo_root, tmp_path, monkeypatch):
+    """--negatives: the photos without a car a step sees come from (seed, epoch, step) alone, so a run stopped
+    mid-epoch and resumed logs the same figures as one never stopped; the term moves the loss (it is really added)."""
+    from carapp import rundir
+    from carapp.dataset.demo import make_no_car_images
+    from carapp.training.train import train
+    make_no_car_images(tmp_path / "neg", 12, seed=3)
+    import dataclasses
+
+    def config():
+        return dataclasses.replace(_exact_config(demo_root), negatives=str(tmp_path / "neg"))
+    straight = tmp_path / "straight"
+    train(config(), straight)
+    assert "outlier exposure: 12 photos without a car" in (straight / "train.log").read_text()
+    calls = []
+    monkeypatch.setattr(rundir, "stop_requested", lambda run: calls.append(1) or len(calls) == 6)
+    stopped = tmp_path / "stopped"
+    assert train(config(), stopped)["status"] == "stopped"
+    monkeypatch.undo()
+    assert train(config(), stopped, resume=True)["status"] == "finished"
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+    assert [{k: m[k] for k in keys} for m in read_metrics(stopped)] == [{k: m[k] for k in keys}
+                                                                        for m in read_metrics(straight)]
+    plain = tmp_path / "plain"
+    train(_exact_config(demo_root), plain)
+    assert read_metrics(plain)[0]["train_loss"] != read_metrics(straight)[0]["train_loss"]
+    for wrong, said in ((tmp_path / "absent", "not a folder"), (tmp_path / "empty", "no photos")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        message = cli_error("train", "--data", demo_root, "--run-dir", tmp_path / f"bad-{wrong.name}",
+                            "--negatives", wrong, *FAST)
+        assert said in message and "Traceback" not in message

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from carapp.evaluation import trust
-from carapp.evaluation.trust import (FeatureDensity, accept_threshold, answer_status, auroc, coverage_curve, ece,
-                                     fit_temperature, make_probs, nll, ood_threshold, reliability_bins,
-                                     selective_metrics, softmax)
+from carapp.evaluation.trust import (FarScore, FeatureBank, StageGaussians, accept_threshold, answer_status, auroc,
+                                     coverage_curve, ece, fit_temperature, make_probs, nll, ood_threshold,
+                                     reliability_bins, selective_metrics, softmax)
 
 # ---------------------------------------------------------------------------------------------- calibration
 
@@ -139,101 +139,99 @@ def test_coverage_curve_and_selective_metrics():
 # ---------------------------------------------------------------------------------------- out of distribution
 
 
-def blobs(rng: np.random.Generator, centres: np.ndarray, per_class: int, spread: float = 0.5):
-    labels = np.repeat(np.arange(len(centres)), per_class)
-    return centres[labels] + rng.normal(scale=spread, size=(len(labels), centres.shape[1])), labels
+def stage_stats(rng: np.random.Generator, n: int, widths: list[int], shift: float = 0.0) -> np.ndarray:
+    """Channel means and stds of a few stages, correlated within a stage as a network's are; `shift` moves them."""
+    parts = []
+    for w in widths:
+        mixing = rng.normal(size=(2 * w, 2 * w)) / np.sqrt(2 * w)
+        parts.append(rng.normal(size=(n, 2 * w)) @ mixing + 1.0 + shift)
+    return np.hstack(parts)
 
 
-def test_feature_density_separates_far_points_and_noise():
+def test_stage_gaussians_refuse_what_differs_in_one_stage_only():
+    """A photo of another kind differs in its low-level statistics: one shifted stage must be enough."""
     rng = np.random.default_rng(0)
-    centres = rng.normal(scale=2.0, size=(8, 64))
-    train, labels = blobs(rng, centres, per_class=20)        # 160 points in 64-D: covariance needs shrinkage
-    held_out, _ = blobs(rng, centres, per_class=10)
-    far = rng.normal(scale=2.0, size=(80, 64)) + 8.0 / np.sqrt(64)   # away from every centre
-    noise = rng.uniform(-4, 4, size=(80, 64))
-    for normalize in (True, False):
-        density = FeatureDensity.fit(train, labels, normalize=normalize)
-        inside = density.score(held_out)
-        assert inside.shape == (80,) and (inside >= 0).all()
-        assert auroc(inside, density.score(far)) > 0.95
-        assert auroc(inside, density.score(noise)) > 0.95
-        assert np.median(inside) < np.median(density.score(far))
+    widths = [4, 8, 16]
+    cars = stage_stats(rng, 600, widths)
+    train, inside = cars[:300], cars[300:]
+    gaussians = StageGaussians.fit(train, widths)
+    other = inside.copy()
+    other[:, 8:24] += rng.normal(1.5, 0.2, size=(len(other), 16))  # only the second stage moves
+    inner, outer = gaussians.score(inside), gaussians.score(other)
+    assert inner.shape == (300, 3)
+    assert auroc(inner[:, 1], outer[:, 1]) > 0.95               # the moved stage sees it
+    assert auroc(inner[:, 0], outer[:, 0]) == pytest.approx(0.5, abs=0.08)  # the others do not
 
 
-def test_feature_density_score_matches_the_definition():
+def test_stage_gaussian_score_matches_the_definition():
     rng = np.random.default_rng(1)
-    train, labels = blobs(rng, rng.normal(size=(3, 5)), per_class=30)
-    density = FeatureDensity.fit(train, labels, normalize=False)
-    x = rng.normal(size=(4, 5))
-    means, precision = density.means.astype(float), density.precision.astype(float)
-    by_hand = [min((xi - m) @ precision @ (xi - m) for m in means) for xi in x]
-    np.testing.assert_allclose(density.score(x), by_hand, rtol=1e-6)
+    train = rng.normal(size=(50, 6))
+    gaussians = StageGaussians.fit(train, [3])
+    x = rng.normal(size=(4, 6))
+    mean, precision = gaussians.means[0].astype(float), gaussians.precisions[0].astype(float)
+    by_hand = [(xi - mean) @ precision @ (xi - mean) for xi in x]
+    np.testing.assert_allclose(gaussians.score(x)[:, 0], by_hand, rtol=1e-5)
 
 
-def relu_features(rng: np.random.Generator, directions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Like pooled ResNet features: non-negative, a class pattern plus noise, times a per-image gain (contrast,
-    size of the car in the frame) that says nothing about the class."""
-    gain = rng.lognormal(sigma=0.5, size=(len(labels), 1))
-    return gain * np.maximum(directions[labels] + rng.normal(scale=0.5, size=(len(labels), directions.shape[1])), 0)
+def far_score(rng: np.random.Generator, widths=(4, 8)) -> tuple[FarScore, np.ndarray, np.ndarray]:
+    """A FarScore fitted on made-up cars: features are (pooled layer3 of 16 channels, then stage statistics)."""
+    def cars(n):
+        return np.hstack([np.abs(rng.normal(size=(n, 16))) + np.eye(16)[rng.integers(0, 4, n)] * 3,
+                          rng.normal(size=(n, 2 * sum(widths))) + 1.0])
+    train, val = cars(200), cars(100)
+    logits = rng.normal(size=(100, 4)) + np.eye(4)[rng.integers(0, 4, 100)] * 6
+    far = FarScore(FeatureBank.fit(train[:, :16]), StageGaussians.fit(train[:, 16:], list(widths)))
+    far.set_scale(val, logits)
+    return far, val, logits
 
 
-def test_normalize_default_is_the_better_choice():
-    """FeatureDensity's default must win where the feature norm is nuisance, as in pooled ResNet features (on a
-    demo-trained ResNet-50, cars vs. no-car images: AUROC 0.958 normalised, 0.771 raw; here about 1.0 vs. 0.85)."""
+def test_far_score_is_on_the_scale_of_the_validation_cars_and_names_its_signal():
     rng = np.random.default_rng(2)
-    directions = rng.normal(size=(10, 64))
-    labels = np.repeat(np.arange(10), 15)
-    train = relu_features(rng, directions, labels)
-    cars = relu_features(rng, directions, np.repeat(np.arange(10), 8))
-    others = relu_features(rng, rng.normal(size=(10, 64)), np.repeat(np.arange(10), 8))  # other "objects"
-    scores = {}
-    for normalize in (True, False):
-        density = FeatureDensity.fit(train, labels, normalize=normalize)
-        scores[normalize] = auroc(density.score(cars), density.score(others))
-    default = FeatureDensity.__init__.__defaults__[0]
-    assert scores[default] >= scores[not default], scores
+    far, val, logits = far_score(rng)
+    assert far.names == ["stem", "layer1", "layer3", "energy"]
+    scaled = (far.signals(val, logits) - far.centre) / far.spread
+    np.testing.assert_allclose(np.median(scaled, axis=0), 0, atol=1e-9)
+    np.testing.assert_allclose(np.quantile(scaled, 0.99, axis=0), 1, atol=1e-9)
+    odd = val[:5].copy()
+    odd[:, 16 + 8:] += 6.0                      # layer1's statistics only
+    score, signals = far.score(odd, logits[:5])
+    assert (score > 1.5).all() and signals == ["layer1"] * 5
+    quiet = logits[:5] * 0 - 5.0                # no class responds: low energy
+    score, signals = far.score(val[:5], quiet)
+    assert (score > 1.5).all() and set(signals) == {"energy"}
 
 
-def test_feature_density_save_load_round_trip(tmp_path):
+def test_far_score_save_load_round_trip_and_an_old_bank_alone(tmp_path):
     rng = np.random.default_rng(3)
-    train, labels = blobs(rng, rng.normal(size=(4, 16)), per_class=10)
-    density = FeatureDensity.fit(train, labels, normalize=False)
-    path = tmp_path / "density.npz"
-    density.save(path)
-    loaded = FeatureDensity.load(path)
-    assert loaded.normalize is False
-    x = rng.normal(size=(7, 16))
-    np.testing.assert_array_equal(loaded.score(x), density.score(x))
-    with np.load(path) as data:
-        assert data["means"].dtype == np.float32 and data["precision"].dtype == np.float32
+    far, val, logits = far_score(rng)
+    far.bank.save(tmp_path / "bank.npz")
+    far.save_stages(tmp_path / "stats.npz")
+    loaded = FarScore.load(FeatureBank.load(tmp_path / "bank.npz"), tmp_path / "stats.npz")
+    np.testing.assert_allclose(loaded.score(val, logits)[0], far.score(val, logits)[0], rtol=1e-4, atol=1e-6)
+    old = FarScore.load(FeatureBank.load(tmp_path / "bank.npz"), None)  # a run calibrated before the statistics
+    assert old.names == ["layer3"]
+    np.testing.assert_allclose(old.score(val[:, :16], logits)[0], old.bank.score(val[:, :16]))
 
 
-def test_feature_density_load_refuses_bad_files(tmp_path):
+def test_far_score_load_refuses_bad_files_and_never_unpickles(tmp_path):
+    bank = FeatureBank.fit(np.random.default_rng(4).normal(size=(20, 16)))
     missing = tmp_path / "missing.npz"
-    np.savez(missing, means=np.zeros((2, 3), np.float32), normalize=np.array(True))
-    with pytest.raises(ValueError, match="precision"):
-        FeatureDensity.load(missing)
-
+    np.savez(missing, widths=np.array([4]), centre=np.zeros(3), spread=np.ones(3))
+    with pytest.raises(ValueError, match="mean_0"):
+        FarScore.load(bank, missing)
     shapes = tmp_path / "shapes.npz"
-    np.savez(shapes, means=np.zeros((2, 3), np.float32), precision=np.eye(4, dtype=np.float32),
-             normalize=np.array(True))
-    with pytest.raises(ValueError, match="shape"):
-        FeatureDensity.load(shapes)
-
+    np.savez(shapes, widths=np.array([4]), centre=np.zeros(3), spread=np.ones(3), mean_0=np.zeros(8),
+             precision_0=np.eye(5))
+    with pytest.raises(ValueError, match="precision"):
+        FarScore.load(bank, shapes)
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")
     with pytest.raises(ValueError):
-        FeatureDensity.load(corrupt)
-    with pytest.raises(ValueError):
-        FeatureDensity.load(tmp_path / "absent.npz")
-
-
-def test_feature_density_load_never_unpickles(tmp_path):
+        FarScore.load(bank, corrupt)
     pickled = tmp_path / "pickled.npz"
-    np.savez(pickled, means=np.zeros((2, 3), np.float32), precision=np.eye(3, dtype=np.float32),
-             normalize=np.array([{"not": "an array"}], dtype=object))  # object arrays are stored as pickles
+    np.savez(pickled, widths=np.array([{"not": "an array"}], dtype=object), centre=np.zeros(3), spread=np.ones(3))
     with pytest.raises(ValueError):
-        FeatureDensity.load(pickled)
+        FarScore.load(bank, pickled)
 
 
 def test_ood_threshold_keeps_the_requested_share():

@@ -141,7 +141,8 @@ def _predicted_rows(calibration, run_batch, items: list[Item], images: torch.Ten
     answers = calibration.answers(logits, features, 5)
     return [[item.path, item.group, a.status, a.make[0], round(a.make[1], 6), a.top[0][0], round(a.top[0][1], 6),
              "" if a.ood_score is None else round(a.ood_score, 6),
-             json.dumps([[n, round(p, 6)] for n, p in a.top]), ""] for item, a in zip(items, answers)]
+             json.dumps([[n, round(p, 6)] for n, p in a.top]), "" if a.status == "model" else a.reason]
+            for item, a in zip(items, answers)]
 
 
 def _unreadable_row(item: Item, reason: str) -> list:

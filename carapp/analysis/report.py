@@ -43,6 +43,8 @@ class Tally:
         self.images, self.readable, self.statuses = Counter(), Counter(), Counter()
         self.confidence = defaultdict(lambda: [0] * HISTOGRAM_BINS)  # status → photos per model-probability bin
         self.unsure: list[dict] = []
+        self.refused: list[dict] = []
+        self.refusals = Counter()  # why photos were answered no-car: the reason's words, without its numbers
 
     def add(self, row: dict) -> None:
         status = row["status"]
@@ -63,6 +65,10 @@ class Tally:
             self.confidence[status][min(int(float(row["model_prob"]) * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
         if status == "unsure" and len(self.unsure) < THUMBNAILS:
             self.unsure.append(row)
+        if status == "no-car":
+            self.refusals[(row.get("reason") or "").split(" (")[0] or "far from the training cars"] += 1
+            if len(self.refused) < THUMBNAILS:
+                self.refused.append(row)
 
 
 def tally(predictions: Path) -> Tally:
@@ -113,6 +119,9 @@ def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> 
         "<h2>Top models</h2>", _table([s for s in summary if s["group"] == ALL_GROUPS and s["level"] == "model"][:20]),
         "<h2>How sure the answers are</h2>", _html(confidence_figure(t)),
         "<h2>Photos to review (unsure)</h2>", _thumbnails(t.unsure, statuses["unsure"]),
+        "<h2>Why no car was named (no-car)</h2>",
+        _reasons_table(t.refusals),
+        _thumbnails(t.refused, statuses["no-car"]) if t.refused else "",
     ]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>carapp analysis</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
@@ -171,6 +180,13 @@ def _table(rows: list[dict]) -> str:
     body = "".join(f"<tr><td>{html.escape(r['name'])}</td><td>{r['count']}</td><td>{r['share']:.1%}</td>"
                    f"<td>{r['ci_low']:.1%} – {r['ci_high']:.1%}</td></tr>" for r in rows)
     return f"<table>{head}{body}</table>"
+
+
+def _reasons_table(refusals: Counter) -> str:
+    if not refusals:
+        return "<p>None.</p>"
+    body = "".join(f"<tr><td>{html.escape(why)}</td><td>{n}</td></tr>" for why, n in refusals.most_common())
+    return f"<table><tr><th>reason</th><th>photos</th></tr>{body}</table>"
 
 
 def _thumbnails(rows: list[dict], total: int) -> str:

@@ -544,7 +544,7 @@ def make_demo_dataset(out: str | os.PathLike, seed: int = 0, scale: float = 1.0,
 # Negatives: synthetic photos with no car in them
 # --------------------------------------------------------------------------
 
-NO_CAR_KINDS = ("scene", "texture", "noise", "shapes", "gradient")
+NO_CAR_KINDS = ("scene", "texture", "noise", "shapes", "gradient", "leaves", "fractal")
 _NO_CAR_TAG = 0x6E6F6361  # "noca": keeps these generators apart from the car images'
 
 
@@ -640,14 +640,50 @@ def _no_car_gradient(rng):
     return Image.fromarray(arr.astype(np.uint8), "RGB")
 
 
+def _no_car_leaves(rng):
+    """Dead leaves (Matheron; Baradad et al. 2021, "Learning to see by looking at noise"): opaque discs of random
+    colours with radii drawn from p(r) ~ r^-3, piled until they cover the frame. Their edges, occlusions and
+    scale-free sizes have the statistics of natural photos, which flat drawings lack."""
+    w, h = IMG_W * SS, IMG_H * SS
+    img = Image.new("RGB", (w, h), _rgb(_any_colour(rng)))
+    draw = ImageDraw.Draw(img)
+    r_min, r_max = 2.0 * SS, rng.uniform(20, 60) * SS
+    u = rng.random(int(rng.integers(300, 900)))
+    radii = 1.0 / np.sqrt(u / r_min ** 2 + (1 - u) / r_max ** 2)  # inverse CDF of p(r) ~ r^-3 on [r_min, r_max]
+    for r in radii:
+        cx, cy = rng.uniform(-r, w + r), rng.uniform(-r, h + r)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=_rgb(_any_colour(rng)))
+    return img.reduce(SS)
+
+
+def _no_car_fractal(rng):
+    """Fractal noise: three fields with a 1/f^a power spectrum (a in [1.6, 3], around the 2 of natural images),
+    mixed into colour around a random base colour: clouds, foliage, rock at every scale and no object."""
+    fy, fx = np.fft.fftfreq(IMG_H)[:, None], np.fft.rfftfreq(IMG_W)[None, :]
+    f = np.hypot(fx, fy)
+    f[0, 0] = 1.0
+    amplitude = f ** (-rng.uniform(1.6, 3.0) / 2)
+    amplitude[0, 0] = 0.0
+    fields = []
+    for _ in range(3):
+        phase = np.exp(2j * np.pi * rng.random(amplitude.shape))
+        field = np.fft.irfft2(amplitude * phase, s=(IMG_H, IMG_W))
+        fields.append((field - field.mean()) / (field.std() + 1e-9))
+    mix = rng.normal(0, 1, (3, 3)) * rng.uniform(20, 70)
+    arr = np.asarray(_rgb(_any_colour(rng)), float) + np.stack(fields, -1) @ mix
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
 _NO_CAR_PAINTERS = {"scene": _no_car_scene, "texture": _no_car_texture, "noise": _no_car_noise,
-                    "shapes": _no_car_shapes, "gradient": _no_car_gradient}
+                    "shapes": _no_car_shapes, "gradient": _no_car_gradient, "leaves": _no_car_leaves,
+                    "fractal": _no_car_fractal}
 
 
 def make_no_car_images(out: str | os.PathLike, count: int = 60, seed: int = 1, kinds=NO_CAR_KINDS) -> list[Path]:
     """SYNTHETIC photos with no car in them, for testing "not a car" detection and for outlier exposure:
     demo backgrounds without a car (scene), repeating textures (checkers, stripes, dots, bricks), noise (uniform,
-    Gaussian, blotchy low-frequency), random geometric shapes (circles/polygons, none car-like), and colour gradients.
+    Gaussian, blotchy low-frequency), random geometric shapes (circles/polygons, none car-like), colour gradients,
+    and two photo-like kinds: dead leaves and fractal (1/f) noise.
     Same size and JPEG quality as the demo cars. Written as out/<kind>_<k:03d>.jpg, kinds in round-robin;
     returns the paths."""
     kinds = tuple(kinds)

@@ -1,8 +1,10 @@
 """From a network's outputs to an answer a user can trust: calibrated top classes, the makes, and a status.
 
-A run (or an exported model) that was calibrated holds `calibration.json` (temperature, thresholds) and
-`feature_bank.npz` (the "not a car" score); `Calibration.load` reads both and falls back to temperature 1 and
-plain thresholds for older runs, saying so. The same object serves the Predictor, evaluation and the CLI.
+A run (or an exported model) that was calibrated holds `calibration.json` (temperature, thresholds),
+`feature_bank.npz` and `feature_stats.npz` (the "not a car" score); `Calibration.load` reads them and falls back to
+temperature 1 and plain thresholds for older runs, saying so. The same object serves the Predictor, evaluation and
+the CLI. Every Answer says why in words (`reason`): which threshold it passed or missed, or which signal found the
+photo far from every training car.
 """
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from ..rundir import read_json
-from .trust import FeatureBank, answer_status, make_probs, softmax
+from .trust import SIGNAL_WORDS, FarScore, FeatureBank, answer_status, make_probs, softmax
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
 BANK_FILE = "feature_bank.npz"
+STATS_FILE = "feature_stats.npz"
 # Without calibration.json: answer "model" or "make" only when more likely than not.
 DEFAULT_THRESHOLDS = {"model": 0.5, "make": 0.5, "ood": None}
 UNCALIBRATED_NOTE = ("this model has no calibration.json: probabilities are uncalibrated and no photo is told apart "
@@ -32,6 +35,8 @@ class Answer:
     make: tuple[str, float]             # the most likely make, probability summed over its models
     makes: list[tuple[str, float]]      # the top makes
     ood_score: float | None = None      # larger: less like the training cars
+    ood_signal: str | None = None       # the signal that set ood_score (trust.SIGNAL_WORDS)
+    reason: str = ""                    # why this status, in words
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Calibration:
     class_makes: list[str]
     temperature: float = 1.0
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
-    bank: FeatureBank | None = None
+    far: FarScore | None = None
     calibrated: bool = False            # False: an older run, with temperature 1 and the default thresholds
     note: str = ""                      # threshold_note: why every answer is 'not sure', if it is
 
@@ -51,29 +56,26 @@ class Calibration:
         info = read_json(folder / CALIBRATION_FILE) if folder else None
         if info is None:
             return cls(labels, makes)
-        bank = None
-        if (folder / BANK_FILE).is_file():
-            try:
-                bank = FeatureBank.load(folder / BANK_FILE)
-            except ValueError as exc:  # a damaged file costs the "no car" status, not the prediction
-                log.warning("ignoring %s: %s", folder / BANK_FILE, exc)
         thresholds = {**DEFAULT_THRESHOLDS, **info.get("thresholds", {})}
-        if bank is None:
+        far = _load_far_score(folder, info)
+        if far is None:
             thresholds["ood"] = None
-        return cls(labels, makes, float(info.get("temperature", 1.0)), thresholds, bank, True, threshold_note(info))
+        return cls(labels, makes, float(info.get("temperature", 1.0)), thresholds, far, True, threshold_note(info))
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits, self.temperature)
 
-    def ood_scores(self, features: np.ndarray | None) -> np.ndarray | None:
-        return self.bank.score(features) if self.bank is not None and features is not None else None
+    def ood_scores(self, features: np.ndarray | None, logits: np.ndarray) -> tuple[np.ndarray | None, list]:
+        if self.far is None or features is None:
+            return None, [None] * len(logits)
+        return self.far.score(features, logits)
 
     def answers(self, logits: np.ndarray, features: np.ndarray | None = None, top_k: int = 5,
                 thresholds: dict | None = None) -> list[Answer]:
         """One Answer per row of logits; `thresholds` overrides the stored ones (the app's sliders)."""
         probs = self.probs(logits)
         make_names, by_make = make_probs(probs, self.class_makes)
-        scores = self.ood_scores(features)
+        scores, signals = self.ood_scores(features, logits)
         limits = {**self.thresholds, **(thresholds or {})}
         out = []
         for i, row in enumerate(probs):
@@ -81,10 +83,41 @@ class Calibration:
             makes = np.argsort(-by_make[i])[:top_k]
             score = None if scores is None else float(scores[i])
             status = answer_status(float(row[best[0]]), float(by_make[i, makes[0]]), limits, score)
-            out.append(Answer(status, [(self.labels[j], float(row[j])) for j in best],
-                              (make_names[makes[0]], float(by_make[i, makes[0]])),
-                              [(make_names[j], float(by_make[i, j])) for j in makes], score))
+            answer = Answer(status, [(self.labels[j], float(row[j])) for j in best],
+                            (make_names[makes[0]], float(by_make[i, makes[0]])),
+                            [(make_names[j], float(by_make[i, j])) for j in makes], score, signals[i])
+            answer.reason = reason(answer, limits)
+            out.append(answer)
         return out
+
+
+def _load_far_score(folder: Path, info: dict) -> FarScore | None:
+    """The "not a car" score beside a calibration, or None (the status then never says no-car) when its files are
+    missing or damaged: a damaged file costs that status, not the prediction."""
+    bank_file, stats_file = folder / BANK_FILE, folder / STATS_FILE
+    multi = len(info.get("ood_signals", ["layer3"])) > 1  # calibrated with the stage statistics
+    if not bank_file.is_file() or (multi and not stats_file.is_file()):
+        return None
+    try:
+        return FarScore.load(FeatureBank.load(bank_file), stats_file if multi else None)
+    except ValueError as exc:
+        log.warning("ignoring the 'not a car' score of %s: %s", folder, exc)
+        return None
+
+
+def reason(answer: Answer, limits: dict) -> str:
+    """Why an answer has its status, in words and numbers: the threshold passed or missed, or what refused it."""
+    (name, prob), (make, make_prob) = answer.top[0], answer.make
+    if answer.status == "no-car":
+        words = SIGNAL_WORDS.get(answer.ood_signal or "layer3", SIGNAL_WORDS["layer3"])
+        return (f"Not a car: {words} (far-from-training score {answer.ood_score:.2f}; "
+                f"99% of the validation cars score below {limits['ood']:.2f}).")
+    if answer.status == "model":
+        return f"{name}: {prob:.0%}, at or above the {limits['model']:.0%} a model answer needs."
+    missed = f"the best model, {name}, has {prob:.0%}, under the {limits['model']:.0%} a model answer needs"
+    if answer.status == "make":
+        return f"Make only: {missed}; its make {make} has {make_prob:.0%} (a make answer needs {limits['make']:.0%})."
+    return f"Not sure: {missed}, and the best make, {make}, has {make_prob:.0%}, under {limits['make']:.0%}."
 
 
 def threshold_note(calibration: dict) -> str:

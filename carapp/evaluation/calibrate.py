@@ -8,8 +8,10 @@ Training calls this after its last epoch; older runs can be calibrated afterward
   accepted validation answers reach the target accuracy with 90% confidence (one-sided Wilson bound: the observed
   share alone overshoots on new photos when the validation split holds only a handful of errors); `ood` is the
   feature-space distance that 99% of validation cars stay below.
-- feature_bank.npz: the pooled layer3 features of up to 20 training images per class; the "not a car" score is the
-  cosine distance to the 5th nearest of them (see bench/trust.py for why this score and not max-softmax).
+- feature_bank.npz: the pooled layer3 features of up to 20 training images per class (their k-NN distance is one
+  "not a car" signal), and feature_stats.npz: Gaussians of the early stages' channel statistics of the same images,
+  and the scale of every signal on the validation cars. The "not a car" score is the largest scaled signal
+  (trust.FarScore; bench/trust.py measures why this and not max-softmax or one layer alone).
 """
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import rundir
+from ..cam import stage_widths
 from ..checkpoint import CheckpointError
 from ..dataset.loader import make_loader
-from .answers import BANK_FILE, CALIBRATION_FILE, class_makes_of, first_words
+from .answers import BANK_FILE, CALIBRATION_FILE, STATS_FILE, class_makes_of, first_words
 from .evaluate import collect_outputs, load_run_model, split_dataset
-from .trust import (FeatureBank, accept_threshold, ece, fit_temperature, make_probs, nll, ood_threshold,
-                    reliability_bins, softmax)
+from .trust import (FarScore, FeatureBank, StageGaussians, accept_threshold, ece, fit_temperature, make_probs, nll,
+                    ood_threshold, reliability_bins, softmax)
 
 BANK_IMAGES_PER_CLASS = 20  # 18,540 at 927 classes: a 38 MB bank that scores a batch in milliseconds
 OOD_KEEP = 0.99              # share of validation cars that must stay below the "not a car" threshold
@@ -45,21 +48,32 @@ def calibrate_run(run: str | Path, target_accuracy: float = 0.95, workers: int =
     fitted = fit_temperature(val.logits, val.labels)
     temperature = fitted if _improves(val.logits, val.labels, fitted) else 1.0
     before, after = softmax(val.logits), softmax(val.logits, temperature)
-    bank = FeatureBank.fit(train.features)
+    far = fit_far_score(model, train.features, val.features, val.logits)
     thresholds = _thresholds(after, val.labels, class_makes_of(run, names) or first_words(names),
                              target_accuracy)
-    thresholds["ood"] = ood_threshold(bank.score(val.features), OOD_KEEP)
-    bank.save(run / BANK_FILE)
+    thresholds["ood"] = ood_threshold(far.score(val.features, val.logits)[0], OOD_KEEP)
+    far.bank.save(run / BANK_FILE)
+    far.save_stages(run / STATS_FILE)
     info = {"temperature": temperature, "ece_before": ece(before, val.labels), "ece_after": ece(after, val.labels),
             "nll_before": nll(val.logits, val.labels), "nll_after": nll(val.logits, val.labels, temperature),
             "bins_before": reliability_bins(before, val.labels), "bins_after": reliability_bins(after, val.labels),
             "temperature_fitted": fitted, "val_top1": float((after.argmax(1) == val.labels).mean()),
             "target_accuracy": target_accuracy, "confidence_level": CONFIDENCE_LEVEL, "thresholds": thresholds,
             "val_images": int(len(val.labels)),
-            "bank_images": int(len(train.labels)), "ood_score": "knn: cosine distance to the k-th nearest training image, pooled layer3",
+            "bank_images": int(len(train.labels)), "ood_score": "far: the largest of the signals, each scaled on the "
+            "validation cars (0 at their median, 1 at their 99th percentile)", "ood_signals": far.names,
             "ood_keep": OOD_KEEP, "seconds": round(time.time() - started, 2)}
     rundir.write_json(run / CALIBRATION_FILE, info)  # last: its presence means the run is calibrated
     return {k: v for k, v in info.items() if not k.startswith("bins_")}
+
+
+def fit_far_score(model, train_features: np.ndarray, val_features: np.ndarray, val_logits: np.ndarray) -> FarScore:
+    """The "not a car" score of a model: fitted on training cars, scaled on validation cars."""
+    low, width = stage_widths(model)
+    bank = FeatureBank.fit(train_features[:, :width])
+    far = FarScore(bank, StageGaussians.fit(train_features[:, width:], low))
+    far.set_scale(val_features, val_logits, OOD_KEEP)
+    return far
 
 
 def _improves(logits: np.ndarray, labels: np.ndarray, temperature: float) -> bool:

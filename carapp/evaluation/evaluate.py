@@ -31,23 +31,28 @@ from ..saved import load_model
 from .answers import Calibration, class_makes_of
 from .trust import coverage_curve, ece, make_probs, reliability_bins, softmax
 
+# What forward's features hold; an ONNX export made for another version has other outputs (the engine cache keys on it)
+FEATURES_VERSION = 2
+
 
 @dataclass
 class Outputs:
     logits: np.ndarray      # (N, classes), float32
-    features: np.ndarray    # (N, channels): pooled layer3 activations, what the "not a car" score reads
+    features: np.ndarray    # (N, D): what the "not a car" score reads (see forward)
     labels: np.ndarray      # (N,)
     kept: list[int]         # dataset indices that were readable, in order
 
 
 def forward(model, x: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, pooled layer3 features, layer4 activations) of a batch; with tta, the logits are averaged with the
-    mirrored photo's."""
-    mid, activations = stages(model, x)
+    """(logits, features, layer4 activations) of a batch; with tta, the logits are averaged with the mirrored
+    photo's. The features are what the "not a car" score (trust.FarScore) reads: the pooled layer3 activations,
+    then the mean and standard deviation of every channel of the stem, layer1 and layer2 (FEATURES_VERSION 2)."""
+    low, mid, activations = stages(model, x)
     logits = head(model, activations)
     if tta:
         logits = (logits + head(model, trunk(model, x.flip(-1)))) / 2
-    return logits, mid.mean((2, 3)), activations
+    statistics = [torch.cat([a.float().mean((2, 3)), a.float().std((2, 3))], 1) for a in low]
+    return logits, torch.cat([mid.float().mean((2, 3)), *statistics], 1), activations
 
 
 @torch.inference_mode()

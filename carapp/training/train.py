@@ -313,7 +313,8 @@ def _train_pass(trainer: Trainer, run: Path, stop: StopSignal, epoch: int, bad_p
         if images is None:  # a batch of unreadable files: a zero-weight step keeps every rank in lockstep
             images, labels, weight = torch.zeros(1, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8), \
                 torch.zeros(1, dtype=torch.long), 0.0
-        logits, labels, loss = trainer.forward(images, labels)
+        negatives = trainer.negatives.batch(epoch, state["step"]) if trainer.negatives else None
+        logits, labels, loss = trainer.forward(images, labels, negatives=negatives)
         loss = loss * weight
         stop_now, nonfinite = dist.max([float(bool(stop)), float(not torch.isfinite(loss))], trainer.device)
         if nonfinite:

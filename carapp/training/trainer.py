@@ -16,6 +16,7 @@ from ..dataset.split import Split
 from ..losses import FocalLoss, class_alpha
 from ..model import build_model
 from ..runtime import Dist, autocast, describe_device, needs_grad_scaler, pick_device
+from .negatives import Negatives, uniform_loss
 from .optim import make_ema, make_optimizer, make_scheduler
 
 log = logging.getLogger("carapp")
@@ -70,6 +71,10 @@ class Trainer:
                                    label_smoothing=cfg.label_smoothing).to(self.device)
         self.optimizer = make_optimizer(self.net, cfg)
         self.build_loaders()
+        self.negatives = Negatives(cfg, dist.rank) if cfg.negatives else None
+        if self.negatives:
+            log.info("outlier exposure: %d photos without a car (%s), %d a step, weight %g", len(self.negatives),
+                     cfg.negatives, self.negatives.per_batch, cfg.negatives_weight)
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, cfg.amp))
         self.state = {"epoch": 0, "step": 0, "partial": None, "best_val_loss": math.inf, "bad_epochs": 0}
@@ -125,14 +130,20 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "ema": self.ema.state_dict() if self.ema is not None else {}, **self.state}
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, net: torch.nn.Module | None = None):
-        """(inputs on the device, labels on the device, logits, focal loss) of a batch; `net` instead of the
-        training forward (validation goes through the bare network: ranks see different numbers of batches)."""
-        images, labels = to_input(images, self.device, self.cfg.channels_last), labels.to(self.device,
-                                                                                       non_blocking=True)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, net: torch.nn.Module | None = None,
+                negatives: torch.Tensor | None = None):
+        """(logits, labels on the device, loss) of a batch: the focal loss, plus the outlier-exposure term when
+        `negatives` (photos without a car) come along, in the same forward pass. `net` instead of the training
+        forward (validation goes through the bare network: ranks see different numbers of batches)."""
+        x = images if negatives is None else torch.cat([images, negatives])
+        x, labels = to_input(x, self.device, self.cfg.channels_last), labels.to(self.device, non_blocking=True)
         with autocast(self.device, self.cfg.amp):
-            logits = (net or self.model)(images)
-        return logits, labels, self.criterion(logits, labels)
+            outputs = (net or self.model)(x)
+        logits = outputs[:len(labels)]
+        loss = self.criterion(logits, labels)
+        if negatives is not None:
+            loss = loss + self.cfg.negatives_weight * uniform_loss(outputs[len(labels):])
+        return logits, labels, loss
 
     def step(self, loss: torch.Tensor, frozen: bool = False) -> None:
         """Backward and one optimizer step (grad scaler on fp16), then the weight average and a per-step schedule.

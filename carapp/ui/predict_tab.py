@@ -160,6 +160,8 @@ def answer_markdown(result, calibrated: bool) -> str:
         "no-car": f"### This does not look like a car the model knows\n(its best guess would be {name}, "
                   f"{prob:.0%})",
     }[result.status]
+    if result.reason:
+        text += f"  \n_Why: {result.reason}_"
     if not calibrated:
         text += ("  \n_This model is not calibrated: its probabilities are the raw softmax and it cannot tell a "
                  "non-car photo apart. `python -m carapp calibrate --run RUN` fixes both._")
