@@ -29,8 +29,9 @@ NEGATIVES_PER_BATCH = 0.125  # negatives per car photo of a batch
 _TAG = 0x6F65                # "oe": keeps the draws apart from the sampler's
 
 
-def negatives_folder(spec: str, seed: int) -> Path:
-    """The folder a --negatives value names; `generated` is made once into the cache (atomically: a rename)."""
+def negatives_folder(spec: str) -> Path:
+    """The folder a --negatives value names; `generated` is made once into the cache (atomically: a rename) and
+    shared by every run: which of its photos a step sees is the run's seed's business."""
     if spec != GENERATED:
         folder = Path(spec)
         if not folder.is_dir():
@@ -38,10 +39,10 @@ def negatives_folder(spec: str, seed: int) -> Path:
                              f"'{GENERATED}')")
         return folder
     from ..dataset.demo import make_no_car_images
-    folder = cache_dir("negatives") / f"{GENERATED}-{'-'.join(OE_KINDS)}-{GENERATED_COUNT}-seed{seed}"
+    folder = cache_dir("negatives") / f"{GENERATED}-{'-'.join(OE_KINDS)}-{GENERATED_COUNT}"
     if not folder.is_dir():
         scratch = folder.with_name(f".{folder.name}.{os.getpid()}")
-        make_no_car_images(scratch, GENERATED_COUNT, seed=1000 + seed, kinds=OE_KINDS)
+        make_no_car_images(scratch, GENERATED_COUNT, seed=1000, kinds=OE_KINDS)  # bench/trust.py tests on seed 1
         try:
             scratch.rename(folder)
         except OSError:  # another process (a torchrun rank) made it first
@@ -53,7 +54,7 @@ class Negatives:
     """Photos without a car, a few per training step, augmented as the cars are."""
 
     def __init__(self, cfg, rank: int = 0):
-        folder = negatives_folder(cfg.negatives, cfg.seed)
+        folder = negatives_folder(cfg.negatives)
         paths = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and is_image(p.name))
         if not paths:
             raise ValueError(f"--negatives {cfg.negatives}: no photos in {folder}")
