@@ -190,7 +190,7 @@ def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run,
         assert ok and seen[0] == "No analysis yet." and "predictions" not in json.dumps(seen), seen
         ok, seen = raw_call(url, tick, [None, None], session=owner)
         assert ok and out.name in seen[0] and "finished" in seen[0]
-        csv_file = next(f for f in seen[7] if f["path"].endswith("predictions.csv"))
+        csv_file = next(f for f in seen[-1] if f["path"].endswith("predictions.csv"))  # the downloads, last
         with urllib.request.urlopen(f"{url}gradio_api/file={csv_file['path']}", timeout=30) as r:
             text = r.read().decode()
         assert sorted(r["path"] for r in csv.DictReader(io.StringIO(text))) == sorted(
@@ -373,3 +373,19 @@ def test_the_report_counts_each_reason_for_no_car_apart(tmp_path):
     section = page[page.index("Why no car was named"):]
     assert f"<td>{texture.replace(chr(39), '&#x27;')}</td><td>3</td>" in section
     assert "responds to it</td><td>1</td>" in section and "score 2.00" not in section
+
+
+def test_the_analyze_tab_shows_the_no_car_photos_with_why(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from carapp.ui.analyze_tab import refused_gallery
+    photo = tmp_path / "cup.jpg"
+    Image.new("RGB", (640, 480), (120, 60, 30)).save(photo)
+    why = "Not a car: none of the model's car classes responds to it (far-from-training score 2.10; 99% ...)."
+    rows = pd.DataFrame([{"path": str(photo), "status": "no-car", "reason": why},
+                         {"path": str(tmp_path / "gone.jpg"), "status": "no-car", "reason": why},  # deleted since
+                         {"path": str(photo), "status": "model", "reason": ""}])
+    items = refused_gallery(rows)
+    assert len(items) == 1 and max(items[0][0].size) <= 256
+    assert items[0][1] == "cup.jpg: none of the model's car classes responds to it"

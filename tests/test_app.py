@@ -173,7 +173,7 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
                       jitter=0.05, label_smoothing=0.1, schedule="cosine", warmup_epochs=0.5, optimizer="adamw",
                       decay_norm_bias=False, freeze_epochs=1, layer_lr_decay=0.5, ema=0.5, resize="pad",
                       batch_size_auto=True, group_duplicates=True, exclude=str(tmp_path / "marks.csv"),
-                      log="tensorboard")
+                      log="tensorboard", negatives_weight=0.3)  # negatives: the demo preset's "generated"
     first = sorted((demo_root / "data" / "image").rglob("*.jpg"))[0].relative_to(demo_root).as_posix()
     (tmp_path / "marks.csv").write_text(f"path,reason\n{first},not a car\n")
     same = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) == getattr(TrainConfig(), f.name)}
@@ -238,6 +238,8 @@ def test_presentation_says_no_model_once_and_headlines_no_model_it_did_not_name(
     settings = resolve_settings(None, None, str(tmp_path / "runs"))
     top, cam, answer, makes = predict_tab.show_answer(example, settings=settings)
     assert isinstance(top, gr.Label) and top.show_heading is False  # the one-epoch model names nothing: unsure
+    assert isinstance(makes, gr.Label) and makes.show_heading is False  # nor a make in big letters above its list
     assert "not sure" in answer.lower() or "not a car" in answer.lower(), answer
+    assert "_Why: Not " in answer, answer  # and says why, with its numbers
     flat = [{"coverage": c / 10, "accuracy": 0.99 - c / 1000, "threshold": 1 - c / 10} for c in range(1, 11)]
     assert plots.coverage_figure(flat, 0.5).layout.yaxis.tickformat == ".1%"  # 99.0%, 98.9%: no repeated ticks

@@ -112,12 +112,15 @@ def reason(answer: Answer, limits: dict) -> str:
         words = SIGNAL_WORDS.get(answer.ood_signal or "layer3", SIGNAL_WORDS["layer3"])
         return (f"Not a car: {words} (far-from-training score {answer.ood_score:.2f}; "
                 f"99% of the validation cars score below {limits['ood']:.2f}).")
+    checked = "" if answer.ood_score is None or limits.get("ood") is None else \
+        f" Far-from-training score {answer.ood_score:.2f}, under the {limits['ood']:.2f} where 'not a car' begins."
     if answer.status == "model":
-        return f"{name}: {prob:.0%}, at or above the {limits['model']:.0%} a model answer needs."
+        return f"{name}: {prob:.0%}, at or above the {limits['model']:.0%} a model answer needs.{checked}"
     missed = f"the best model, {name}, has {prob:.0%}, under the {limits['model']:.0%} a model answer needs"
     if answer.status == "make":
-        return f"Make only: {missed}; its make {make} has {make_prob:.0%} (a make answer needs {limits['make']:.0%})."
-    return f"Not sure: {missed}, and the best make, {make}, has {make_prob:.0%}, under {limits['make']:.0%}."
+        return (f"Make only: {missed}; its make {make} has {make_prob:.0%} (a make answer needs "
+                f"{limits['make']:.0%}).{checked}")
+    return f"Not sure: {missed}, and the best make, {make}, has {make_prob:.0%}, under {limits['make']:.0%}.{checked}"
 
 
 def threshold_note(calibration: dict) -> str:

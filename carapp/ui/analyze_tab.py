@@ -147,7 +147,7 @@ def status(mine: str, shown: str, settings: AppSettings):
     if p.get("status") == "running" and p.get("images_per_sec"):
         line += f", {p['images_per_sec']:.1f} photos/s, ETA {p.get('eta_seconds', 0):.0f} s"
     if p.get("status") != "finished" or shown == str(out):
-        return line, shown, *[gr.skip()] * 6
+        return line, shown, *[gr.skip()] * 7
     return line, str(out), *results(out, settings)
 
 
@@ -160,7 +160,8 @@ def results(out: Path, settings: AppSettings):
     first = makes[0] if makes else None
     # the models of the first make too: the same make chosen again fires no change, and left the last analysis's
     return (make_share_figure(summary.to_dict("records")), summary, gr.Dropdown(choices=makes, value=first),
-            models_of(first, str(out)), unsure_gallery(rows, model), _downloads(out, settings.public))
+            models_of(first, str(out)), unsure_gallery(rows, model), refused_gallery(rows),
+            _downloads(out, settings.public))
 
 
 def models_of(make: str | None, folder: str | None) -> pd.DataFrame:
@@ -188,6 +189,19 @@ def unsure_gallery(rows: pd.DataFrame, model: str | None, n: int = 12) -> list:
             continue
         result = predictor.predict(photo, top_k=1)
         items.append((result.cam, f"{Path(path).name}: {result.top[0][0]}? ({result.top[0][1]:.0%})"))
+    return items
+
+
+def refused_gallery(rows: pd.DataFrame, n: int = 12) -> list:
+    """The photos answered "no car", each with why (the reason's words, its numbers are in predictions.csv)."""
+    items, archives = [], {}
+    for path, why in rows[rows.status == "no-car"].head(n)[["path", "reason"]].itertuples(index=False):
+        try:
+            photo = open_image(item_of(path).open(archives), draft_size=256)
+        except READ_ERRORS:
+            continue
+        photo.thumbnail((256, 256))
+        items.append((photo, f"{Path(path).name}: {why.split(' (')[0].removeprefix('Not a car: ')}"))
     return items
 
 
@@ -251,6 +265,8 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                              max_height=400)
         gallery = gr.Gallery(label="Unsure photos to review (heatmap of the best guess)", columns=6, height=300,
                              object_fit="contain", elem_classes=SIX_WIDE, elem_id="analyze-unsure")
+        refused = gr.Gallery(label="Photos answered 'no car', and why", columns=6, height=260, object_fit="contain",
+                             elem_classes=SIX_WIDE, elem_id="analyze-refused")
         downloads = gr.File(label="Downloads: predictions.csv, summary.csv, report.html", file_count="multiple")
         mine = gr.State("")  # the analysis this session started (server-side: a client cannot name another's)
         shown = gr.State("")
@@ -258,7 +274,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     button.click(lambda f, d, m, g: start(f, d, m, g, settings), [files, folder, model, group_by], [message, mine],
                  api_name="analyze")
     timer.tick(lambda m, s: status(m, s, settings), [mine, shown],
-               [progress, shown, shares, table, make, models, gallery, downloads], api_visibility="private")
+               [progress, shown, shares, table, make, models, gallery, refused, downloads], api_visibility="private")
     make.change(models_of, [make, shown], models, api_visibility="private")
     demo.load(lambda: gr.Dropdown(choices=model_choices(settings), value=default_model(settings)), None, model,
               api_visibility="private")

@@ -125,10 +125,11 @@ def show_answer(image, model=None, method="gradcam", target=TOP1, tta=False, mod
         result, calibrated = classify(image, model, method, target, tta, model_threshold, make_threshold, settings)
     except gr.Error as exc:
         return None, None, f"**{exc.message}**", None
-    # no model named (not sure, not a car): the top-5 list stays, without a model's name as its headline
-    named = result.status in ("model", "make")
-    return (gr.Label(value={label: prob for label, prob in result.top}, show_heading=named), result.cam,
-            answer_markdown(result, calibrated), {m: p for m, p in result.makes})
+    # what is not named (the model of a make-only answer; anything not sure or not a car) keeps its list, without
+    # a name as its headline
+    return (gr.Label(value={label: prob for label, prob in result.top}, show_heading=result.status == "model"),
+            result.cam, answer_markdown(result, calibrated),
+            gr.Label(value={m: p for m, p in result.makes}, show_heading=result.status in ("model", "make")))
 
 
 def cam_label(method: str) -> gr.Image:
