@@ -62,41 +62,63 @@ def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
 
 
 
+RECIPE_FIELDS = ("backbone", "weights", "image_size", "resize", "epochs", "batch_size", "lr", "weight_decay", "dropout",
+                 "gamma", "alpha", "sampler", "min_images", "crop_bbox", "seed", "optimizer", "schedule",
+                 "label_smoothing", "ema", "freeze_epochs", "negatives", "negatives_weight")
+
+
 def model_card(run: Path, config: dict, labels: list[str]) -> str:
-    """A Hugging Face model card: what the model is, how it was trained and measured, what it is not for."""
-    test = rundir.read_json(run / "test_metrics.json") if run.is_dir() else None
+    """A Hugging Face model card (huggingface_hub.ModelCard: its metadata as a model-index the Hub shows) from the
+    run's own figures: its split, its recipe, its test metrics and how its answers can be trusted."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    test = (rundir.read_json(run / "test_metrics.json") if run.is_dir() else None) or {}
+    calibration = (rundir.read_json(run / CALIBRATION_FILE) if run.is_dir() else None) or {}
     splits = {"train": 0, "val": 0, "test": 0}
     if run.is_dir() and (run / "split.csv").is_file():
         for s in rundir.read_split(run).splits:
             splits[s] += 1
-    metrics = (f"| top-1 | {test['top1']:.4f} |\n| top-5 | {test['top5']:.4f} |\n| macro-F1 | {test['macro_f1']:.4f} |\n"
-               f"| test images | {test['num_images']} |" if test else "| (not evaluated) | |")
-    shown = ", ".join(labels[:40]) + (f", … ({len(labels) - 40} more in labels.json)" if len(labels) > 40 else "")
-    recipe = "\n".join(f"| {k} | {config.get(k)} |" for k in ("backbone", "weights", "image_size", "epochs",
-                                                             "batch_size", "lr", "weight_decay", "dropout", "gamma",
-                                                             "alpha", "sampler", "min_images", "crop_bbox", "seed",
-                                                             "optimizer", "schedule", "label_smoothing", "ema",
-                                                             "freeze_epochs", "resize"))
-    return f"""---
-library_name: pytorch
-pipeline_tag: image-classification
-tags: [image-classification, cars, fine-grained, resnet, focal-loss, carapp]
-datasets: [CompCars]
-metrics: [accuracy, f1]
----
+    name = f"carapp-{config.get('backbone', 'resnet50')}-{len(labels)}-classes"
+    dataset = Path(str(config.get("data", "?"))).name or "?"
+    results = [EvalResult(task_type="image-classification", dataset_type=config.get("format", "auto"),
+                          dataset_name=dataset, dataset_split="test", metric_type=metric, metric_value=test[key],
+                          metric_name=title) for key, metric, title in
+               (("top1", "accuracy", "top-1"), ("top5", "top_5_accuracy", "top-5"), ("macro_f1", "f1", "macro-F1"))
+               if test.get(key) is not None]
+    data = ModelCardData(library_name="pytorch", pipeline_tag="image-classification", datasets=["CompCars"],
+                         tags=["image-classification", "cars", "fine-grained", "resnet", "focal-loss", "carapp"],
+                         metrics=["accuracy", "f1"], model_name=name, eval_results=results or None)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{_card_body(config, labels, test, calibration, splits)}"))
 
+
+def _card_body(config: dict, labels: list[str], test: dict, calibration: dict, splits: dict) -> str:
+    total = sum(splits.values()) or 1
+    kept = (f"the classes with at least {config['min_images']} images" if config.get("min_images") is not None
+            else "the classes with at least the mean number of images per class (floored)")
+    shown = ", ".join(labels[:40]) + (f", … ({len(labels) - 40} more in labels.json)" if len(labels) > 40 else "")
+    recipe = "\n".join(f"| {k} | {config.get(k)} |" for k in RECIPE_FIELDS if k in config)
+    metrics = "\n".join(f"| {title} | {test[key]:.4f} |" for key, title in
+                        (("top1", "top-1"), ("top5", "top-5"), ("macro_f1", "macro-F1"), ("make_top1", "make top-1"),
+                         ("ece", "ECE (calibrated)"), ("coverage", "answered with a model"),
+                         ("selective_accuracy", "right among those")) if test.get(key) is not None)
+    metrics += f"\n| test images | {test['num_images']} |" if test.get("num_images") else "| (not evaluated) | |"
+    trust = (f"Calibrated on the validation split: temperature {calibration['temperature']:.3f}, answer thresholds "
+             f"model {calibration['thresholds']['model']:.3f} and make {calibration['thresholds']['make']:.3f} (the "
+             f"confidences at which validation answers are {calibration.get('target_accuracy', 0.95):.0%} right); "
+             f"'not a car' from {', '.join(calibration.get('ood_signals', ['layer3']))}."
+             if calibration.get("thresholds") else "Not calibrated: the probabilities are the raw softmax.")
+    return f"""
 # carapp car make/model classifier ({config.get('backbone', 'resnet50')}, {len(labels)} classes)
 
-A {config.get('backbone', 'resnet50')} trained with focal loss by [carapp](https://github.com) to name the make and
-model of a car in a photo, following "Classification of Car Models with ResNet-50" (Tabar & Pegoraro).
+A {config.get('backbone', 'resnet50')} trained with focal loss by carapp to name the make and model of a car in a
+photo, following "Classification of Car Models with ResNet-50" (Tabar & Pegoraro).
 
 ## Classes
 {len(labels)} make-model classes: {shown}.
 
 ## Training data
-Dataset folder `{config.get('data', '?')}` (format `{config.get('format', 'auto')}`): CompCars web-nature layout,
-classes with at least `min_images` images, a stratified 70/15/15 split (train {splits['train']}, val {splits['val']},
-test {splits['test']} images). If this is the synthetic demo set, the model knows only drawn cartoon cars.
+Dataset folder `{config.get('data', '?')}` (format `{config.get('format', 'auto')}`), {kept}, split class by class into train {splits['train']} / val {splits['val']} / test {splits['test']}
+images ({splits['train'] / total:.0%} / {splits['val'] / total:.0%} / {splits['test'] / total:.0%}). If this is the
+synthetic demo set, the model knows only drawn cartoon cars.
 
 ## Recipe
 | setting | value |
@@ -107,6 +129,8 @@ test {splits['test']} images). If this is the synthetic demo set, the model know
 | metric | value |
 |---|---|
 {metrics}
+
+{trust}
 
 ## Use
 ```python
@@ -121,11 +145,12 @@ Recognising car makes and models in photos of whole cars, e.g. to tag or count m
 to show with Grad-CAM which parts of the car the prediction rests on.
 
 ## Limitations
-Knows only the classes above. With carapp, a calibrated model (calibration.json, feature_bank.npz, feature_stats.npz) answers "model",
-"make" (model unsure), "unsure" or "no-car"; the raw network alone answers with one of its classes for any image, car
-or not. Trained on web photos of whole cars: close-ups, interiors, night or surveillance views, heavy occlusion, and models or years outside the training
-data will be misclassified, often with confidence. Class imbalance in the training data affects rarer models. Not
-for identifying individual vehicles or people.
+Knows only the classes above. With carapp, a calibrated model (calibration.json, feature_bank.npz,
+feature_stats.npz) answers "model", "make" (model unsure), "unsure" or "no-car"; the raw network alone answers with
+one of its classes for any image, car or not. Trained on web photos of whole cars: close-ups, interiors, night or
+surveillance views, heavy occlusion, and models or years outside the training data will be misclassified, often
+with confidence. Class imbalance in the training data affects rarer models. Not for identifying individual vehicles
+or people.
 """
 
 

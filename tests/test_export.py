@@ -1,6 +1,7 @@
 """Sharing models: safetensors and ONNX exports, the model card, the Hugging Face Hub (offline, from a cache)."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -47,6 +48,14 @@ def test_model_card_and_config(tiny_run, exported):
     for section in ("## Classes", "## Training data", "## Recipe", "## Metrics", "## Intended use", "## Limitations"):
         assert section in card
     assert labels[0]["name"] in card and "| lr | 0.001 |" in card
+    # metadata the Hub reads (huggingface_hub's ModelCardData), the run's own split, no placeholder link
+    from huggingface_hub import ModelCard
+    meta = ModelCard(card).data.to_dict()
+    results = meta["model-index"][0]["results"][0]
+    assert results["dataset"]["split"] == "test" and results["metrics"][0]["value"] == pytest.approx(test["top1"])
+    split = [r["split"] for r in csv.DictReader(open(tiny_run / "split.csv"))]
+    assert f"train {split.count('train')} / val {split.count('val')} / test {split.count('test')}" in card
+    assert "70/15/15" not in card and "github.com" not in card and "Calibrated on the validation split" in card
     config = json.loads((exported / "config.json").read_text())
     assert config["preprocessing"]["center_crop"] == 32 and config["preprocessing"]["mean"][0] == 0.485
 

@@ -140,18 +140,22 @@ def shown_analysis(mine: str, settings: AppSettings) -> Path | None:
 def status(mine: str, shown: str, settings: AppSettings):
     """Timer: the session's analysis's progress; its results once it has finished (shown: the one on screen)."""
     out = shown_analysis(mine, settings)
+    unchanged = [gr.skip()] * RESULT_OUTPUTS
     if out is None:
-        return "No analysis yet.", shown, *[gr.skip()] * 6
+        return "No analysis yet.", shown, *unchanged
     p = jobs.job_status(out / "progress.json")
     line = f"**{out.name}** — {p.get('status', '?')}: {p.get('done', 0)}/{p.get('total') or '?'} photos"
     if p.get("status") == "running" and p.get("images_per_sec"):
         line += f", {p['images_per_sec']:.1f} photos/s, ETA {p.get('eta_seconds', 0):.0f} s"
     if p.get("status") != "finished" or shown == str(out):
-        return line, shown, *[gr.skip()] * 7
+        return line, shown, *unchanged
     return line, str(out), *results(out, settings)
 
 
-def results(out: Path, settings: AppSettings):
+RESULT_OUTPUTS = 7  # what results() fills: shares, summary, make, models, unsure, refused, downloads
+
+
+def results(out: Path, settings: AppSettings) -> tuple:
     from ..analysis.report import make_share_figure
     summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
     rows = pd.read_csv(out / "predictions.csv", keep_default_na=False)
