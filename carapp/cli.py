@@ -365,7 +365,8 @@ def cmd_predict(args):
                 pred.cam.save(results[i]["cam"])
             if not args.json:
                 print(f"{path}: {pred.status} — " + ", ".join(f"{label} {prob:.3f}" for label, prob in pred.top)
-                      + f" (make: {pred.make[0]} {pred.make[1]:.3f})", flush=True)
+                      + f" (make: {pred.make[0]} {pred.make[1]:.3f})" + (f"\n  why: {pred.reason}" if pred.reason
+                                                                         else ""), flush=True)
     return results, 1 if any("error" in r for r in results) else 0
 
 

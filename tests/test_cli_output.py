@@ -57,6 +57,8 @@ def test_stdout_holds_json_only_with_json(command, as_json, demo_root, run, tmp_
         json.loads(out)  # the whole of stdout is one JSON value
     else:
         assert out.strip(), f"{command} printed nothing for a person"
+        if command == "predict":
+            assert "\n  why: " in out, out  # and why each answer is what it is
         with pytest.raises(json.JSONDecodeError):
             json.loads(out)
 

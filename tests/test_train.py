@@ -286,3 +286,21 @@ def test_outlier_exposure_resumes_exactly_and_refuses_a_wrong_folder(demo_root, 
         message = cli_error("train", "--data", demo_root, "--run-dir", tmp_path / f"bad-{wrong.name}",
                             "--negatives", wrong, *FAST)
         assert said in message and "Traceback" not in message
+
+
+def test_generated_negatives_are_made_once_and_survive_an_unwritable_cache(tmp_path, monkeypatch, caplog):
+    import tempfile
+
+    from carapp.training.negatives import GENERATED_COUNT, negatives_folder
+    blocked = tmp_path / "cache-is-a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("CARAPP_CACHE", str(blocked))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    folder = negatives_folder("generated")
+    assert folder.is_relative_to(tmp_path / "tmp") and "using the temp folder" in caplog.text
+    photos = sorted(folder.glob("*.jpg"))
+    assert len(photos) == GENERATED_COUNT and {p.name.split("_")[0] for p in photos} == {"scene", "leaves", "noise",
+                                                                                         "shapes"}
+    before = photos[0].stat().st_mtime_ns
+    assert negatives_folder("generated") == folder and photos[0].stat().st_mtime_ns == before  # made once

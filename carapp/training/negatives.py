@@ -11,8 +11,10 @@ The photos of a step are drawn from (seed, epoch, step, rank) alone: a resumed r
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ OE_KINDS = ("scene", "leaves", "noise", "shapes")
 GENERATED_COUNT = 600
 NEGATIVES_PER_BATCH = 0.125  # negatives per car photo of a batch
 _TAG = 0x6F65                # "oe": keeps the draws apart from the sampler's
+log = logging.getLogger("carapp")
 
 
 def negatives_folder(spec: str) -> Path:
@@ -38,8 +41,16 @@ def negatives_folder(spec: str) -> Path:
             raise ValueError(f"--negatives {spec}: not a folder (give a folder of photos without a car, or "
                              f"'{GENERATED}')")
         return folder
+    name = f"{GENERATED}-{'-'.join(OE_KINDS)}-{GENERATED_COUNT}"
+    try:
+        return _generated(cache_dir("negatives") / name)
+    except OSError as exc:  # a read-only home (some hosts): the temp folder will do
+        log.warning("cannot write the generated negatives to the cache (%s); using the temp folder", exc)
+        return _generated(Path(tempfile.gettempdir()) / "carapp-negatives" / name)
+
+
+def _generated(folder: Path) -> Path:
     from ..dataset.demo import make_no_car_images
-    folder = cache_dir("negatives") / f"{GENERATED}-{'-'.join(OE_KINDS)}-{GENERATED_COUNT}"
     if not folder.is_dir():
         scratch = folder.with_name(f".{folder.name}.{os.getpid()}")
         make_no_car_images(scratch, GENERATED_COUNT, seed=1000, kinds=OE_KINDS)  # bench/trust.py tests on seed 1
