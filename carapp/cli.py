@@ -1,4 +1,4 @@
-"""Command line: python -m carapp {demo-data,stats,health,train,lr-find,evaluate,calibrate,predict,analyze,export,
+"""Command line: python -m carapp {demo-data,stats,health,train,lr-find,evaluate,calibrate,predict,analyze,export,runs,
 push,cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--short-side", type=int, default=256, help="short side of the copies in pixels (default 256)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
+    p = sub.add_parser("runs", help="list the runs of a runs folder, as the app does: status, epochs, best val acc")
+    p.add_argument("--dir", default="checkpoints", help="the runs folder (default checkpoints; the app's "
+                   "CARAPP_RUNS_DIR)")
+
     p = sub.add_parser("sweep", help="the paper's lr x dropout grid (Table 7)")
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--out", required=True, help="folder for one run per cell, results.csv and results.md")
@@ -393,6 +397,13 @@ def cmd_push(args):
     return {"repo": args.repo, "url": push(args.run, args.repo, args.private)}, 0
 
 
+def cmd_runs(args):
+    from .runs import list_runs
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"runs folder not found: {args.dir}")
+    return [r.to_json() for r in list_runs(args.dir)], 0
+
+
 def cmd_cache(args):
     from .dataset.resized import build_resized_cache
     return build_resized_cache(args.data, args.short_side, args.workers), 0
@@ -413,4 +424,5 @@ def cmd_lr_find(args):
 COMMANDS = {"demo-data": cmd_demo_data, "lr-find": cmd_lr_find, "stats": cmd_stats, "health": cmd_health,
             "train": cmd_train, "evaluate": cmd_evaluate,
             "calibrate": cmd_calibrate, "analyze": cmd_analyze,
-            "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep}
+            "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep,
+            "runs": cmd_runs}

@@ -108,5 +108,17 @@ def lr_find(r: dict) -> str:
             + (", stopped when the loss diverged" if r["diverged"] else ""))
 
 
+def runs(rows: list[dict]) -> str:
+    if not rows:
+        return "no runs here"
+    lines = [f"{'run':<28} {'status':<12} {'epochs':>9} {'best val acc':>12}  eta"]
+    for r in rows:
+        epochs = f"{r['epochs_done']}/{r['epochs'] or '?'}"
+        eta = f"{r['eta_seconds']:.0f} s" if r["eta_seconds"] is not None else ""
+        lines.append(f"{r['name'][:28]:<28} {r['status']:<12} {epochs:>9} {_pct(r['best_val_acc']):>12}  {eta}")
+    return "\n".join(lines)
+
+
 HUMAN = {"demo-data": demo_data, "stats": stats, "health": health, "train": train, "evaluate": evaluation,
-         "calibrate": calibrate, "export": export, "push": push, "cache": cache, "sweep": sweep, "lr-find": lr_find}
+         "calibrate": calibrate, "export": export, "push": push, "cache": cache, "sweep": sweep, "lr-find": lr_find,
+         "runs": runs}

@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from carapp.runs import active_run, list_runs
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -159,13 +162,13 @@ def stop_all_jobs(runs_dir: Path, timeout: float = 60) -> None:
     import time
 
     from carapp.ui import jobs
-    for run in jobs.list_runs(runs_dir):
+    for run in list_runs(runs_dir):
         if run.status == "running":
             jobs.stop_training(run.path)
     deadline = time.time() + timeout
-    while jobs.active_run(runs_dir) and time.time() < deadline:
+    while active_run(runs_dir) and time.time() < deadline:
         time.sleep(0.5)
-    for run in jobs.list_runs(runs_dir):
+    for run in list_runs(runs_dir):
         if run.status == "running":
             os.kill(json.loads((run.path / "progress.json").read_text())["pid"], 9)
     while (job := jobs.app_job(runs_dir)) and time.time() < deadline:  # an evaluation job ends by itself

@@ -17,6 +17,8 @@ import pytest
 from conftest import ROOT, cli_error, cli_json, run_cli
 from scipy.stats import binomtest
 
+from carapp.runs import job_status
+
 
 @pytest.fixture(scope="module")
 def collection(demo_root, tiny_run, tmp_path_factory):
@@ -150,7 +152,6 @@ def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run,
 
     from conftest import fn_index_updating, raw_call, raw_upload, serving
 
-    from carapp.ui import jobs
     root, truth = collection
     with zipfile.ZipFile(tmp_path / "three.zip", "w") as z:
         for p in list(truth)[:3]:
@@ -181,8 +182,8 @@ def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run,
         assert len(list((tmp_path / "analyses").glob("analysis-*"))) == 1  # the refused one left nothing behind
         out = next((tmp_path / "analyses").glob("analysis-*"))
         deadline = time.time() + 120
-        while jobs.job_status(out / "progress.json").get("status") != "finished":
-            assert time.time() < deadline, jobs.job_status(out / "progress.json")
+        while job_status(out / "progress.json").get("status") != "finished":
+            assert time.time() < deadline, job_status(out / "progress.json")
             time.sleep(0.5)
         assert len(_rows(out / "predictions.csv")) == 2 and (out / "report.html").is_file()
         tick = fn_index_updating(url, "analyze-progress", "tick")

@@ -12,6 +12,8 @@ from PIL import Image
 
 from conftest import ROOT, serving
 
+from carapp.runs import list_runs, run_status
+
 START_TINY = dict(preset="demo", backbone="resnet18", weights="none", epochs=50, batch_size=8, lr=1e-3,
                   weight_decay=1e-5, dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0,
                   # the Advanced accordion's recipe options, after the basic fields
@@ -182,7 +184,7 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
     deadline = time.time() + 120
     while jobs.app_job(tmp_path) and time.time() < deadline:
         time.sleep(0.5)
-    assert jobs.run_status(run) == "finished", (run / "console.log").read_text()[-2000:]
+    assert run_status(run) == "finished", (run / "console.log").read_text()[-2000:]
     recorded = {"excluded": [{"path": first, "reason": "not a car"}], "duplicate_groups": 0}  # besides the config
     assert json.loads((run / "config.json").read_text()) == cfg.to_dict() | recorded
 
@@ -199,7 +201,7 @@ def test_a_stop_pressed_while_the_job_starts_is_not_lost(demo_root, tmp_path):
     deadline = time.time() + 90
     while jobs.app_job(tmp_path) and time.time() < deadline:
         time.sleep(0.5)
-    assert jobs.run_status(run) == "stopped", (run / "console.log").read_text()[-2000:]
+    assert run_status(run) == "stopped", (run / "console.log").read_text()[-2000:]
     assert json.loads((run / "progress.json").read_text())["epoch"] <= 1
 
 
@@ -207,7 +209,7 @@ def test_one_definition_of_a_runs_figures_everywhere(tmp_path):
     """The Model list named the highest val acc of any epoch while best.pt holds the lowest val loss; the Run list
     said "0 of 12 epochs" while the status line said "epoch 1/12"."""
     from carapp import rundir
-    from carapp.ui import jobs, predict_tab, train_tab
+    from carapp.ui import predict_tab, train_tab
     from carapp.ui.settings import resolve_settings
     run = tmp_path / "r1"
     run.mkdir()
@@ -219,9 +221,9 @@ def test_one_definition_of_a_runs_figures_everywhere(tmp_path):
     settings = resolve_settings(None, None, str(tmp_path))
     assert predict_tab.model_choices(settings) == [("r1 (best.pt: val acc 92.6%)", "r1")]
     (run / "progress.json").write_text(json.dumps({"status": "running", "pid": os.getpid(), "epoch": 4}))
-    assert train_tab.run_labels(jobs.list_runs(tmp_path)) == [("r1 (running, epoch 4 of 12)", "r1")]
+    assert train_tab.run_labels(list_runs(tmp_path)) == [("r1 (running, epoch 4 of 12)", "r1")]
     (run / "progress.json").write_text(json.dumps({"status": "stopped", "epoch": 4}))
-    assert train_tab.run_labels(jobs.list_runs(tmp_path)) == [("r1 (stopped, 3 of 12 epochs)", "r1")]
+    assert train_tab.run_labels(list_runs(tmp_path)) == [("r1 (stopped, 3 of 12 epochs)", "r1")]
 
 
 def test_presentation_says_no_model_once_and_headlines_no_model_it_did_not_name(tiny_run, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from carapp.runs import list_runs, run_status
 from carapp.rundir import read_metrics
 from carapp.ui import jobs
 from conftest import ROOT, serving
@@ -166,7 +167,7 @@ def test_demo_training_updates_the_plot_and_the_run_list_then_stop_and_resume(ap
     page.wait_for_function("!document.querySelector('#train-message').innerText.includes('Stopping')",
                            timeout=30_000)
     # Resume resumes: the Stop pressed for the first trainer is not taken by the second (it stopped after one step)
-    run = jobs.list_runs(app[1])[0].path
+    run = list_runs(app[1])[0].path
     epochs_at_stop = len(read_metrics(run))
     deadline = time.time() + 60
     while jobs.app_job(app[1]) and time.time() < deadline:  # the stopped trainer's process exits
@@ -175,7 +176,7 @@ def test_demo_training_updates_the_plot_and_the_run_list_then_stop_and_resume(ap
     page.wait_for_function("document.querySelector('#live').innerText.includes('running, epoch')", timeout=120_000)
     deadline = time.time() + 300
     while len(read_metrics(run)) <= epochs_at_stop:  # on to its next epoch
-        assert time.time() < deadline and jobs.run_status(run) == "running", jobs.run_status(run)
+        assert time.time() < deadline and run_status(run) == "running", run_status(run)
         time.sleep(1)
     page.wait_for_function("document.querySelector('#live').innerText.includes('running')", timeout=30_000)
     page.screenshot(path=str(tmp_path / "resumed.png"), full_page=True)

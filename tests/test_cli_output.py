@@ -38,11 +38,12 @@ def commands(demo_root, run, out):
         "cache": ["--data", shutil.copytree(demo_root, out / "copy"), "--short-side", "40", "--workers", "1"],
         "sweep": ["--data", demo_root, "--out", out / "sweep", "--lr", "1e-3", "--dropout", "0.2", *TINY_TRAIN],
         "lr-find": ["--data", demo_root, *FAST_TRAIN, "--steps", "6"],
+        "runs": ["--dir", run.parent],
     }
 
 
 COMMANDS = ["demo-data", "stats", "health", "train", "evaluate", "calibrate", "predict", "analyze", "export", "cache",
-            "sweep", "lr-find"]
+            "sweep", "lr-find", "runs"]
 
 
 @pytest.mark.slow
@@ -137,3 +138,38 @@ def test_a_missing_path_is_refused_before_torch_is_imported(args):
               "print('torch imported' if 'torch' in sys.modules else 'no torch', code, file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "error: " in proc.stderr and proc.stderr.strip().endswith("no torch 2"), proc.stderr
+
+
+def test_runs_lists_the_runs_as_the_app_does(tiny_run, tmp_path, capfd):
+    """`carapp runs`: the runs folder as the app's Train tab lists it: newest first, with the live status (a run whose
+    trainer died mid-epoch is 'interrupted', not 'running')."""
+    from carapp import rundir
+    from carapp.runs import list_runs
+    shutil.copytree(tiny_run, tmp_path / "done")
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    rundir.write_json(dead / "progress.json", {"status": "running", "pid": 2 ** 22 + 17, "epoch": 1, "epochs": 5})
+    code, rows = call(capfd, "runs", "--dir", tmp_path)
+    assert code == 0 and [r["name"] for r in rows] == ["dead", "done"]
+    assert [r["status"] for r in rows] == ["interrupted", "finished"] == [r.status for r in list_runs(tmp_path)]
+    assert rows[1]["epochs_done"] == 1 and rows[1]["best_val_acc"] is not None
+    code, error = call(capfd, "runs", "--dir", tmp_path / "absent")
+    assert code == 2 and "runs folder not found" in error["error"]
+
+
+def test_a_runs_listing_reads_a_run_again_only_when_it_changed(tiny_run, tmp_path, monkeypatch):
+    import os
+
+    from carapp import rundir, runs
+    shutil.copytree(tiny_run, tmp_path / "a")
+    reads = []
+    real = rundir.read_metrics
+    monkeypatch.setattr(rundir, "read_metrics", lambda run: reads.append(run.name) or real(run))
+    first = runs.list_runs(tmp_path)
+    runs.list_runs(tmp_path)
+    runs.find_run(tmp_path, "a")
+    assert reads == ["a"] and first[0].status == "finished"  # three listings, one read
+    progress = tmp_path / "a" / "progress.json"
+    os.utime(progress, ns=(progress.stat().st_atime_ns, progress.stat().st_mtime_ns + 10 ** 9))
+    runs.list_runs(tmp_path)
+    assert reads == ["a", "a"]  # its progress changed: read again

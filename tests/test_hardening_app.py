@@ -9,6 +9,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from carapp.runs import active_run, list_runs, run_status
 from carapp import rundir
 from carapp.ui import jobs
 from carapp.config import make_config
@@ -39,7 +40,7 @@ def test_twenty_concurrent_predictions_while_training(app):
         with ThreadPoolExecutor(20) as pool:
             answers = list(pool.map(one, range(20)))
         assert answers == [(5, answers[0][1])] * 20 and answers[0][1] >= 256
-        assert jobs.run_status(run) == "running"  # training went on meanwhile
+        assert run_status(run) == "running"  # training went on meanwhile
     finally:
         stop_all_jobs(runs)
 
@@ -97,6 +98,6 @@ def test_run_list_survives_files_vanishing_mid_listing(tmp_path):
     run.mkdir()
     rundir.write_json(run / "config.json", {"epochs": 3})
     (run / ".last.pt.abc.tmp").symlink_to(run / "gone")
-    (info,) = jobs.list_runs(tmp_path)
+    (info,) = list_runs(tmp_path)
     assert info.name == "run" and info.updated == (run / "config.json").stat().st_mtime
-    assert jobs.active_run(tmp_path) is None
+    assert active_run(tmp_path) is None

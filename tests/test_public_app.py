@@ -15,6 +15,7 @@ import pytest
 from conftest import FAST_TRAIN, ROOT, raw_call, raw_upload, serving, stop_all_jobs
 from PIL import Image
 
+from carapp.runs import evaluation_status, list_runs, run_status
 from carapp.ui import jobs, predict_tab, train_tab, uploads
 
 EXAMPLE = ROOT / "assets/examples/aurora_sprint.jpg"
@@ -61,7 +62,7 @@ def _owner_trains(data, runs) -> tuple[subprocess.Popen, object]:
                              "--epochs", "50", "--patience", "50", *FAST_TRAIN], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while jobs.run_status(run) != "running" or not (run / "config.json").exists():
+    while run_status(run) != "running" or not (run / "config.json").exists():
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.3)
     return proc, run
@@ -75,7 +76,7 @@ def test_visitor_cannot_stop_the_owners_training(public):
         ok, error = raw_call(url, "/stop_training", [])
         assert not ok and "turned off" in error
         time.sleep(1)
-        assert not (run / "STOP").exists() and jobs.run_status(run) == "running"
+        assert not (run / "STOP").exists() and run_status(run) == "running"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
@@ -144,8 +145,8 @@ def test_private_reevaluation_is_one_background_job_and_readers_never_see_half_a
         busy = [a for ok, a in answers if not ok and "one job at a time" in a]
         assert len(started) == 1 and len(busy) == 15, answers
         deadline = time.time() + 120
-        while jobs.evaluation_status(runs / "tiny").get("status") != "finished":
-            assert time.time() < deadline and jobs.evaluation_status(runs / "tiny").get("status") == "running"
+        while evaluation_status(runs / "tiny").get("status") != "finished":
+            assert time.time() < deadline and evaluation_status(runs / "tiny").get("status") == "running"
             time.sleep(0.3)
     finally:
         stop.set()
@@ -221,7 +222,7 @@ def test_three_start_clicks_start_one_trainer(demo_root, tiny_run, tmp_path):
         assert sum(ok for ok, _ in answers) == 1, answers
         assert all("one job at a time" in a for ok, a in answers if not ok)
         assert len(_trainer_pids(tmp_path)) == 1
-        assert len([r for r in jobs.list_runs(tmp_path) if r.name != "tiny"]) == 1
+        assert len([r for r in list_runs(tmp_path) if r.name != "tiny"]) == 1
 
 
 def test_blank_numbers_mean_the_presets_values(demo_root, tiny_run, tmp_path):
@@ -229,7 +230,7 @@ def test_blank_numbers_mean_the_presets_values(demo_root, tiny_run, tmp_path):
         blank = ["demo", "resnet18", "", None, None, None, None, None, None, 32, None, 0, *ADVANCED_BLANK]
         ok, data = raw_call(url, "/start_training", [str(demo_root), *blank])
         assert ok and data[0].startswith("Started"), data
-        run = next(r.path for r in jobs.list_runs(tmp_path) if r.name != "tiny")
+        run = next(r.path for r in list_runs(tmp_path) if r.name != "tiny")
         deadline = time.time() + 60
         while not (run / "config.json").is_file():  # the trainer announces itself before it writes its config
             assert time.time() < deadline
@@ -266,14 +267,14 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_again(demo_root, ti
         for name in ("config.json", "labels.json", "split.csv"):
             (run / name).write_bytes((tiny_run / name).read_bytes())
         (run / "progress.json").write_text(json.dumps({"status": "running", "pid": 999_999_999}))
-        assert jobs.run_status(run) == "interrupted"
+        assert run_status(run) == "interrupted"
         ok, data = raw_call(url, "/resume_training", ["killed", 1])
         assert ok and data[0].startswith("Resuming"), data
         deadline = time.time() + 180
-        while jobs.run_status(run) == "running":
+        while run_status(run) == "running":
             assert time.time() < deadline
             time.sleep(0.5)
-        assert jobs.run_status(run) == "finished" and (run / "best.pt").is_file()
+        assert run_status(run) == "finished" and (run / "best.pt").is_file()
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_saves(demo_root, tmp_path):
@@ -341,13 +342,13 @@ def test_a_fresh_public_app_trains_its_first_model_and_says_so(demo_root, tmp_pa
     try:
         deadline = time.time() + 90
         run = runs / first_model.NAME
-        while not ((run / "config.json").is_file() and jobs.run_status(run) == "running"):
+        while not ((run / "config.json").is_file() and run_status(run) == "running"):
             assert time.time() < deadline, "the first model did not start"
             time.sleep(0.5)
         ok, error = raw_call(url, "/predict", photo(raw_upload(url, EXAMPLE)))
         assert not ok and "A first model is being trained" in error, error
         ok, error = raw_call(url, "/stop_training", [])
-        assert not ok and jobs.run_status(run) == "running"
+        assert not ok and run_status(run) == "running"
         config = json.loads((run / "config.json").read_text())
         assert config["preset"] == "demo" and config["data"] == str(demo_root)
     finally:

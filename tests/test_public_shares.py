@@ -21,6 +21,7 @@ from conftest import fn_index, http_request, raw_call, raw_upload, serving
 from test_analyze import _corrupt_zip
 from test_public_app import EXAMPLE, photo
 
+from carapp.runs import job_status
 from carapp import rundir
 from carapp.ui import analyze_tab, jobs
 from carapp.ui.settings import resolve_settings
@@ -34,7 +35,7 @@ def _uploaded(url: str, path: Path) -> dict:
 
 def _wait_finished(out: Path, timeout: float = 180) -> dict:
     deadline = time.time() + timeout
-    while (p := jobs.job_status(out / "progress.json")).get("status") not in ("finished", "failed", "interrupted"):
+    while (p := job_status(out / "progress.json")).get("status") not in ("finished", "failed", "interrupted"):
         assert time.time() < deadline, p
         time.sleep(0.5)
     return p
@@ -88,7 +89,7 @@ def test_a_hung_job_frees_the_slot_and_says_so(tmp_path, monkeypatch):
     assert hung.wait(timeout=10) == -signal.SIGKILL
     assert not _live_in_group(hung.pid)  # its worker too
     assert "made no progress for 2 minutes" in (folder / "console.log").read_text()
-    assert jobs.job_status(folder / "progress.json")["status"] == "failed"
+    assert job_status(folder / "progress.json")["status"] == "failed"
     assert not (runs / jobs.JOB_FILE).exists()
 
 

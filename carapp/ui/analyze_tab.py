@@ -22,6 +22,7 @@ from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, coll
 from ..analysis.report import SUMMARY_COLUMNS
 from ..atomic import atomic_writer
 from ..dataset.images import open_image
+from ..runs import job_status
 from . import jobs
 from .photos import SIX_WIDE
 from .predict_tab import default_model, model_choices, resolve_model
@@ -143,7 +144,7 @@ def status(mine: str, shown: str, settings: AppSettings):
     unchanged = [gr.skip()] * RESULT_OUTPUTS
     if out is None:
         return "No analysis yet.", shown, *unchanged
-    p = jobs.job_status(out / "progress.json")
+    p = job_status(out / "progress.json")
     line = f"**{out.name}** — {p.get('status', '?')}: {p.get('done', 0)}/{p.get('total') or '?'} photos"
     if p.get("status") == "running" and p.get("images_per_sec"):
         line += f", {p['images_per_sec']:.1f} photos/s, ETA {p.get('eta_seconds', 0):.0f} s"

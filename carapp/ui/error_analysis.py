@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import exclusions
 from ..dataset.images import ImageError, open_image
-from . import jobs
+from ..runs import find_run
 from .photos import thumbnails
 from .settings import AppSettings
 
@@ -44,7 +44,7 @@ def pair_from_row(settings: AppSettings, name: str | None, pairs: pd.DataFrame, 
 
 def _report(name: str | None, settings: AppSettings) -> dict | None:
     from ..evaluation.evaluate import read_report
-    run = jobs.find_run(settings.runs_dir, name)
+    run = find_run(settings.runs_dir, name)
     return read_report(run) if run is not None else None
 
 
@@ -60,7 +60,7 @@ def pair_photos(name: str | None, pair: str | None, settings: AppSettings):
     photos, paths = _open(report, rows)
     if not photos:
         return [], []
-    predictor = cached_predictor(jobs.find_run(settings.runs_dir, name))
+    predictor = cached_predictor(find_run(settings.runs_dir, name))
     answers = predictor.predict_many([img for img, _ in photos], top_k=1, cam=True, target=pred)
     names = report["names"]
     return ([(a.cam, f"{names[true]} → {names[pred]} ({float(r['prob']):.0%})")

@@ -9,6 +9,7 @@ import pandas as pd
 
 from .. import exclusions, plots, rundir
 from ..evaluation.answers import threshold_note
+from ..runs import evaluation_status, find_run, list_runs
 from . import error_analysis as errors
 from . import jobs
 from .photos import SIX_WIDE
@@ -16,7 +17,7 @@ from .settings import AppSettings
 
 
 def evaluated_runs(settings: AppSettings):
-    runs = [r.name for r in jobs.list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()]
+    runs = [r.name for r in list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()]
     return gr.Dropdown(choices=runs, value=runs[0] if runs else None)
 
 
@@ -33,7 +34,7 @@ def evaluate(name: str | None, recompute: bool, settings: AppSettings):
     """Show the stored test report. Evaluating anew (asked, or never done) is a background job of the owner's: on a
     public app the reports are read-only, since one evaluation costs minutes of CPU on CompCars."""
     from ..evaluation.evaluate import read_report
-    run = jobs.find_run(settings.runs_dir, name)
+    run = find_run(settings.runs_dir, name)
     if run is None or not (run / "best.pt").is_file():
         raise gr.Error("Choose a trained run (train one in the Train tab).", print_exception=False)
     report = None if recompute and settings.training_enabled else read_report(run)  # public: read-only
@@ -53,7 +54,7 @@ def evaluate(name: str | None, recompute: bool, settings: AppSettings):
 def stored(name: str | None, settings: AppSettings):
     """The chosen run's stored report, at once (no button): every run trained here has one."""
     from ..evaluation.evaluate import read_report
-    run = jobs.find_run(settings.runs_dir, name)
+    run = find_run(settings.runs_dir, name)
     report = read_report(run) if run is not None and (run / "best.pt").is_file() else None
     if report is None:
         hint = "" if run is None else f"**{run.name}** has no test report yet" + (
@@ -65,10 +66,10 @@ def stored(name: str | None, settings: AppSettings):
 def progress(name: str | None, shown: float, settings: AppSettings):
     """Timer: the evaluation's progress line, and the new report once a job finished it (shown = its mtime)."""
     from ..evaluation.evaluate import read_report
-    run = jobs.find_run(settings.runs_dir, name)
+    run = find_run(settings.runs_dir, name)
     if run is None:
         return gr.skip(), shown, *[gr.skip()] * len(EMPTY)
-    p = jobs.evaluation_status(run)
+    p = evaluation_status(run)
     line = ""
     if p.get("status") == "running":
         done, total = p.get("done", 0), p.get("total")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .. import rundir
 from ..config import make_config
+from ..runs import list_runs, run_eta, status_of
 from . import jobs
 from .settings import AppSettings, ensure_data
 
@@ -21,7 +22,7 @@ def needed(settings: AppSettings) -> bool:
     off by a restart)."""
     if not (settings.public and settings.first_model and not settings.checkpoint and settings.is_demo_like):
         return False
-    runs = jobs.list_runs(settings.runs_dir)
+    runs = list_runs(settings.runs_dir)
     return not any((r.path / "best.pt").is_file() for r in runs) or \
         any(r.name == NAME and r.status in ("interrupted", "stopped") for r in runs)
 
@@ -46,7 +47,7 @@ def offered(settings: AppSettings) -> bool:
     """A private app with no model offers the first model on Predict, where a newcomer is (a public one trains
     it by itself)."""
     return not settings.public and not settings.checkpoint and not any(
-        (r.path / "best.pt").is_file() for r in jobs.list_runs(settings.runs_dir))
+        (r.path / "best.pt").is_file() for r in list_runs(settings.runs_dir))
 
 
 def start_now(settings: AppSettings) -> None:
@@ -63,9 +64,9 @@ def progress(settings: AppSettings) -> str | None:
     """One line while the first model trains (or its job is starting), else None."""
     run = Path(settings.runs_dir) / NAME
     p = rundir.read_progress(run)
-    if jobs.status_of(p) != "running":
+    if status_of(p) != "running":
         return None
-    eta = jobs.run_eta(p, rundir.read_metrics(run))
+    eta = run_eta(p, rundir.read_metrics(run))
     where = f"epoch {p['epoch']} of {p.get('epochs', '?')}" if p.get("epoch") else "loading PyTorch and the data"
     return (f"**A first model is being trained for this app** on the synthetic demo cars ({where}"
             + (f", about {eta / 60:.0f} min left" if eta is not None else "") +

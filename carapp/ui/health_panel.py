@@ -6,7 +6,7 @@ import gradio as gr
 import pandas as pd
 
 from ..dataset.health import HealthError, check_health
-from . import jobs
+from ..runs import find_run, list_runs
 from .photos import SIX_WIDE, thumbnails
 from .settings import AppSettings, ensure_data
 
@@ -16,7 +16,7 @@ NO_RUN = "(no run)"
 
 
 def run_choices(settings: AppSettings) -> gr.Dropdown:
-    return gr.Dropdown(choices=[NO_RUN] + [r.name for r in jobs.list_runs(settings.runs_dir)], value=NO_RUN)
+    return gr.Dropdown(choices=[NO_RUN] + [r.name for r in list_runs(settings.runs_dir)], value=NO_RUN)
 
 
 def check(root: str, run_name: str | None, settings: AppSettings, progress=gr.Progress()):
@@ -25,7 +25,7 @@ def check(root: str, run_name: str | None, settings: AppSettings, progress=gr.Pr
         root = settings.data
     if root == settings.data:
         ensure_data(settings)
-    run = jobs.find_run(settings.runs_dir, run_name) if run_name and run_name != NO_RUN else None
+    run = find_run(settings.runs_dir, run_name) if run_name and run_name != NO_RUN else None
     try:
         report = check_health(root, run=str(run) if run else None, cached_only=not settings.training_enabled,
                               on_progress=lambda done, total: progress(done / total, desc="hashing photos"))

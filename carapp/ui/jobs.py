@@ -12,16 +12,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from .. import exclusions, rundir
 from ..config import TrainConfig
+from ..runs import STARTING, active_run, console_tail
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding carapp/: where `-m carapp` is found
 JOB_FILE = ".app-job.json"              # in the runs folder: the job the app started last
 REQUESTED_CONFIG = "requested_config.json"  # what the app asked a new run to train with
-STARTING = "starting"                   # progress phase of a job whose process has not spoken yet
 # A job that changes nothing in its folder for this long is taken as hung and ended (CARAPP_JOB_STALL_MINUTES):
 # every kind of job writes its progress at least every few steps or photos.
 STALL_SECONDS = float(os.environ.get("CARAPP_JOB_STALL_MINUTES") or 30) * 60
@@ -34,59 +33,6 @@ class JobError(RuntimeError):
 
 class JobBusy(JobError):
     """Another job holds the one job slot; the message names it (a public app says less: see analyze_tab)."""
-
-
-@dataclass
-class RunInfo:
-    name: str
-    path: Path
-    status: str          # running | stopped | finished | failed | interrupted | new
-    epochs_done: int
-    epochs: int | None
-    best_val_acc: float | None  # of the epoch best.pt holds: the lowest val loss (not the highest val acc)
-    updated: float
-
-
-def run_status(run: Path) -> str:
-    """'running' only while the trainer's process lives; a dead 'running' run was interrupted (resumable)."""
-    return status_of(rundir.read_progress(run))
-
-
-def status_of(progress: dict) -> str:
-    """run_status of a progress record already read."""
-    status = progress.get("status", "new")
-    if status == "running" and not (progress.get("pid") and rundir.pid_alive(progress["pid"])):
-        return "failed" if progress.get("phase") == STARTING else "interrupted"  # died before it spoke: bad options
-    return status
-
-
-def run_info(run: Path) -> RunInfo:
-    metrics = rundir.read_metrics(run)
-    config = rundir.read_json(run / "config.json", {}) or {}
-    return RunInfo(name=run.name, path=run, status=run_status(run), epochs_done=len(metrics),
-                   epochs=config.get("epochs"),
-                   best_val_acc=min(metrics, key=lambda m: m["val_loss"])["val_acc"] if metrics else None,
-                   updated=rundir.last_change(run))
-
-
-def list_runs(runs_dir: str | Path) -> list[RunInfo]:
-    """Run directories under runs_dir, newest first."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return []
-    # progress.json too: a trainer announces itself there before its config is written
-    runs = [run_info(p) for p in runs_dir.iterdir()
-            if p.is_dir() and ((p / "config.json").is_file() or (p / "progress.json").is_file())]
-    return sorted(runs, key=lambda r: r.updated, reverse=True)
-
-
-def find_run(runs_dir: str | Path, name: str | None) -> Path | None:
-    """A run by name, only among the runs listed under runs_dir (a name is never a path)."""
-    return next((r.path for r in list_runs(runs_dir) if r.name == name), None) if name else None
-
-
-def active_run(runs_dir: str | Path) -> RunInfo | None:
-    return next((r for r in list_runs(runs_dir) if r.status == "running"), None)
 
 
 def _spawn(args: list[str], run: Path) -> subprocess.Popen:
@@ -216,41 +162,9 @@ def start_analysis(sources: list[str], model: str, out: Path, runs_dir: str | Pa
     return _start(runs_dir, args, out, "analyze")
 
 
-def job_status(progress_file: Path) -> dict:
-    """A job's progress file, with a dead 'running' job marked 'interrupted'."""
-    progress = rundir.read_json(progress_file, {})
-    if progress.get("status") == "running" and not rundir.pid_alive(progress.get("pid", 0)):
-        progress["status"] = "interrupted"
-        if progress.get("phase") == STARTING:  # died before it spoke: its last words say why
-            progress["status"], progress["error"] = "failed", console_tail(progress_file.parent)
-    return progress
-
-
-def console_tail(folder: Path, lines: int = 3) -> str:
-    try:
-        return " / ".join((folder / "console.log").read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def evaluation_status(run: str | Path) -> dict:
-    """The evaluation progress of a run: status running | finished | failed | interrupted, done, total."""
-    return job_status(Path(run) / rundir.EVAL_PROGRESS)
-
-
 def started_by_app(runs_dir: str | Path, run: str | Path) -> bool:
     job = app_job(runs_dir)
     return bool(job) and job["run"] == Path(run).name
-
-
-def run_eta(p: dict, metrics: list[dict]) -> float | None:
-    """Seconds until a running run's last epoch ends at its present pace (early stopping may end it sooner), from
-    its progress record and epoch lines as the caller read them."""
-    if status_of(p) != "running" or not p.get("steps") or "eta_seconds" not in p:
-        return None
-    epoch_seconds = (sum(m["seconds"] for m in metrics) / len(metrics) if metrics
-                     else p["eta_seconds"] * p["steps"] / max(p["steps"] - p["step"], 1))
-    return p["eta_seconds"] + max(0, (p.get("epochs") or p["epoch"]) - p["epoch"]) * epoch_seconds
 
 
 def stop_training(run: str | Path) -> None:

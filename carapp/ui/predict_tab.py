@@ -16,6 +16,7 @@ import gradio as gr
 from .. import rundir
 from ..config import CAM_METHODS
 from ..dataset.images import PHOTO_DRAFT_SIZE, ImageError, open_image
+from ..runs import find_run, list_runs
 from . import first_model, jobs
 from .settings import CONFIGURED, AppSettings
 from .uploads import EXAMPLES, accepted_upload
@@ -29,7 +30,7 @@ _SLOW_CAM = threading.BoundedSemaphore(1)  # ScoreCAM & co: one at a time, whate
 def model_choices(settings: AppSettings) -> list[tuple[str, str]]:
     """The configured model first, then the trained runs, best validation accuracy of their best.pt first (the
     default is the best)."""
-    runs = sorted((r for r in jobs.list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()),
+    runs = sorted((r for r in list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()),
                   key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))
     choices = [(f"{r.name} (best.pt: val acc {r.best_val_acc:.1%})" if r.best_val_acc is not None else r.name, r.name)
                for r in runs]
@@ -51,7 +52,7 @@ def resolve_model(source: str | None, settings: AppSettings) -> str:
         return settings.checkpoint
     if source.startswith("hf://") and settings.paths_editable:
         return source
-    run = jobs.find_run(settings.runs_dir, source)
+    run = find_run(settings.runs_dir, source)
     if run is not None:
         return str(run)
     if settings.paths_editable and Path(source).exists():

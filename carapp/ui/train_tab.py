@@ -10,6 +10,7 @@ import pandas as pd
 
 from .. import plots, rundir
 from ..config import BACKBONES, OPTIMIZERS, PRESETS, RESIZES, make_config
+from ..runs import active_run, find_run, list_runs, run_eta, status_of
 from . import jobs
 from .settings import AppSettings, ensure_data
 
@@ -66,7 +67,7 @@ def find_lr(root: str, preset: str, *values, settings: AppSettings):
     from ..training.lrfind import lr_find
     try:
         cfg = form_config(root, preset, values, settings)
-        if jobs.active_run(settings.runs_dir) is not None:
+        if active_run(settings.runs_dir) is not None:
             raise jobs.JobError("a run is training: find the learning rate before or after it (one job at a time)")
         result = lr_find(cfg, steps=LR_FIND_STEPS)
     except (jobs.JobError, ValueError, TypeError, OSError) as exc:
@@ -81,7 +82,7 @@ def stop(settings: AppSettings) -> str:
     owner started from the command line."""
     if not settings.training_enabled:
         raise gr.Error(TRAINING_OFF, print_exception=False)
-    active = jobs.active_run(settings.runs_dir)
+    active = active_run(settings.runs_dir)
     if active is None:
         return "No run is training."
     if settings.public and not jobs.started_by_app(settings.runs_dir, active.path):
@@ -93,7 +94,7 @@ def stop(settings: AppSettings) -> str:
 def resume(name: str | None, epochs: str | float | None, settings: AppSettings) -> str:
     if not settings.training_enabled:
         raise gr.Error(TRAINING_OFF, print_exception=False)
-    run = jobs.find_run(settings.runs_dir, name)
+    run = find_run(settings.runs_dir, name)
     if run is None:
         raise gr.Error("Choose a run to resume.", print_exception=False)
     try:
@@ -107,7 +108,7 @@ def resume(name: str | None, epochs: str | float | None, settings: AppSettings) 
 
 
 def watched_run(name: str | None, runs: list, settings: AppSettings) -> Path | None:
-    """Among `runs` (jobs.list_runs, newest first): the training run if there is one (or one this app is
+    """Among `runs` (list_runs, newest first): the training run if there is one (or one this app is
     starting), else the chosen run, else the newest."""
     job = jobs.app_job(settings.runs_dir)
     starting = job["run"] if job and job.get("kind") == "train" else None
@@ -121,7 +122,7 @@ def epoch_table(metrics: list[dict]) -> pd.DataFrame:
 
 
 def status(name: str | None, settings: AppSettings, runs: list | None = None):
-    run = watched_run(name, jobs.list_runs(settings.runs_dir) if runs is None else runs, settings)
+    run = watched_run(name, list_runs(settings.runs_dir) if runs is None else runs, settings)
     if run is None:
         return "No runs yet: choose a preset and press Start.", None, epoch_table([]), "", "", {}
     progress = rundir.read_progress(run)
@@ -130,7 +131,7 @@ def status(name: str | None, settings: AppSettings, runs: list | None = None):
     test = progress.get("test") or rundir.read_json(run / "test_metrics.json")
     test_md = (f"**Test (best.pt):** top-1 {test['top1']:.2%}, top-5 {test['top5']:.2%}, macro-F1 "
                f"{test['macro_f1']:.3f} on {test['num_images']} images" if test else "")
-    raw = json.loads(settings.redact(json.dumps({**progress, "run": run.name, "status": jobs.status_of(progress)})))
+    raw = json.loads(settings.redact(json.dumps({**progress, "run": run.name, "status": status_of(progress)})))
     steps = rundir.read_steps(run)
     return (settings.redact(status_markdown(run, progress, metrics)),
             plots.curves_figure(metrics, steps) if metrics or steps else None,
@@ -138,7 +139,7 @@ def status(name: str | None, settings: AppSettings, runs: list | None = None):
 
 
 def status_markdown(run: Path, p: dict, metrics: list[dict]) -> str:
-    state = jobs.status_of(p)
+    state = status_of(p)
     job = jobs.app_job(run.parent)
     if state != "running" and job and job["run"] == run.name and job.get("kind") == "train":
         return f"**{run.name}** — starting (loading PyTorch and the data)…"
@@ -148,7 +149,7 @@ def status_markdown(run: Path, p: dict, metrics: list[dict]) -> str:
     if state == "running" and p.get("steps"):
         line += (f", step {p['step']}/{p['steps']} — loss {p['running_loss']:.4f}, acc {p['running_acc']:.3f}, "
                  f"{p['images_per_sec']:.1f} img/s, epoch ETA {_duration(p['eta_seconds'])}")
-        left = jobs.run_eta(p, metrics)
+        left = run_eta(p, metrics)
         if left is not None:
             line += f", run ETA {_duration(left)} (at most: early stopping may end it sooner)"
     if state == "failed":
@@ -179,14 +180,14 @@ def run_labels(runs: list) -> list[tuple[str, str]]:
 
 
 def run_choices(settings: AppSettings):
-    labels = run_labels(jobs.list_runs(settings.runs_dir))
+    labels = run_labels(list_runs(settings.runs_dir))
     return gr.Dropdown(choices=labels, value=labels[0][1] if labels else None)
 
 
 def tick(name: str | None, message: str, shown: list, settings: AppSettings):
     """The timer: the live view, the Run list's labels when they changed (the choice stays), and a 'Stopping…' or
     'Resuming…' line dropped once it has come true."""
-    runs = jobs.list_runs(settings.runs_dir)  # once per tick: the labels, the busy test and the live view share it
+    runs = list_runs(settings.runs_dir)  # once per tick: the labels, the busy test and the live view share it
     labels = [list(pair) for pair in run_labels(runs)]
     # choices only: the value stays the page's own (a Start in flight may be changing it right now)
     choices = gr.Dropdown(choices=labels) if labels != shown else gr.skip()
