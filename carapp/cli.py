@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the drawings (default 0)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the per-class image counts (default 1)")
     p.add_argument("--force", action="store_true", help="replace a demo dataset written there before")
+    p.add_argument("--scenes", type=int, default=0, help="also write this many multi-car scenes (0-4 demo cars "
+                   "each, with their true boxes and classes in scenes/scenes.json; default 0)")
 
     p = sub.add_parser("stats", help="dataset statistics")
     p.add_argument("--data", required=True, help="dataset root")
@@ -291,7 +293,15 @@ def _stdout_to_stderr(active: bool):
 
 def cmd_demo_data(args):
     from .dataset.demo import make_demo_dataset
-    return make_demo_dataset(args.out, seed=args.seed, scale=args.scale, replace=args.force), 0
+    from .dataset.scenes import make_demo_scenes
+    if args.scenes < 0:
+        raise ValueError(f"--scenes must be 0 or more, not {args.scenes}")
+    result = make_demo_dataset(args.out, seed=args.seed, scale=args.scale, replace=args.force)
+    if args.scenes:
+        scenes = make_demo_scenes(Path(args.out) / "scenes", args.scenes, seed=args.seed)
+        result |= {"scenes": len(scenes), "scene_cars": sum(len(s["cars"]) for s in scenes),
+                   "scenes_dir": str(Path(args.out) / "scenes")}
+    return result, 0
 
 
 def cmd_stats(args):

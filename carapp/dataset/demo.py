@@ -355,9 +355,8 @@ def _gradient(top, bottom, h, w):
     return np.broadcast_to(_lerp(top, bottom, np.linspace(0, 1, h)[:, None, None]), (h, w, 3))
 
 
-def _draw_background(rng):
-    """Sky/road split with smooth gradients and some low-saturation clutter."""
-    w, h = IMG_W * SS, IMG_H * SS
+def _draw_background(rng, w: int = IMG_W * SS, h: int = IMG_H * SS):
+    """Sky/road split with smooth gradients and some low-saturation clutter, w x h pixels (at SS)."""
     horizon = int(h * rng.uniform(0.35, 0.6))
     sky = _gradient(rng.integers(90, 256, 3), rng.integers(120, 256, 3), horizon, w)
     road = _gradient(rng.integers(60, 170, 3), rng.integers(40, 140, 3), h - horizon, w)
@@ -497,6 +496,7 @@ def _make_room(out: Path, replace: bool) -> None:
         raise ValueError(f"{out} holds a demo dataset already: use it as it is, or replace it with --force")
     for sub in ("image", "label"):  # stale images of another seed or scale must not leak into the counts
         shutil.rmtree(out / "data" / sub, ignore_errors=True)
+    shutil.rmtree(out / "scenes", ignore_errors=True)  # nor stale scenes (carapp.dataset.scenes)
 
 
 def _model_years(rng):
