@@ -1,5 +1,5 @@
-"""Command line: python -m carapp {demo-data,stats,health,train,lr-find,evaluate,calibrate,predict,analyze,export,runs,
-push,cache,sweep} --help
+"""Command line: python -m carapp {demo-data,stats,health,train,train-detector,lr-find,evaluate,calibrate,predict,analyze,
+export,runs,push,cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """
@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average with the mirrored photo (flip test-time augmentation)")
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--detector", default=None, help="find each car first: a detector run (train-detector), its "
+                   "checkpoint, coco, or none (default: CARAPP_DETECTOR, else none: the whole photo)")
+    p.add_argument("--vehicles", action="store_true", help="with --detector coco: buses and trucks count as cars")
+    p.add_argument("--scenes", help="with --detector: a folder of scenes with true boxes (demo-data --scenes; "
+                   "default: the run's dataset's scenes/)")
 
     p = sub.add_parser("calibrate", help="fit the temperature, answer thresholds and 'not a car' score on val")
     p.add_argument("--run", required=True, help="run directory with best.pt")
@@ -170,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "eigencam | layercam")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--detector", default=None, help="find each car first: a detector run (train-detector), its "
+                   "checkpoint, coco, or none (default: CARAPP_DETECTOR, else none: the whole photo)")
+    p.add_argument("--vehicles", action="store_true", help="with --detector coco: buses and trucks count as cars")
 
     p = sub.add_parser("analyze", help="analyse a photo collection: makes and models per group, with intervals")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="a folder (recursive), a .zip, or a list of paths")
@@ -202,6 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--short-side", type=int, default=256, help="short side of the copies in pixels (default 256)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+
+    p = sub.add_parser("train-detector", help="train a car detector from the dataset's own boxes (the demo set's, "
+                       "CompCars label files)")
+    p.add_argument("--data", help="dataset root (not with --resume)")
+    p.add_argument("--format", default=None, help="dataset format: auto | compcars | sv (default auto)")
+    p.add_argument("--run-dir", required=True, help="the detector's run directory")
+    p.add_argument("--resume", action="store_true", help="go on with the run in --run-dir where it stopped")
+    p.add_argument("--preset", default="", choices=["", "demo"], help="demo: the demo set on a CPU in minutes")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 30; demo 6)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="steps per epoch (default 100; demo 40)")
+    p.add_argument("--batch-size", type=int, default=None, help="mosaics per step (default 8)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the held-out photos and the mosaics (default 0)")
+    p.add_argument("--negatives", default=None, help="photos without a car for a quarter of the mosaic cells: a "
+                   "folder, generated (default), or '' for none")
 
     p = sub.add_parser("runs", help="list the runs of a runs folder, as the app does: status, epochs, best val acc")
     p.add_argument("--dir", default="checkpoints", help="the runs folder (default checkpoints; the app's "
@@ -339,9 +362,23 @@ def cmd_train(args):
     return result, 0
 
 
+def detector_of(args):
+    """The --detector of a command (or CARAPP_DETECTOR), loaded; None for the whole-photo answer."""
+    from .detection.model import load_detector
+    return load_detector(args.detector if args.detector is not None else os.environ.get("CARAPP_DETECTOR"),
+                         vehicles=args.vehicles)
+
+
 def cmd_evaluate(args):
-    from .evaluation.evaluate import evaluate_run
-    return evaluate_run(args.run, args.split, workers=args.workers, device=args.device, tta=args.tta), 0
+    detector = detector_of(args)
+    if detector is None:
+        from .evaluation.evaluate import evaluate_run
+        return evaluate_run(args.run, args.split, workers=args.workers, device=args.device, tta=args.tta), 0
+    from .detection.evaluate import evaluate_detector
+    from .predict import Predictor
+    predictor = Predictor.load(args.run, device=args.device)
+    scenes = args.scenes or Path(predictor.config.get("data", ".")) / "scenes"
+    return evaluate_detector(detector, scenes, predictor), 0
 
 
 def cmd_calibrate(args):
@@ -354,6 +391,7 @@ def cmd_predict(args):
     from .evaluation.answers import UNCALIBRATED_NOTE
     from .predict import Predictor
     predictor = Predictor.load(args.run, device=args.device)
+    detector = detector_of(args)
     if not predictor.calibration.calibrated:
         log.warning("note: %s", UNCALIBRATED_NOTE)
     if args.cam:
@@ -370,8 +408,10 @@ def cmd_predict(args):
                 results.append({"image": path, "error": str(exc)})
         if not batch:
             continue
-        preds = predictor.predict_many([im for _, _, im in batch], args.top_k, bool(args.cam), args.cam_method,
-                                       tta=args.tta)
+        photos = [im for _, _, im in batch]
+        preds = (predictor.predict_cars(photos, detector, args.top_k, bool(args.cam), args.cam_method, args.tta)
+                 if detector else predictor.predict_many(photos, args.top_k, bool(args.cam), args.cam_method,
+                                                         tta=args.tta))
         for (i, path, _), pred in zip(batch, preds):
             results[i] |= pred.to_json()
             if pred.cam is not None:
@@ -381,6 +421,9 @@ def cmd_predict(args):
                 print(f"{path}: {pred.status} — " + ", ".join(f"{label} {prob:.3f}" for label, prob in pred.top)
                       + f" (make: {pred.make[0]} {pred.make[1]:.3f})" + (f"\n  why: {pred.reason}" if pred.reason
                                                                          else ""), flush=True)
+                for k, car in enumerate(pred.cars or [], start=1):
+                    print(f"  car {k} at {car.box} (detector {car.det_score:.2f}): {car.status} — "
+                          f"{car.top[0][0]} {car.top[0][1]:.3f}", flush=True)
     return results, 1 if any("error" in r for r in results) else 0
 
 
@@ -405,6 +448,18 @@ def cmd_export(args):
 def cmd_push(args):
     from .export import push
     return {"repo": args.repo, "url": push(args.run, args.repo, args.private)}, 0
+
+
+def cmd_train_detector(args):
+    from .detection.train import detector_config, train_detector
+    if args.resume:
+        return train_detector(None, args.run_dir, resume=True, epochs=args.epochs), 0
+    if not args.data:
+        raise ValueError("train-detector needs --data ROOT (or --resume to go on with a run)")
+    cfg = detector_config(args.preset, data=args.data, format=args.format, epochs=args.epochs,
+                          steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          negatives=args.negatives)
+    return train_detector(cfg, args.run_dir), 0
 
 
 def cmd_runs(args):
@@ -435,4 +490,4 @@ COMMANDS = {"demo-data": cmd_demo_data, "lr-find": cmd_lr_find, "stats": cmd_sta
             "train": cmd_train, "evaluate": cmd_evaluate,
             "calibrate": cmd_calibrate, "analyze": cmd_analyze,
             "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep,
-            "runs": cmd_runs}
+            "runs": cmd_runs, "train-detector": cmd_train_detector}

@@ -111,6 +111,10 @@ def lr_find(r: dict) -> str:
             + (", stopped when the loss diverged" if r["diverged"] else ""))
 
 
+def train_detector(r: dict) -> str:
+    return f"{r['status']} after {r['epochs']} epochs, best val AP50 {r['best_ap50']:.3f}"
+
+
 def runs(rows: list[dict]) -> str:
     if not rows:
         return "no runs here"
@@ -124,4 +128,4 @@ def runs(rows: list[dict]) -> str:
 
 HUMAN = {"demo-data": demo_data, "stats": stats, "health": health, "train": train, "evaluate": evaluation,
          "calibrate": calibrate, "export": export, "push": push, "cache": cache, "sweep": sweep, "lr-find": lr_find,
-         "runs": runs}
+         "runs": runs, "train-detector": train_detector}

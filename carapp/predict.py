@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from . import rundir
 from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .dataset.images import open_image
 from .dataset.loader import build_transform, letterbox_box, resize_size, to_input
+from .detection.crops import BOX, DEFAULT_CONTEXT, car_crop
+from .detection.model import Detector
 from .engines import OnnxEngine
 from .evaluation.answers import Calibration, class_makes_of, first_words
 from .evaluation.evaluate import forward
@@ -40,6 +43,9 @@ class Prediction:
     ood_score: float | None = None
     ood_signal: str | None = None           # which "not a car" signal set ood_score
     reason: str = ""                        # why this status, in words
+    box: list[float] | None = None          # with a detector: this car's box in the photo (x1, y1, x2, y2) ...
+    det_score: float | None = None          # ... and the detector's score for it
+    cars: list["Prediction"] | None = None  # with a detector, for the photo: every car; the fields above: the largest
 
     @classmethod
     def of(cls, answer) -> "Prediction":
@@ -50,7 +56,9 @@ class Prediction:
         return {"status": self.status, "top": [{"label": n, "prob": p} for n, p in self.top],
                 "make": {"label": self.make[0], "prob": self.make[1]} if self.make else None,
                 "makes": [{"label": n, "prob": p} for n, p in self.makes or []], "ood_score": self.ood_score,
-                "ood_signal": self.ood_signal, "reason": self.reason}
+                "ood_signal": self.ood_signal, "reason": self.reason,
+                **({"box": self.box, "score": self.det_score} if self.box is not None else {}),
+                **({"cars": [car.to_json() for car in self.cars]} if self.cars is not None else {})}
 
 
 class Predictor:
@@ -95,12 +103,50 @@ class Predictor:
 
     def predict(self, image: Image.Image | str | Path, top_k: int = 5, cam: bool = True,
                 method: str = "gradcam", target: int | str | None = None, tta: bool = False,
-                thresholds: dict | None = None) -> Prediction:
+                thresholds: dict | None = None, detector: Detector | None = None) -> Prediction:
         """Top-k (label, prob) best first with the answer's status; with cam, a heatmap for `target` (class index
-        or name; top-1 default); tta averages with the mirrored photo; thresholds override the calibrated ones."""
+        or name; top-1 default); tta averages with the mirrored photo; thresholds override the calibrated ones.
+        With a detector, one answer per car (`cars`), the top level describing the largest."""
         if not isinstance(image, Image.Image):
             image = open_image(image)
+        if detector is not None:
+            return self.predict_cars([image], detector, top_k, cam, method, tta, thresholds)[0]
         return self.predict_many([image], top_k, cam, method, target, tta, thresholds)[0]
+
+    @property
+    def crop_rule(self) -> dict:
+        """How a detected car is cropped for this model: as calibrate measured it, else by how it trained."""
+        return self.calibration.car_crop or (dict(BOX) if self.config.get("crop_bbox") else dict(DEFAULT_CONTEXT))
+
+    @property
+    def min_box(self) -> int:
+        """Cars whose box's shorter side is below this are `small`, not named: their crop would be enlarged more
+        than twice to the model's input (CarNET refuses boxes under 180 px for its 224-px models)."""
+        return max(16, self.image_size // 2)
+
+    def predict_cars(self, images: list[Image.Image], detector: Detector, top_k: int = 5, cam: bool = False,
+                     method: str = "gradcam", tta: bool = False, thresholds: dict | None = None,
+                     min_box: int | None = None) -> list[Prediction]:
+        """Per photo: every car the detector finds, cropped as this model trained and answered in one batch; the
+        photo's own fields are its largest car's (a photo without a car: `no-car`, saying so)."""
+        images = [im.convert("RGB") for im in images]
+        found = detector.detect(images)
+        crops = [(i, box, car_crop(images[i], box.as_list(), self.crop_rule)) for i, boxes in enumerate(found)
+                 for box in boxes]
+        answers = self.predict_many([c for _, _, c in crops], top_k, cam, method, None, tta, thresholds) \
+            if crops else []
+        cars: list[list[Prediction]] = [[] for _ in images]
+        for (i, box, _), car in zip(crops, answers):
+            car.box, car.det_score = box.as_list(), box.score
+            if box.short_side < (self.min_box if min_box is None else min_box):
+                car.status = "small"
+                car.reason = (f"Too small to name: its box's shorter side is {box.short_side:.0f} px, under the "
+                              f"{self.min_box if min_box is None else min_box} px this model needs.")
+            cars[i].append(car)
+        empty = [i for i, mine in enumerate(cars) if not mine]
+        whole = dict(zip(empty, self.predict_many([images[i] for i in empty], top_k, cam, method, None, tta,
+                                                  thresholds))) if empty else {}
+        return [_photo_answer(mine, whole.get(i), detector) for i, mine in enumerate(cars)]
 
     def predict_many(self, images: list[Image.Image], top_k: int = 5, cam: bool = True, method: str = "gradcam",
                      target: int | str | None = None, tta: bool = False,
@@ -149,6 +195,18 @@ class Predictor:
         if not 0 <= target < len(self.labels):
             raise ValueError(f"class index {target} out of range 0..{len(self.labels) - 1}")
         return int(target)
+
+
+def _photo_answer(cars: list[Prediction], whole: Prediction | None, detector: Detector) -> Prediction:
+    """A photo's answer: its largest named car's fields (the largest of all when none is named) and every car."""
+    if not cars:
+        whole.status, whole.ood_signal, whole.cars = "no-car", "detector", []
+        whole.reason = (f"Not a car: the detector ({detector.source}) found no car in this photo (no box scores "
+                        f"{detector.min_score:.2f} or more).")
+        return whole
+    named = [c for c in cars if c.status != "small"] or cars
+    main = max(named, key=lambda c: (c.box[2] - c.box[0]) * (c.box[3] - c.box[1]))
+    return dataclasses.replace(main, cars=cars)
 
 
 def seen_region(size: tuple[int, int], image_size: int, resize: str = "crop") -> tuple[float, float, float, float]:

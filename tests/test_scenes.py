@@ -54,3 +54,15 @@ def test_demo_data_writes_scenes_beside_the_dataset_and_refuses_a_negative_count
     assert "0 or more" in cli_error("demo-data", "--out", tmp_path / "other", "--scenes", "-2")
     with pytest.raises(FileNotFoundError, match="no scenes.json"):
         read_scenes(tmp_path)
+
+
+def test_the_other_style_puts_cars_of_other_sizes_on_backdrops_no_training_uses(tmp_path):
+    road, other = make_demo_scenes(tmp_path / "road", 20, seed=3), make_demo_scenes(tmp_path / "o", 20, seed=3,
+                                                                                     style="other")
+    widths = {name: [c["box"][2] - c["box"][0] for r in records for c in r["cars"]]
+              for name, records in (("road", road), ("other", other))}
+    assert min(widths["other"]) < min(widths["road"])  # smaller cars than the road scenes hold
+    tops = [c["box"][1] for r in other for c in r["cars"]]
+    assert min(tops) < 0.3 * 240  # anywhere in the frame, not only on a road
+    with pytest.raises(ValueError, match="style"):
+        make_demo_scenes(tmp_path / "x", 1, style="night")

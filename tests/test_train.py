@@ -236,16 +236,16 @@ def test_a_stop_pressed_for_one_trainer_never_stops_the_next(tmp_path):
     """The app's Stop names the trainer it was pressed for; a resumed trainer is another process and goes on (it
     took the old STOP as its own and stopped after one step). `touch STOP` still stops whichever trainer runs."""
     from carapp import rundir
-    from carapp.training.train import _take_over
+    from carapp.training.train import take_over
     rundir.request_stop(tmp_path, pid=os.getpid() + 1)
     assert rundir.stop_requested(tmp_path, os.getpid() + 1) and not rundir.stop_requested(tmp_path)
-    lock, handler = _take_over(tmp_path)  # a new trainer (this process) starts on the run
+    lock, handler = take_over(tmp_path)  # a new trainer (this process) starts on the run
     lock.unlink()
     logging.getLogger("carapp").removeHandler(handler)
     handler.close()
     assert not (tmp_path / "STOP").exists()
     rundir.request_stop(tmp_path, pid=os.getpid())  # pressed for this trainer while it was starting: kept
-    lock, handler = _take_over(tmp_path)
+    lock, handler = take_over(tmp_path)
     lock.unlink()
     logging.getLogger("carapp").removeHandler(handler)
     handler.close()

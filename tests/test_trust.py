@@ -163,12 +163,26 @@ def test_stage_gaussians_refuse_what_differs_in_one_stage_only():
     assert auroc(inner[:, 0], outer[:, 0]) == pytest.approx(0.5, abs=0.08)  # the others do not
 
 
+def test_a_stage_with_a_dead_channel_still_scores_and_saves(tmp_path):
+    """A channel that never fires (zero mean and spread on every training car) must not break the fit or the file."""
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(40, 8)) + 2.0
+    train[:, [1, 5]] = 0.0  # channel 1's mean and spread: always 0
+    gaussians = StageGaussians.fit(train, [4])
+    assert np.isfinite(gaussians.score(train)).all()
+    far = FarScore(FeatureBank.fit(rng.normal(size=(40, 16))), gaussians)
+    far.save_stages(tmp_path / "stats.npz")
+    loaded = FarScore.load(far.bank, tmp_path / "stats.npz")
+    np.testing.assert_array_equal(loaded.stages.score(train), gaussians.score(train))
+
+
 def test_stage_gaussian_score_matches_the_definition():
     rng = np.random.default_rng(1)
     train = rng.normal(size=(50, 6))
     gaussians = StageGaussians.fit(train, [3])
     x = rng.normal(size=(4, 6))
-    mean, precision = gaussians.means[0].astype(float), gaussians.precisions[0].astype(float)
+    mean, whiten = gaussians.means[0].astype(float), gaussians.whitens[0].astype(float)
+    precision = whiten @ whiten.T
     by_hand = [(xi - mean) @ precision @ (xi - mean) for xi in x]
     np.testing.assert_allclose(gaussians.score(x)[:, 0], by_hand, rtol=1e-5)
 
@@ -221,8 +235,8 @@ def test_far_score_load_refuses_bad_files_and_never_unpickles(tmp_path):
         FarScore.load(bank, missing)
     shapes = tmp_path / "shapes.npz"
     np.savez(shapes, widths=np.array([4]), centre=np.zeros(3), spread=np.ones(3), mean_0=np.zeros(8),
-             precision_0=np.eye(5))
-    with pytest.raises(ValueError, match="precision"):
+             whiten_0=np.eye(5))
+    with pytest.raises(ValueError, match="whitening"):
         FarScore.load(bank, shapes)
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04 this is not a zip archive")

@@ -48,6 +48,7 @@ class Calibration:
     far: FarScore | None = None
     calibrated: bool = False            # False: an older run, with temperature 1 and the default thresholds
     note: str = ""                      # threshold_note: why every answer is 'not sure', if it is
+    car_crop: dict | None = None        # how a detected car is cropped for this model (detection.crops)
 
     @classmethod
     def load(cls, folder: Path | None, labels: list[str], class_makes: list[str] | None = None) -> "Calibration":
@@ -60,7 +61,8 @@ class Calibration:
         far = _load_far_score(folder, info)
         if far is None:
             thresholds["ood"] = None
-        return cls(labels, makes, float(info.get("temperature", 1.0)), thresholds, far, True, threshold_note(info))
+        return cls(labels, makes, float(info.get("temperature", 1.0)), thresholds, far, True, threshold_note(info),
+                   info.get("car_crop"))
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits, self.temperature)

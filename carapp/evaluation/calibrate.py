@@ -15,15 +15,21 @@ Training calls this after its last epoch; older runs can be calibrated afterward
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .. import rundir
 from ..cam import stage_widths
 from ..checkpoint import CheckpointError
+from ..dataset.index import index_dataset
 from ..dataset.loader import make_loader
+from ..detection.crops import BOX, DEFAULT_CONTEXT, measure_context
 from .answers import BANK_FILE, CALIBRATION_FILE, STATS_FILE, class_makes_of, first_words
 from .evaluate import collect_outputs, load_run_model, split_dataset
 from .trust import (FarScore, FeatureBank, StageGaussians, accept_threshold, ece, fit_temperature, make_probs, nll,
@@ -32,6 +38,7 @@ from .trust import (FarScore, FeatureBank, StageGaussians, accept_threshold, ece
 BANK_IMAGES_PER_CLASS = 20  # 18,540 at 927 classes: a 38 MB bank that scores a batch in milliseconds
 OOD_KEEP = 0.99              # share of validation cars that must stay below the "not a car" threshold
 CONFIDENCE_LEVEL = 0.9       # the accepted validation answers reach the target accuracy with this confidence
+log = logging.getLogger("carapp")
 
 
 def calibrate_run(run: str | Path, target_accuracy: float = 0.95, workers: int = 2, batch_size: int = 64,
@@ -54,6 +61,7 @@ def calibrate_run(run: str | Path, target_accuracy: float = 0.95, workers: int =
     thresholds["ood"] = ood_threshold(far.score(val.features, val.logits)[0], OOD_KEEP)
     far.bank.save(run / BANK_FILE)
     far.save_stages(run / STATS_FILE)
+    crop = car_crop_rule(cfg)
     info = {"temperature": temperature, "ece_before": ece(before, val.labels), "ece_after": ece(after, val.labels),
             "nll_before": nll(val.logits, val.labels), "nll_after": nll(val.logits, val.labels, temperature),
             "bins_before": reliability_bins(before, val.labels), "bins_after": reliability_bins(after, val.labels),
@@ -62,7 +70,7 @@ def calibrate_run(run: str | Path, target_accuracy: float = 0.95, workers: int =
             "val_images": int(len(val.labels)),
             "bank_images": int(len(train.labels)), "ood_score": "far: the largest of the signals, each scaled on the "
             "validation cars (0 at their median, 1 at their 99th percentile)", "ood_signals": far.names,
-            "ood_keep": OOD_KEEP, "seconds": round(time.time() - started, 2)}
+            "ood_keep": OOD_KEEP, "car_crop": crop, "seconds": round(time.time() - started, 2)}
     rundir.write_json(run / CALIBRATION_FILE, info)  # last: its presence means the run is calibrated
     return {k: v for k, v in info.items() if not k.startswith("bins_")}
 
@@ -74,6 +82,29 @@ def fit_far_score(model, train_features: np.ndarray, val_features: np.ndarray, v
     far = FarScore(bank, StageGaussians.fit(train_features[:, width:], low))
     far.set_scale(val_features, val_logits, OOD_KEEP)
     return far
+
+
+def car_crop_rule(cfg) -> dict:
+    """How a detected car is cropped for this classifier (detection.crops): the box for a --crop-bbox run, else the
+    context its training photos had around their labelled cars, measured on up to 50 photos per class."""
+    if cfg.crop_bbox:
+        return dict(BOX)
+    try:
+        index = index_dataset(cfg.data, cfg.format)
+    except (OSError, ValueError) as exc:  # a run calibrated away from its dataset
+        log.warning("cannot measure the photos' context around their cars (%s): detected cars get the default", exc)
+        return dict(DEFAULT_CONTEXT)
+    sizes, boxes, per_class = [], [], Counter()
+    for path, key, box in zip(index.paths, index.keys, index.bboxes):
+        if box and per_class[key] < 50:
+            try:
+                with Image.open(os.path.join(index.root, path)) as photo:  # the header only
+                    sizes.append(photo.size)
+            except OSError:
+                continue
+            boxes.append([box[0] - 1, box[1] - 1, box[2], box[3]])  # CompCars boxes: 1-based, inclusive
+            per_class[key] += 1
+    return measure_context(sizes, boxes)
 
 
 def _improves(logits: np.ndarray, labels: np.ndarray, temperature: float) -> bool:

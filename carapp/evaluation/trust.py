@@ -215,18 +215,16 @@ class StageGaussians:
     photographs at its 99%-of-validation-cars point, the layer3 k-NN 77%, FarScore's combination 94%.
     """
 
-    def __init__(self, widths: list[int], means: list[np.ndarray], precisions: list[np.ndarray]):
+    def __init__(self, widths: list[int], means: list[np.ndarray], whitens: list[np.ndarray]):
+        """`whitens`: per stage, L with L L^T the precision (so a distance is |(x - mean) L|), held as float32
+        exactly as saved: a loaded file scores as the fitted one did."""
         self.widths = [int(w) for w in widths]
         self.means = [np.asarray(m, dtype=np.float32) for m in means]
-        self.precisions = [np.asarray(p, dtype=np.float32) for p in precisions]
-        for w, m, p in zip(self.widths, self.means, self.precisions, strict=True):
-            if m.shape != (2 * w,) or p.shape != (2 * w, 2 * w):
-                raise ValueError(f"a stage of {w} channels needs a mean of ({2 * w},) and a precision of "
-                                 f"({2 * w}, {2 * w}); got {m.shape} and {p.shape}")
-        try:  # precision = L L^T: whiten once, then each distance is a Euclidean norm
-            self._whiten = [np.linalg.cholesky(p.astype(np.float64)) for p in self.precisions]
-        except np.linalg.LinAlgError:
-            raise ValueError("a stage's precision matrix is not positive definite") from None
+        self.whitens = [np.asarray(w, dtype=np.float32) for w in whitens]
+        for w, m, l in zip(self.widths, self.means, self.whitens, strict=True):
+            if m.shape != (2 * w,) or l.shape != (2 * w, 2 * w) or not np.isfinite(l).all():
+                raise ValueError(f"a stage of {w} channels needs a mean of ({2 * w},) and a finite whitening of "
+                                 f"({2 * w}, {2 * w}); got {m.shape} and {l.shape}")
 
     @property
     def dim(self) -> int:
@@ -237,11 +235,15 @@ class StageGaussians:
         stats = np.asarray(stats, dtype=np.float64)
         if stats.ndim != 2 or stats.shape[1] != 2 * sum(widths) or len(stats) < 2:
             raise ValueError(f"need (N >= 2, {2 * sum(widths)}) channel statistics; got {stats.shape}")
-        means, precisions = [], []
+        means, whitens = [], []
         for part in cls._parts(stats, widths):
             means.append(part.mean(0))
-            precisions.append(LedoitWolf(assume_centered=False).fit(part).precision_)
-        return cls(widths, means, precisions)
+            covariance = LedoitWolf(assume_centered=False).fit(part).covariance_
+            # a channel that never fires (a dead ReLU) has no variance: a small ridge keeps its inverse finite
+            covariance += np.eye(len(covariance)) * max(1e-6 * np.trace(covariance) / len(covariance), 1e-12)
+            # with C = K K^T (Cholesky), L = K^-T gives L L^T = C^-1: the precision, never formed
+            whitens.append(np.linalg.inv(np.linalg.cholesky(covariance)).T)
+        return cls(widths, means, whitens)
 
     @staticmethod
     def _parts(stats: np.ndarray, widths: list[int]) -> list[np.ndarray]:
@@ -253,8 +255,8 @@ class StageGaussians:
         stats = np.asarray(stats, dtype=np.float64)
         if stats.ndim != 2 or stats.shape[1] != self.dim:
             raise ValueError(f"channel statistics must be (N, {self.dim}); got shape {stats.shape}")
-        return np.stack([(((part - mean) @ whiten) ** 2).sum(1) for part, mean, whiten in
-                         zip(self._parts(stats, self.widths), self.means, self._whiten)], axis=1)
+        return np.stack([(((part - mean) @ whiten.astype(np.float64)) ** 2).sum(1) for part, mean, whiten in
+                         zip(self._parts(stats, self.widths), self.means, self.whitens)], axis=1)
 
 
 def _load_arrays(path: str | os.PathLike, keys: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -376,7 +378,7 @@ class FarScore:
         with open(path, "wb") as f:  # never a pickle; a file object keeps the caller's file name
             np.savez(f, widths=np.array(stages.widths), centre=self.centre, spread=self.spread,
                      **{f"mean_{i}": m for i, m in enumerate(stages.means)},
-                     **{f"precision_{i}": p for i, p in enumerate(stages.precisions)})
+                     **{f"whiten_{i}": w for i, w in enumerate(stages.whitens)})
 
     @classmethod
     def load(cls, bank: FeatureBank, stages_path: str | os.PathLike | None) -> FarScore:
@@ -384,13 +386,13 @@ class FarScore:
             return cls(bank)
         arrays = _load_arrays(stages_path, STATS_KEYS, "feature-statistics")
         widths = [int(w) for w in np.ravel(arrays["widths"])]
-        parts = [f"{kind}_{i}" for i in range(len(widths)) for kind in ("mean", "precision")]
+        parts = [f"{kind}_{i}" for i in range(len(widths)) for kind in ("mean", "whiten")]
         missing = [k for k in parts if k not in arrays]
         if missing or not 1 <= len(widths) <= len(STAGE_NAMES):
             raise ValueError(f"{stages_path} is not a feature-statistics file: "
                              f"{'missing ' + ', '.join(missing) if missing else f'{len(widths)} stages'}")
         stages = StageGaussians(widths, [arrays[f"mean_{i}"] for i in range(len(widths))],
-                                [arrays[f"precision_{i}"] for i in range(len(widths))])
+                                [arrays[f"whiten_{i}"] for i in range(len(widths))])
         return cls(bank, stages, arrays["centre"], arrays["spread"])
 
 

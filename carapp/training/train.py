@@ -82,7 +82,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
     try:
         if dist.main:
             made_here = not run.exists()
-            lock, handler = _take_over(run)
+            lock, handler = take_over(run)
             prepared = _prepare(cfg, run, resume, epochs, split)
             tracker = open_tracker(prepared[0], run)  # a missing package fails here: before training, no junk run
             made_here = False
@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, epochs: i
         dist.close()
 
 
-def _take_over(run: Path) -> tuple[Path, logging.Handler]:
+def take_over(run: Path) -> tuple[Path, logging.Handler]:
     """Rank 0 claims the run directory: its lock (taken before anything is written, so a second trainer is refused at
     once and a watcher such as the app sees this process as the run's trainer before the slow set-up), a fresh STOP
     state, a "preparing" progress line and train.log."""

@@ -1,0 +1,55 @@
+"""The crop a classifier gets for a detected car: what its training photos looked like around their cars.
+
+A `--crop-bbox` run trained on the labelled box itself: it gets the box. A whole-photo run trained on photos with
+context around the car (a CompCars web photo: the car fills most of it, some road and sky around): it gets the box
+widened to that context, measured on its own training photos and recorded in calibration.json (`car_crop`):
+the photo's size over the box's, and where the box sits in it, as medians. A crop that runs past the photo's edge
+is filled with the photo's mean colour (the classifier's letterbox fill would be another look it never saw).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+BOX = {"kind": "box"}
+# For a whole-photo run calibrated before car_crop was recorded: about a CompCars photo's context
+DEFAULT_CONTEXT = {"kind": "context", "width": 1.4, "height": 1.5, "dx": 0.0, "dy": -0.1}
+
+
+def measure_context(sizes: list[tuple[int, int]], boxes: list[list[float]]) -> dict:
+    """The median context of training photos around their boxes (0-based x1, y1, x2, y2 in the photo's pixels)."""
+    rows = []
+    for (width, height), (x1, y1, x2, y2) in zip(sizes, boxes):
+        bw, bh = x2 - x1, y2 - y1
+        if bw >= 2 and bh >= 2:
+            rows.append((width / bw, height / bh, (width / 2 - (x1 + x2) / 2) / bw, (height / 2 - (y1 + y2) / 2) / bh))
+    if not rows:
+        return dict(DEFAULT_CONTEXT)
+    width, height, dx, dy = np.median(np.array(rows), axis=0)
+    return {"kind": "context", "width": round(float(width), 4), "height": round(float(height), 4),
+            "dx": round(float(dx), 4), "dy": round(float(dy), 4), "photos": len(rows)}
+
+
+def crop_region(box: list[float], rule: dict) -> tuple[float, float, float, float]:
+    """The region of the photo (x1, y1, x2, y2; may run past its edges) the classifier sees for this car."""
+    x1, y1, x2, y2 = box
+    if rule.get("kind") != "context":
+        return x1, y1, x2, y2
+    bw, bh = x2 - x1, y2 - y1
+    cx, cy = (x1 + x2) / 2 + rule["dx"] * bw, (y1 + y2) / 2 + rule["dy"] * bh
+    w, h = bw * rule["width"], bh * rule["height"]
+    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+
+
+def car_crop(photo: Image.Image, box: list[float], rule: dict) -> Image.Image:
+    """The car's crop, the part beyond the photo filled with its mean colour."""
+    x1, y1, x2, y2 = (round(v) for v in crop_region(box, rule))
+    x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
+    inside = (max(0, x1), max(0, y1), min(photo.width, x2), min(photo.height, y2))
+    if inside == (x1, y1, x2, y2):
+        return photo.crop(inside)
+    fill = tuple(int(c) for c in np.asarray(photo.convert("RGB")).reshape(-1, 3).mean(0))
+    canvas = Image.new("RGB", (x2 - x1, y2 - y1), fill)
+    if inside[2] > inside[0] and inside[3] > inside[1]:
+        canvas.paste(photo.crop(inside), (inside[0] - x1, inside[1] - y1))
+    return canvas

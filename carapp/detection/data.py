@@ -1,0 +1,111 @@
+"""What a detector trains on: the dataset's own photos and their car boxes, tiled into mosaics.
+
+A CompCars photo holds one labelled car, most of the frame; the photos a detector must read hold several, of any
+size. So each training image is a mosaic: a k x k grid (k from MOSAIC_GRIDS) of photos, each scaled into its cell,
+boxes with it; k = 1 keeps whole photos, k = 4 makes cars a quarter of their size. A quarter of the cells show a
+photo without a car instead (`--negatives`, by default the generated ones outlier exposure uses): backgrounds,
+textures and clutter are then something the detector has seen and learned are not cars. Which photos and which grid a
+step gets comes from (seed, epoch, step) alone: a resumed run sees the very same images. The held-out photos (a
+fixed share, by seed) make the validation mosaics that AP50 is measured on.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from ..dataset.images import ImageError, is_image, open_image
+from ..dataset.index import index_dataset
+from .model import INPUT_SIZE
+
+MOSAIC_GRIDS = (1, 2, 2, 3, 3, 4)
+NEGATIVE_CELLS = 0.25   # share of mosaic cells that get a photo without a car (the detector's outlier exposure)
+VAL_MOSAICS = 60
+_TAG = 0x646574  # "det": keeps these draws apart from the classifier's
+
+
+@dataclass
+class BoxedPhoto:
+    path: str                                   # absolute
+    box: tuple[float, float, float, float] | None  # x1, y1, x2, y2 in its pixels, 0-based, x2/y2 exclusive;
+                                                   # None: a photo without a car
+
+
+def boxed_photos(root: str, fmt: str = "auto") -> list[BoxedPhoto]:
+    """Every photo of the dataset that has a car box; a dataset without boxes is refused with what it needs."""
+    index = index_dataset(root, fmt)
+    photos = [BoxedPhoto(os.path.join(index.root, p), (b[0] - 1.0, b[1] - 1.0, float(b[2]), float(b[3])))
+              for p, b in zip(index.paths, index.bboxes) if b]  # CompCars boxes: 1-based, inclusive
+    if not photos:
+        raise ValueError(f"{root} ({index.format} format) has no car boxes: a detector trains on a dataset whose "
+                         f"photos come with boxes (CompCars label files, the demo set); a folder of classes has none")
+    return photos
+
+
+def split_photos(photos: list[BoxedPhoto], val_frac: float, seed: int) -> tuple[list[BoxedPhoto], list[BoxedPhoto]]:
+    if len(photos) < 2:
+        raise ValueError(f"a detector needs at least 2 photos with boxes (one to hold out), not {len(photos)}")
+    order = np.random.default_rng([seed, _TAG]).permutation(len(photos))
+    n_val = min(len(photos) - 1, max(1, round(len(photos) * val_frac)))
+    return [photos[i] for i in order[n_val:]], [photos[i] for i in order[:n_val]]
+
+
+def mosaic(photos: list[BoxedPhoto], rng: np.random.Generator, size=INPUT_SIZE,
+           negatives: list[str] = ()) -> tuple[torch.Tensor, dict]:
+    """One training image (float CHW in [0, 1]) and its target {"boxes": (N, 4), "labels": (N,)}; with
+    `negatives` (paths of photos without a car), about NEGATIVE_CELLS of the cells show one of them instead."""
+    width, height = size
+    k = int(rng.choice(MOSAIC_GRIDS))
+    canvas = Image.new("RGB", size, tuple(int(c) for c in rng.integers(0, 256, 3)))
+    boxes = []
+    cell_w, cell_h = width / k, height / k
+    for row in range(k):
+        for col in range(k):
+            photo = photos[int(rng.integers(len(photos)))]
+            if negatives and rng.random() < NEGATIVE_CELLS:
+                photo = BoxedPhoto(negatives[int(rng.integers(len(negatives)))], None)
+            try:
+                image = open_image(photo.path)
+            except (ImageError, OSError):
+                continue  # an unreadable photo leaves its cell empty
+            w, h = max(1, round(cell_w)), max(1, round(cell_h))
+            left, top = round(col * cell_w), round(row * cell_h)
+            flip = rng.random() < 0.5
+            scaled = image.resize((w, h), Image.BILINEAR)
+            canvas.paste(scaled.transpose(Image.FLIP_LEFT_RIGHT) if flip else scaled, (left, top))
+            if photo.box is None:
+                continue
+            x1, y1, x2, y2 = photo.box
+            sx, sy = w / image.width, h / image.height
+            if flip:
+                x1, x2 = image.width - x2, image.width - x1
+            boxes.append([left + x1 * sx, top + y1 * sy, left + x2 * sx, top + y2 * sy])
+    target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+              "labels": torch.ones(len(boxes), dtype=torch.int64)}
+    return TF.to_dtype(TF.to_image(canvas), torch.float32, scale=True), target
+
+
+def training_batch(photos: list[BoxedPhoto], batch_size: int, seed: int, epoch: int, step: int,
+                   negatives: list[str] = ()):
+    rng = np.random.default_rng([seed, _TAG, epoch, step])
+    images, targets = zip(*(mosaic(photos, rng, negatives=negatives) for _ in range(batch_size)))
+    return list(images), list(targets)
+
+
+def validation_set(photos: list[BoxedPhoto], seed: int, count: int = VAL_MOSAICS, negatives: list[str] = ()):
+    """The same mosaics of the held-out photos (and negatives) at every epoch, and on every resume."""
+    rng = np.random.default_rng([seed, _TAG, "val".encode()[0]])
+    return [mosaic(photos, rng, negatives=negatives) for _ in range(count)]
+
+
+def negative_photos(spec: str) -> list[str]:
+    """The photos without a car a --negatives value names (training.negatives: a folder, or `generated`)."""
+    if not spec:
+        return []
+    from ..training.negatives import negatives_folder
+    folder = negatives_folder(spec)
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image(p.name))

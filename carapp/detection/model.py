@@ -1,0 +1,124 @@
+"""Car detectors on torchvision's detection API, and the one object that runs any of them: `Detector`.
+
+- carapp's own (`train-detector`): FCOS (Tian et al. 2019, torchvision's implementation) on a small ResNet trunk
+  (one BasicBlock a stage, up to layer3) with a 64-channel feature pyramid, at 256 x 192 pixels: small enough to train
+  from scratch on a 2-core CPU in minutes, and cars are simple objects next to COCO's eighty.
+- `coco`: torchvision's COCO-trained Faster R-CNN (MobileNetV3-Large FPN), its "car" class (with --vehicles also
+  bus and truck), weights through torchvision's weights API and the torch hub cache, like `--weights imagenet`.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.transforms.v2 import functional as TF
+
+from ..checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+
+log = logging.getLogger("carapp")
+
+DETECTOR_KIND = "carapp-detector"   # what a detector checkpoint says it is (a classifier's best.pt is not one)
+INPUT_SIZE = (256, 192)             # width, height the detector sees (torchvision's transform resizes to it)
+PYRAMID = 64                        # channels of the feature pyramid and the head
+MIN_SCORE = 0.3                     # detections below this score are not cars (a trained detector brings its own)
+COCO_VEHICLES = {"car": ("car",), "vehicles": ("car", "bus", "truck")}
+
+
+def build_detector() -> FCOS:
+    """carapp's detector, untrained: FCOS on a 4-block ResNet trunk with a small feature pyramid."""
+    trunk = ResNet(BasicBlock, [1, 1, 1, 1])
+    backbone = BackboneWithFPN(trunk, {"layer2": "0", "layer3": "1"}, [128, 256], PYRAMID,
+                               extra_blocks=LastLevelP6P7(PYRAMID, PYRAMID))
+    anchors = AnchorGenerator(((16,), (32,), (64,), (128,)), ((1.0,),) * 4)  # strides 8-64: one size per level
+    return FCOS(backbone, num_classes=2, min_size=INPUT_SIZE[1], max_size=INPUT_SIZE[0],
+                anchor_generator=anchors, head=FCOSHead(PYRAMID, 1, 2, num_convs=2), score_thresh=0.05,
+                nms_thresh=0.5, detections_per_img=30)
+
+
+@dataclass
+class Box:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+
+    @property
+    def short_side(self) -> float:
+        return min(self.x2 - self.x1, self.y2 - self.y1)
+
+    @property
+    def area(self) -> float:
+        return (self.x2 - self.x1) * (self.y2 - self.y1)
+
+    def as_list(self) -> list[float]:
+        return [round(self.x1, 1), round(self.y1, 1), round(self.x2, 1), round(self.y2, 1)]
+
+
+class Detector:
+    """A detection model with the labels that count as a car and the score a car needs; `detect` takes photos."""
+
+    def __init__(self, model: torch.nn.Module, car_labels: tuple[int, ...], source: str, min_score: float = MIN_SCORE):
+        self.model = model.eval()
+        self.car_labels, self.source, self.min_score = car_labels, source, min_score
+
+    @torch.inference_mode()
+    def detect(self, photos: list[Image.Image], batch_size: int = 8) -> list[list[Box]]:
+        """The cars of each photo, best score first, in the photo's pixels."""
+        found = []
+        for start in range(0, len(photos), batch_size):
+            batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True)
+                     for p in photos[start:start + batch_size]]
+            for out in self.model(batch):
+                keep = (out["scores"] >= self.min_score) & torch.isin(out["labels"], torch.tensor(self.car_labels))
+                found.append([Box(*map(float, box), float(score))
+                              for box, score in zip(out["boxes"][keep], out["scores"][keep])])
+        return found
+
+
+def load_detector(spec: str | Path | None, vehicles: bool = False) -> Detector | None:
+    """`--detector`: none (or empty), coco, a detector run directory or its checkpoint file."""
+    if spec in (None, "", "none"):
+        return None
+    if str(spec) == "coco":
+        return _coco_detector(vehicles)
+    path = resolve_checkpoint(spec)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != DETECTOR_KIND:
+        raise CheckpointError(f"{path} is not a carapp detector (train one with `python -m carapp train-detector`, "
+                              f"or use --detector coco)")
+    model = build_detector()
+    model.load_state_dict(ckpt["model"])
+    # the operating score chosen on its validation mosaics (best F1), recorded with the weights
+    return Detector(model, (1,), str(spec), float(ckpt.get("metrics", {}).get("min_score", MIN_SCORE)))
+
+
+def _coco_detector(vehicles: bool) -> Detector:
+    weights = torchvision.models.detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(15)  # a closed network must not hang the app
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:  # no network and no cached file
+        raise OSError(f"the COCO detector's weights are not available offline ({type(exc).__name__}): put "
+                      f"{weights.url.rsplit('/', 1)[-1]} (from {weights.url}) in "
+                      f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or train one: python -m carapp "
+                      f"train-detector") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)
+    model.load_state_dict(state)
+    names = weights.meta["categories"]
+    labels = tuple(names.index(n) for n in COCO_VEHICLES["vehicles" if vehicles else "car"])
+    return Detector(model, labels, "coco")
