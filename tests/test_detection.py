@@ -44,6 +44,7 @@ def test_a_detector_run_has_the_trainers_habits(detector_run):
     assert isinstance(detector.detect([Image.new("RGB", (320, 240), (90, 120, 150))])[0], list)
 
 
+@pytest.mark.slow
 def test_a_stopped_detector_resumes_exactly(demo_root, detector_run, tmp_path, monkeypatch):
     calls = []  # asked once per step: stop after step 2 of epoch 1
     monkeypatch.setattr(rundir, "stop_requested", lambda run, pid=None: calls.append(1) or len(calls) == 2)
@@ -147,6 +148,7 @@ def test_one_answer_per_car_the_largest_on_top_small_boxes_not_named(tiny_run, t
     assert empty.status == "no-car" and empty.cars == [] and "found no car" in empty.reason and empty.top
 
 
+@pytest.mark.slow
 def test_predict_and_evaluate_with_a_detector_on_the_command_line(tiny_run, detector_run, tmp_path):
     scenes = make_demo_scenes(tmp_path / "scenes", 5, seed=2)
     out = cli_json("predict", tmp_path / "scenes" / scenes[0]["image"], "--run", tiny_run, "--detector",
@@ -159,3 +161,12 @@ def test_predict_and_evaluate_with_a_detector_on_the_command_line(tiny_run, dete
     shutil.rmtree(tmp_path / "scenes")
     assert "no scenes.json" in cli_error("evaluate", "--run", tiny_run, "--detector", detector_run, "--scenes",
                                          tmp_path / "scenes")
+
+
+def test_a_box_on_part_of_a_car_is_no_second_car():
+    from carapp.detection.model import without_parts
+    boxes = torch.tensor([[0, 0, 100, 50], [0, 0, 45, 50], [90, 0, 190, 50], [300, 0, 320, 10]], dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    # the front half of car 0 goes; a neighbour overlapping it a little and a far box stay
+    assert without_parts(boxes, scores) == [0, 2, 3]
+    assert without_parts(boxes[:0], scores[:0]) == []

@@ -22,7 +22,9 @@ from ..dataset.images import ImageError, is_image, open_image
 from ..dataset.index import index_dataset
 from .model import INPUT_SIZE
 
-MOSAIC_GRIDS = (1, 2, 2, 3, 3, 4)
+MOSAIC_GRIDS = (1, 2, 2, 3, 3, 4, 4, 5, 6)
+WINDOWS = 0.5           # share of mosaics of which a random window is kept (cars cut by its frame, larger cars)
+MIN_VISIBLE = 0.5       # a car less than half inside the window is no longer a car to find (as scenes label them)
 NEGATIVE_CELLS = 0.25   # share of mosaic cells that get a photo without a car (the detector's outlier exposure)
 VAL_MOSAICS = 60
 _TAG = 0x646574  # "det": keeps these draws apart from the classifier's
@@ -84,9 +86,26 @@ def mosaic(photos: list[BoxedPhoto], rng: np.random.Generator, size=INPUT_SIZE,
             if flip:
                 x1, x2 = image.width - x2, image.width - x1
             boxes.append([left + x1 * sx, top + y1 * sy, left + x2 * sx, top + y2 * sy])
-    target = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-              "labels": torch.ones(len(boxes), dtype=torch.int64)}
+    boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+    if rng.random() < WINDOWS:
+        canvas, boxes = _window(canvas, boxes, rng)
+    target = {"boxes": torch.from_numpy(boxes), "labels": torch.ones(len(boxes), dtype=torch.int64)}
     return TF.to_dtype(TF.to_image(canvas), torch.float32, scale=True), target
+
+
+def _window(canvas: Image.Image, boxes: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """A random window of 55-100% of the mosaic, enlarged back to its size: cars cut by the frame, cars larger
+    than a photo cell; boxes clipped to it, and those less than MIN_VISIBLE inside dropped."""
+    share = rng.uniform(0.55, 1.0)
+    w, h = canvas.width * share, canvas.height * share
+    x0, y0 = rng.uniform(0, canvas.width - w), rng.uniform(0, canvas.height - h)
+    clipped = np.clip(boxes, [x0, y0, x0, y0], [x0 + w, y0 + h, x0 + w, y0 + h])
+    area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)  # noqa: E731
+    keep = area(clipped) >= MIN_VISIBLE * np.maximum(area(boxes), 1e-9)
+    scale = canvas.width / w
+    moved = (clipped[keep] - [x0, y0, x0, y0]) * scale
+    window = canvas.resize(canvas.size, Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+    return window, moved[(moved[:, 2] - moved[:, 0] >= 2) & (moved[:, 3] - moved[:, 1] >= 2)].astype(np.float32)
 
 
 def training_batch(photos: list[BoxedPhoto], batch_size: int, seed: int, epoch: int, step: int,

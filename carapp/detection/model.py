@@ -32,6 +32,7 @@ DETECTOR_KIND = "carapp-detector"   # what a detector checkpoint says it is (a c
 INPUT_SIZE = (256, 192)             # width, height the detector sees (torchvision's transform resizes to it)
 PYRAMID = 64                        # channels of the feature pyramid and the head
 MIN_SCORE = 0.3                     # detections below this score are not cars (a trained detector brings its own)
+CONTAINED = 0.7                     # a box this much inside a better one is part of that car (without_parts)
 COCO_VEHICLES = {"car": ("car",), "vehicles": ("car", "bus", "truck")}
 
 
@@ -82,9 +83,24 @@ class Detector:
                      for p in photos[start:start + batch_size]]
             for out in self.model(batch):
                 keep = (out["scores"] >= self.min_score) & torch.isin(out["labels"], torch.tensor(self.car_labels))
-                found.append([Box(*map(float, box), float(score))
-                              for box, score in zip(out["boxes"][keep], out["scores"][keep])])
+                boxes, scores = out["boxes"][keep], out["scores"][keep]
+                kept = without_parts(boxes, scores)
+                found.append([Box(*map(float, boxes[i]), float(scores[i])) for i in kept])
         return found
+
+
+def without_parts(boxes: torch.Tensor, scores: torch.Tensor, contained: float = CONTAINED) -> list[int]:
+    """Best score first, the boxes not lying mostly inside a better one (intersection over the smaller box's area
+    >= `contained`): NMS at IoU 0.5 keeps a box on the front half of a large car, which is no second car."""
+    order = torch.argsort(scores, descending=True).tolist()
+    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    kept: list[int] = []
+    for i in order:
+        lt, rb = torch.max(boxes[i, :2], boxes[kept, :2]), torch.min(boxes[i, 2:], boxes[kept, 2:])
+        inter = (rb - lt).clamp(min=0).prod(-1)
+        if not kept or bool((inter / torch.minimum(area[i], area[kept]).clamp(min=1e-9) < contained).all()):
+            kept.append(i)
+    return kept
 
 
 def load_detector(spec: str | Path | None, vehicles: bool = False) -> Detector | None:
