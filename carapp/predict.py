@@ -21,7 +21,7 @@ from . import rundir
 from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .dataset.images import open_image
 from .dataset.loader import build_transform, letterbox_box, resize_size, to_input
-from .detection.crops import BOX, DEFAULT_CONTEXT, car_crop
+from .car_crops import BOX, DEFAULT_CONTEXT, car_crop
 from .detection.model import Detector
 from .engines import OnnxEngine
 from .evaluation.answers import Calibration, class_makes_of, first_words

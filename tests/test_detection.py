@@ -2,7 +2,6 @@
 Predictor's one answer per car."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 from carapp import rundir
 from carapp.checkpoint import CheckpointError
 from carapp.dataset.scenes import make_demo_scenes
-from carapp.detection.crops import BOX, car_crop, crop_region, measure_context
+from carapp.car_crops import BOX, car_crop, crop_region, measure_context
 from carapp.detection.metrics import average_precision, count_figures, operating_score
 from carapp.detection.model import Detector, load_detector
 from carapp.detection.train import detector_config, train_detector

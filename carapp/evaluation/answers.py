@@ -48,7 +48,7 @@ class Calibration:
     far: FarScore | None = None
     calibrated: bool = False            # False: an older run, with temperature 1 and the default thresholds
     note: str = ""                      # threshold_note: why every answer is 'not sure', if it is
-    car_crop: dict | None = None        # how a detected car is cropped for this model (detection.crops)
+    car_crop: dict | None = None        # how a detected car is cropped for this model (carapp.car_crops)
 
     @classmethod
     def load(cls, folder: Path | None, labels: list[str], class_makes: list[str] | None = None) -> "Calibration":

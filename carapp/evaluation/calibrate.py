@@ -29,7 +29,7 @@ from ..cam import stage_widths
 from ..checkpoint import CheckpointError
 from ..dataset.index import index_dataset
 from ..dataset.loader import make_loader
-from ..detection.crops import BOX, DEFAULT_CONTEXT, measure_context
+from ..car_crops import BOX, DEFAULT_CONTEXT, measure_context
 from .answers import BANK_FILE, CALIBRATION_FILE, STATS_FILE, class_makes_of, first_words
 from .evaluate import collect_outputs, load_run_model, split_dataset
 from .trust import (FarScore, FeatureBank, StageGaussians, accept_threshold, ece, fit_temperature, make_probs, nll,
@@ -85,7 +85,7 @@ def fit_far_score(model, train_features: np.ndarray, val_features: np.ndarray, v
 
 
 def car_crop_rule(cfg) -> dict:
-    """How a detected car is cropped for this classifier (detection.crops): the box for a --crop-bbox run, else the
+    """How a detected car is cropped for this classifier (carapp.car_crops): the box for a --crop-bbox run, else the
     context its training photos had around their labelled cars, measured on up to 50 photos per class."""
     if cfg.crop_bbox:
         return dict(BOX)
