@@ -8,7 +8,8 @@ share answered "model" and their accuracy; and, on photos without a car, per fam
 - every generated kind of carapp.dataset.demo.make_no_car_images (seed 1, other images than outlier exposure's);
   the kinds outlier exposure trains on (training/negatives.OE_KINDS) are marked, the others are held out;
 - real photographs: the sample photos of scikit-image, scikit-learn and matplotlib (the "design" family: looked at
-  while the signals were chosen) and those bundled with gradio (held out: looked at only to report).
+  while the signals were chosen; `pip install scikit-image matplotlib` for all 31 of them) and those bundled with
+  gradio (held out: looked at only to report).
 For each family and each candidate score (max-softmax, energy, the layer3 k-NN, each early stage's channel
 statistics, and carapp's combined FarScore), the AUROC of test cars against the family, and the share the score
 refuses at its operating point (above 99% of the validation cars); then the share of the family carapp's answers
