@@ -389,4 +389,8 @@ def test_the_analyze_tab_shows_the_no_car_photos_with_why(tmp_path):
                          {"path": str(photo), "status": "model", "reason": ""}])
     items = refused_gallery(rows)
     assert len(items) == 1 and max(items[0][0].size) <= 256
-    assert items[0][1] == "cup.jpg: none of the model's car classes responds to it"
+    assert items[0][1] == "no class responds · cup.jpg"  # short enough for a gallery caption
+    from carapp.evaluation.trust import SIGNAL_WORDS
+    from carapp.ui.analyze_tab import refusal_tag
+    assert refusal_tag(f"Not a car: {SIGNAL_WORDS['layer1']} (far-from-training score 3.1; ...)") == \
+        "colours, textures"

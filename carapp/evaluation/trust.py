@@ -325,6 +325,9 @@ SIGNAL_WORDS = {
     "layer3": "its shapes and parts are far from every car the model was trained on",
     "energy": "none of the model's car classes responds to it",
 }
+# The same, in a few words (a gallery caption)
+SIGNAL_SHORT = {"stem": "colours, textures", "layer1": "colours, textures", "layer2": "textures, patterns",
+                "layer3": "shapes, parts", "energy": "no class responds"}
 STATS_KEYS = ("widths", "centre", "spread")
 
 

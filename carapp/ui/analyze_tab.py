@@ -206,8 +206,15 @@ def refused_gallery(rows: pd.DataFrame, n: int = 12) -> list:
         except READ_ERRORS:
             continue
         photo.thumbnail((256, 256))
-        items.append((photo, f"{Path(path).name}: {why.split(' (')[0].removeprefix('Not a car: ')}"))
+        items.append((photo, f"{refusal_tag(why)} · {Path(path.rsplit('!', 1)[-1]).name}"))
     return items
+
+
+def refusal_tag(reason: str) -> str:
+    """A caption's few words for why a photo was answered "no car" (the whole reason is in predictions.csv)."""
+    from ..evaluation.trust import SIGNAL_SHORT, SIGNAL_WORDS
+    return next((SIGNAL_SHORT[name] for name, words in SIGNAL_WORDS.items() if words in reason),
+                "no car found" if "detector" in reason else "far from the cars")
 
 
 def _downloads(out: Path, public: bool) -> list[str]:
