@@ -1,5 +1,5 @@
-"""Command line: python -m carapp {demo-data,stats,health,train,train-detector,lr-find,evaluate,calibrate,predict,analyze,
-export,runs,push,cache,sweep} --help
+"""Command line: python -m carapp {demo-data,stats,health,train,train-detector,lr-find,evaluate,calibrate,predict,
+analyze,export,runs,push,cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """

@@ -12,7 +12,8 @@ def _pct(v) -> str:
 def demo_data(r: dict) -> str:
     line = f"Wrote a synthetic demo dataset: {r['num_images']:,} images of {r['num_models']} models in {r['root']}"
     if r.get("scenes"):
-        line += f"\nand {r['scenes']} multi-car scenes ({r['scene_cars']} cars, boxes in scenes.json) in {r['scenes_dir']}"
+        line += (f"\nand {r['scenes']} multi-car scenes ({r['scene_cars']} cars, boxes in scenes.json) in "
+                 f"{r['scenes_dir']}")
     return line
 
 

@@ -108,8 +108,9 @@ def quantize(float_model: Path, path: Path, calibration: list[np.ndarray]) -> Pa
 
 def shared_onnx_path(predictor, source: str | Path) -> Path:
     """Where the ONNX export of the model behind `source` lives in the engine cache: one file per model version
-    (its weights file and their mtime, its labels, input size, the exporting torch and what its features hold), shared by every analysis
-    of it, the app's and the CLI's. An export is a ~94 MB file and ~30 s of a 2-core CPU for a ResNet-50."""
+    (its weights file and their mtime, its labels, input size, the exporting torch and what its features hold),
+    shared by every analysis of it, the app's and the CLI's. An export is a ~94 MB file and ~30 s of a 2-core CPU
+    for a ResNet-50."""
     key = [list(model_version(source)), predictor.labels, predictor.image_size, torch.__version__,
            FEATURES_VERSION]
     return cache_dir("engines") / f"model-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.onnx"

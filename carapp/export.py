@@ -52,7 +52,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path) -> Path:
     rundir.write_json(out / "config.json", {"format": EXPORT_TAG, "version": 1, "weights": fmt,
                                             "num_classes": len(labels), "preprocessing": preprocessing(image_size, config.get("resize", "crop")),
                                             "training": config})
-    for name in (CALIBRATION_FILE, BANK_FILE, STATS_FILE):  # the temperature, thresholds, "not a car" score travel along
+    for name in (CALIBRATION_FILE, BANK_FILE, STATS_FILE):  # temperature, thresholds, "not a car" score go along
         source = (run if run.is_dir() else run.parent) / name
         if source.is_file():
             shutil.copyfile(source, out / name)

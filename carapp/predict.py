@@ -22,7 +22,7 @@ from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .dataset.images import open_image
 from .dataset.loader import build_transform, letterbox_box, resize_size, to_input
 from .car_crops import BOX, DEFAULT_CONTEXT, car_crop
-from .detection.model import Detector
+from .detection.model import Box, Detector
 from .engines import OnnxEngine
 from .evaluation.answers import Calibration, class_makes_of, first_words
 from .evaluation.evaluate import forward
@@ -130,7 +130,14 @@ class Predictor:
         """Per photo: every car the detector finds, cropped as this model trained and answered in one batch; the
         photo's own fields are its largest car's (a photo without a car: `no-car`, saying so)."""
         images = [im.convert("RGB") for im in images]
-        found = detector.detect(images)
+        return self.answer_cars(images, detector.detect(images), detector, top_k, cam, method, tta, thresholds,
+                                min_box)
+
+    def answer_cars(self, images: list[Image.Image], found: list[list[Box]], detector: Detector, top_k: int = 5,
+                    cam: bool = False, method: str = "gradcam", tta: bool = False, thresholds: dict | None = None,
+                    min_box: int | None = None) -> list[Prediction]:
+        """predict_cars for boxes already found (`found[i]`: the cars of RGB photo i)."""
+        min_box = self.min_box if min_box is None else min_box
         crops = [(i, box, car_crop(images[i], box.as_list(), self.crop_rule)) for i, boxes in enumerate(found)
                  for box in boxes]
         answers = self.predict_many([c for _, _, c in crops], top_k, cam, method, None, tta, thresholds) \
@@ -138,10 +145,10 @@ class Predictor:
         cars: list[list[Prediction]] = [[] for _ in images]
         for (i, box, _), car in zip(crops, answers):
             car.box, car.det_score = box.as_list(), box.score
-            if box.short_side < (self.min_box if min_box is None else min_box):
+            if box.short_side < min_box:
                 car.status = "small"
                 car.reason = (f"Too small to name: its box's shorter side is {box.short_side:.0f} px, under the "
-                              f"{self.min_box if min_box is None else min_box} px this model needs.")
+                              f"{min_box} px this model needs.")
             cars[i].append(car)
         empty = [i for i, mine in enumerate(cars) if not mine]
         whole = dict(zip(empty, self.predict_many([images[i] for i in empty], top_k, cam, method, None, tta,

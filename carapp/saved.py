@@ -3,8 +3,8 @@
     model, config, labels, folder = load_model("checkpoints/run1")   # or a checkpoint file, an exported folder
     load_model("hf://owner/name@revision")                            # a Hub repo (HF_TOKEN, HF_HUB_OFFLINE)
 
-`folder` holds what travels beside the weights (labels.json, calibration.json, feature_bank.npz, feature_stats.npz). Checkpoints are
-read with weights_only=True, exports from safetensors: nothing a stranger sent is unpickled.
+`folder` holds what travels beside the weights (labels.json, calibration.json, feature_bank.npz, feature_stats.npz).
+Checkpoints are read with weights_only=True, exports from safetensors: nothing a stranger sent is unpickled.
 """
 from __future__ import annotations
 

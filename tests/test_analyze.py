@@ -368,7 +368,8 @@ def test_the_report_counts_each_reason_for_no_car_apart(tmp_path):
     texture = "Not a car: its colours and textures are unlike every car photo the model was trained on"
     for i, why in enumerate([texture] * 3 + ["Not a car: none of the model's car classes responds to it"]):
         tally.add({**base, "path": str(tmp_path / f"missing{i}.jpg"), "status": "no-car",
-                   "reason": f"{why} (far-from-training score {2 + i:.2f}; 99% of the validation cars score below 1.10)."})
+                   "reason": f"{why} (far-from-training score {2 + i:.2f}; 99% of the validation cars score below "
+                             f"1.10)."})
     tally.add({**base, "path": str(tmp_path / "car.jpg"), "status": "model", "reason": ""})
     page = write_report(tmp_path, tally, summary_rows(tally), calibrated=True).read_text()
     section = page[page.index("Why no car was named"):]
@@ -391,6 +392,6 @@ def test_the_analyze_tab_shows_the_no_car_photos_with_why(tmp_path):
     assert len(items) == 1 and max(items[0][0].size) <= 256
     assert items[0][1] == "no class responds · cup.jpg"  # short enough for a gallery caption
     from carapp.evaluation.trust import SIGNAL_WORDS
-    from carapp.ui.analyze_tab import refusal_tag
+    from carapp.evaluation.answers import refusal_tag
     assert refusal_tag(f"Not a car: {SIGNAL_WORDS['layer1']} (far-from-training score 3.1; ...)") == \
         "colours, textures"

@@ -428,7 +428,8 @@ def _render_image(model, view, rng):
 
 def _photo_finish(img, rng):
     """Camera-ish exposure jitter and sensor noise on a final-size RGB image."""
-    arr = np.asarray(img, float) * rng.uniform(0.85, 1.15) + rng.normal(0, rng.uniform(2, 8), (IMG_H, IMG_W, 3))
+    gain = rng.uniform(0.85, 1.15)
+    arr = np.asarray(img, float) * gain + rng.normal(0, rng.uniform(2, 8), (img.height, img.width, 3))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 

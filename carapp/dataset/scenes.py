@@ -8,8 +8,9 @@ writes, beside the demo dataset, out/scenes/<k>.jpg and out/scenes/scenes.json:
 Boxes are in pixels of the photo, x2/y2 exclusive (torchvision's convention), clipped to the frame: a car cut by the
 frame has the box of what shows. 0-4 cars a scene (SCENE_CARS: about one scene in ten has none), each 12-60% of the
 photo's width, drawn far to near (a nearer car hides part of a farther one; its box stays the whole car's; a car less
-than half in view is left out), some cut by the frame. The cars are the demo's own drawings (carapp.dataset.demo), so a demo classifier knows them; the
-backdrop is the demo's road scene at the photo's size. Class names are those the demo dataset's index gives.
+than half in view is left out), some cut by the frame. The cars are the demo's own drawings (carapp.dataset.demo),
+so a demo classifier knows them; the backdrop is the demo's road scene at the photo's size. Class names are those
+the demo dataset's index gives.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from ..atomic import atomic_writer
 from .demo import (_MAKE_BY_ID, _NO_CAR_PAINTERS, _VIEW_CHOICES, _VIEW_PROBS, JPEG_QUALITY, MODELS, SS,
-                   _draw_background, _render_car)
+                   _draw_background, _photo_finish, _render_car)
 
 SCENE_SIZE = (320, 240)
 SCENE_CARS = (0, 1, 1, 2, 2, 2, 3, 3, 4, 4)  # how many cars a scene holds: drawn uniformly from this list
@@ -81,9 +82,7 @@ def _scene(rng, size: tuple[int, int], style: str = "road") -> tuple[Image.Image
         if box[2] - box[0] >= 2 and box[3] - box[1] >= 2:
             cars.append({"box": [round(v, 1) for v in box], "class": class_name(model),
                          "make": _MAKE_BY_ID[model.make_id].name})
-    photo = canvas.convert("RGB").reduce(SS)
-    arr = np.asarray(photo, float) * rng.uniform(0.85, 1.15) + rng.normal(0, rng.uniform(2, 8), (height, width, 3))
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"), cars
+    return _photo_finish(canvas.convert("RGB").reduce(SS), rng), cars
 
 
 def _visible(placed: list, width: int, height: int, share: float = MIN_VISIBLE) -> list:

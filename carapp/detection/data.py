@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from ..dataset.images import ImageError, is_image, open_image
+from ..dataset.images import ImageError, open_image
 from ..dataset.index import index_dataset
+from ..dataset.scenes import MIN_VISIBLE  # a car less than half in view is no car to find, as scenes label them
 from .model import INPUT_SIZE
 
 MOSAIC_GRIDS = (1, 2, 2, 3, 3, 4, 4, 5, 6)
 WINDOWS = 0.5           # share of mosaics of which a random window is kept (cars cut by its frame, larger cars)
-MIN_VISIBLE = 0.5       # a car less than half inside the window is no longer a car to find (as scenes label them)
 NEGATIVE_CELLS = 0.25   # share of mosaic cells that get a photo without a car (the detector's outlier exposure)
 VAL_MOSAICS = 60
 _TAG = 0x646574  # "det": keeps these draws apart from the classifier's
@@ -121,10 +121,10 @@ def validation_set(photos: list[BoxedPhoto], seed: int, count: int = VAL_MOSAICS
     return [mosaic(photos, rng, negatives=negatives) for _ in range(count)]
 
 
-def negative_photos(spec: str) -> list[str]:
+def negative_paths(spec: str) -> list[str]:
     """The photos without a car a --negatives value names (training.negatives: a folder, or `generated`)."""
     if not spec:
         return []
-    from ..training.negatives import negatives_folder
-    folder = negatives_folder(spec)
-    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image(p.name))
+    from ..training.negatives import negative_photos
+    folder, paths = negative_photos(spec)
+    return [os.path.join(folder, p) for p in paths]

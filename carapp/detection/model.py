@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.transforms.v2 import functional as TF
 
 from ..checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-
-log = logging.getLogger("carapp")
 
 DETECTOR_KIND = "carapp-detector"   # what a detector checkpoint says it is (a classifier's best.pt is not one)
 INPUT_SIZE = (256, 192)             # width, height the detector sees (torchvision's transform resizes to it)
@@ -59,10 +56,6 @@ class Box:
     def short_side(self) -> float:
         return min(self.x2 - self.x1, self.y2 - self.y1)
 
-    @property
-    def area(self) -> float:
-        return (self.x2 - self.x1) * (self.y2 - self.y1)
-
     def as_list(self) -> list[float]:
         return [round(self.x1, 1), round(self.y1, 1), round(self.x2, 1), round(self.y2, 1)]
 
@@ -75,14 +68,17 @@ class Detector:
         self.car_labels, self.source, self.min_score = car_labels, source, min_score
 
     @torch.inference_mode()
-    def detect(self, photos: list[Image.Image], batch_size: int = 8) -> list[list[Box]]:
-        """The cars of each photo, best score first, in the photo's pixels."""
+    def detect(self, photos: list[Image.Image], batch_size: int = 8,
+               min_score: float | None = None) -> list[list[Box]]:
+        """The cars of each photo, best score first, in the photo's pixels; `min_score` instead of the operating
+        score (evaluation keeps every candidate for AP)."""
+        min_score = self.min_score if min_score is None else min_score
         found = []
         for start in range(0, len(photos), batch_size):
             batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True)
                      for p in photos[start:start + batch_size]]
             for out in self.model(batch):
-                keep = (out["scores"] >= self.min_score) & torch.isin(out["labels"], torch.tensor(self.car_labels))
+                keep = (out["scores"] >= min_score) & torch.isin(out["labels"], torch.tensor(self.car_labels))
                 boxes, scores = out["boxes"][keep], out["scores"][keep]
                 kept = without_parts(boxes, scores)
                 found.append([Box(*map(float, boxes[i]), float(scores[i])) for i in kept])

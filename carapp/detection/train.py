@@ -23,7 +23,7 @@ import torch
 from .. import rundir
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..training.train import StopSignal, TrainingError, take_over
-from .data import boxed_photos, negative_photos, split_photos, training_batch, validation_set
+from .data import boxed_photos, negative_paths, split_photos, training_batch, validation_set
 from .metrics import average_precision, count_figures, operating_score
 from .model import DETECTOR_KIND, build_detector
 
@@ -59,7 +59,8 @@ WARMUP_STEPS = 50
 
 def detector_config(preset: str = "", **options) -> DetectorConfig:
     if preset not in DETECTOR_PRESETS:
-        raise ValueError(f"unknown detector preset {preset!r}; choose from {', '.join(p for p in DETECTOR_PRESETS if p)}")
+        raise ValueError(f"unknown detector preset {preset!r}; choose from "
+                         f"{', '.join(p for p in DETECTOR_PRESETS if p)}")
     given = {k: v for k, v in options.items() if v is not None}
     return DetectorConfig(preset=preset, **{**DETECTOR_PRESETS[preset], **given})
 
@@ -81,7 +82,7 @@ def train_detector(cfg: DetectorConfig | None, run_dir: str | Path, resume: bool
         photos = boxed_photos(cfg.data, cfg.format)
         rundir.write_json(run / "config.json", dataclasses.asdict(cfg))
         made_here = False
-        negatives = negative_photos(cfg.negatives)
+        negatives = negative_paths(cfg.negatives)
         with StopSignal(run) as stop:
             return _fit(cfg, run, stop, *split_photos(photos, cfg.val_frac, cfg.seed), negatives)
     except Exception as exc:
@@ -95,6 +96,14 @@ def train_detector(cfg: DetectorConfig | None, run_dir: str | Path, resume: bool
         lock.unlink(missing_ok=True)
         if made_here:
             shutil.rmtree(run, ignore_errors=True)
+
+
+def _stopped(run: Path, cfg: DetectorConfig, epoch: int, state: dict) -> dict:
+    """After last.pt is saved: say where the run stopped and how to go on."""
+    rundir.write_progress(run, status="stopped", epoch=epoch, epochs=cfg.epochs, step=state["step"])
+    where = f"in epoch {epoch} at step {state['step']}" if state["step"] else f"after epoch {epoch}"
+    log.info("stopped %s; resume with: python -m carapp train-detector --run-dir %s --resume", where, run)
+    return {"status": "stopped", "epochs": state["epoch"], "best_ap50": max(state["best_ap50"], 0.0)}
 
 
 def _schedule(cfg: DetectorConfig):
@@ -126,10 +135,7 @@ def _fit(cfg: DetectorConfig, run: Path, stop: StopSignal, train_photos, val_pho
         if not _train_epoch(cfg, run, stop, model, optimizer, scheduler, state, train_photos, train_negatives,
                             epoch):
             _save_last(run, cfg, model, optimizer, scheduler, state)
-            rundir.write_progress(run, status="stopped", epoch=epoch, epochs=cfg.epochs, step=state["step"])
-            log.info("stopped in epoch %d at step %d; resume with: python -m carapp train-detector --run-dir %s "
-                     "--resume", epoch, state["step"], run)
-            return {"status": "stopped", "epochs": state["epoch"], "best_ap50": max(state["best_ap50"], 0.0)}
+            return _stopped(run, cfg, epoch, state)
         row = {"epoch": epoch, "train_loss": state["loss_sum"] / max(state["seen"], 1), **validate(model, val),
                "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 2)}
         improved = row["ap50"] > state["best_ap50"]
@@ -143,8 +149,7 @@ def _fit(cfg: DetectorConfig, run: Path, stop: StopSignal, train_photos, val_pho
                              "metrics": row}, run / "best.pt")
         _save_last(run, cfg, model, optimizer, scheduler, state)
         if stop:
-            rundir.write_progress(run, status="stopped", epoch=epoch, epochs=cfg.epochs, step=0)
-            return {"status": "stopped", "epochs": epoch, "best_ap50": state["best_ap50"]}
+            return _stopped(run, cfg, epoch, state)
     rundir.write_progress(run, status="finished", epoch=state["epoch"], epochs=cfg.epochs,
                           best_ap50=state["best_ap50"])
     return {"status": "finished", "epochs": state["epoch"], "best_ap50": state["best_ap50"]}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..rundir import read_json
-from .trust import SIGNAL_WORDS, FarScore, FeatureBank, answer_status, make_probs, softmax
+from .trust import SIGNAL_SHORT, SIGNAL_WORDS, FarScore, FeatureBank, answer_status, make_probs, softmax
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,13 @@ def reason(answer: Answer, limits: dict) -> str:
         return (f"Make only: {missed}; its make {make} has {make_prob:.0%} (a make answer needs "
                 f"{limits['make']:.0%}).{checked}")
     return f"Not sure: {missed}, and the best make, {make}, has {make_prob:.0%}, under {limits['make']:.0%}.{checked}"
+
+
+def refusal_tag(reason: str) -> str:
+    """A few words for why a photo was answered "no car", read back from its reason (a gallery caption; the whole
+    reason, numbers included, is in predictions.csv)."""
+    return next((SIGNAL_SHORT[name] for name, words in SIGNAL_WORDS.items() if words in reason),
+                "no car found" if "detector" in reason else "far from the cars")
 
 
 def threshold_note(calibration: dict) -> str:

@@ -61,14 +61,20 @@ def _generated(folder: Path) -> Path:
     return folder
 
 
+def negative_photos(spec: str) -> tuple[Path, list[str]]:
+    """The folder a --negatives value names and its photos (paths relative to it); an empty one is refused."""
+    folder = negatives_folder(spec)
+    paths = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and is_image(p.name))
+    if not paths:
+        raise ValueError(f"--negatives {spec}: no photos in {folder}")
+    return folder, paths
+
+
 class Negatives:
     """Photos without a car, a few per training step, augmented as the cars are."""
 
     def __init__(self, cfg, rank: int = 0):
-        folder = negatives_folder(cfg.negatives)
-        paths = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and is_image(p.name))
-        if not paths:
-            raise ValueError(f"--negatives {cfg.negatives}: no photos in {folder}")
+        folder, paths = negative_photos(cfg.negatives)
         self.images = CarImages(str(folder), paths, [-1] * len(paths), None,
                                 build_transform(cfg.image_size, True, cfg.jitter, cfg.resize),
                                 image_size=cfg.image_size)

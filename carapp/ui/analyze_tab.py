@@ -22,6 +22,7 @@ from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, coll
 from ..analysis.report import SUMMARY_COLUMNS
 from ..atomic import atomic_writer
 from ..dataset.images import open_image
+from ..evaluation.answers import refusal_tag
 from ..runs import job_status
 from . import jobs
 from .photos import SIX_WIDE
@@ -201,20 +202,14 @@ def refused_gallery(rows: pd.DataFrame, n: int = 12) -> list:
     """The photos answered "no car", each with why (the reason's words, its numbers are in predictions.csv)."""
     items, archives = [], {}
     for path, why in rows[rows.status == "no-car"].head(n)[["path", "reason"]].itertuples(index=False):
+        item = item_of(path)
         try:
-            photo = open_image(item_of(path).open(archives), draft_size=256)
+            photo = open_image(item.open(archives), draft_size=256)
         except READ_ERRORS:
             continue
         photo.thumbnail((256, 256))
-        items.append((photo, f"{refusal_tag(why)} · {Path(path.rsplit('!', 1)[-1]).name}"))
+        items.append((photo, f"{refusal_tag(why)} · {Path(item.member or item.path).name}"))
     return items
-
-
-def refusal_tag(reason: str) -> str:
-    """A caption's few words for why a photo was answered "no car" (the whole reason is in predictions.csv)."""
-    from ..evaluation.trust import SIGNAL_SHORT, SIGNAL_WORDS
-    return next((SIGNAL_SHORT[name] for name, words in SIGNAL_WORDS.items() if words in reason),
-                "no car found" if "detector" in reason else "far from the cars")
 
 
 def _downloads(out: Path, public: bool) -> list[str]:
