@@ -41,6 +41,11 @@ def crop_region(box: list[float], rule: dict) -> tuple[float, float, float, floa
     return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
+def small_reason(short_side: float, min_box: int) -> str:
+    """Why a car too small to name is not named (status `small`)."""
+    return f"Too small to name: its box's shorter side is {short_side:.0f} px, under the {min_box} px this model needs."
+
+
 def car_crop(photo: Image.Image, box: list[float], rule: dict) -> Image.Image:
     """The car's crop, the part beyond the photo filled with its mean colour."""
     x1, y1, x2, y2 = (round(v) for v in crop_region(box, rule))

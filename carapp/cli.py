@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx", "int8"],
                    help="auto: ONNX Runtime on a CPU, PyTorch on a GPU; int8: quantised ONNX (CPU, fastest)")
     p.add_argument("--force", action="store_true", help="replace the results of another model in --out")
+    p.add_argument("--detector", default=None, help="one row per car: a detector run (train-detector), its "
+                   "checkpoint, coco, or none (default: CARAPP_DETECTOR, else none: one row per photo)")
+    p.add_argument("--vehicles", action="store_true", help="with --detector coco: buses and trucks count as cars")
 
     p = sub.add_parser("export", help="export a run as safetensors or ONNX with config, labels and a model card")
     p.add_argument("--run", required=True, help="run directory (its best.pt is exported)")
@@ -430,10 +433,11 @@ def cmd_predict(args):
 def cmd_analyze(args):
     from .analysis.analyze import analyze
     result = analyze(args.sources, args.run, args.out, args.group_by, args.batch_size, args.workers, args.device,
-                     args.force, args.engine)
+                     args.force, args.engine, detector_of(args))
     if result and not args.json:
         counts = ", ".join(f"{k} {v}" for k, v in result["status_counts"].items())
-        print(f"{result['images']} photos: {counts}. Top makes: "
+        cars = f", {result['cars']} cars" if "cars" in result else ""
+        print(f"{result['images']} photos{cars}: {counts}. Top makes: "
               + ", ".join(f"{m} {n}" for m, n in result["top_makes"].items())
               + f"\nReport: {Path(args.out) / 'report.html'}")
     return result, 0

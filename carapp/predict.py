@@ -21,7 +21,7 @@ from . import rundir
 from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .dataset.images import open_image
 from .dataset.loader import build_transform, letterbox_box, resize_size, to_input
-from .car_crops import BOX, DEFAULT_CONTEXT, car_crop
+from .car_crops import BOX, DEFAULT_CONTEXT, car_crop, small_reason
 from .detection.model import Box, Detector
 from .engines import OnnxEngine
 from .evaluation.answers import Calibration, class_makes_of, first_words
@@ -146,9 +146,7 @@ class Predictor:
         for (i, box, _), car in zip(crops, answers):
             car.box, car.det_score = box.as_list(), box.score
             if box.short_side < min_box:
-                car.status = "small"
-                car.reason = (f"Too small to name: its box's shorter side is {box.short_side:.0f} px, under the "
-                              f"{min_box} px this model needs.")
+                car.status, car.reason = "small", small_reason(box.short_side, min_box)
             cars[i].append(car)
         empty = [i for i, mine in enumerate(cars) if not mine]
         whole = dict(zip(empty, self.predict_many([images[i] for i in empty], top_k, cam, method, None, tta,
@@ -208,8 +206,7 @@ def _photo_answer(cars: list[Prediction], whole: Prediction | None, detector: De
     """A photo's answer: its largest named car's fields (the largest of all when none is named) and every car."""
     if not cars:
         whole.status, whole.ood_signal, whole.cars = "no-car", "detector", []
-        whole.reason = (f"Not a car: the detector ({detector.source}) found no car in this photo (no box scores "
-                        f"{detector.min_score:.2f} or more).")
+        whole.reason = detector.no_car_reason
         return whole
     named = [c for c in cars if c.status != "small"] or cars
     main = max(named, key=lambda c: (c.box[2] - c.box[0]) * (c.box[3] - c.box[1]))

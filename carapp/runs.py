@@ -30,11 +30,16 @@ class RunInfo:
     updated: float
     progress: dict       # progress.json as read (its status is the file's; `status` above is the live one)
     metrics: list[dict]  # metrics.jsonl's epochs
+    kind: str = "classifier"  # or "detector" (train-detector): not a model to classify with
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.kind == "classifier"
 
     def to_json(self) -> dict:
         return {"name": self.name, "path": str(self.path), "status": self.status, "epochs_done": self.epochs_done,
                 "epochs": self.epochs, "best_val_acc": self.best_val_acc, "updated": self.updated,
-                "eta_seconds": run_eta(self.progress, self.metrics)}
+                "eta_seconds": run_eta(self.progress, self.metrics), "kind": self.kind}
 
 
 def status_of(progress: dict) -> str:
@@ -73,26 +78,40 @@ def run_info(run: Path) -> RunInfo:
         _READ[run] = cached
     read = cached[1]
     metrics = read["metrics"]
+    scored = [m for m in metrics if "val_loss" in m and "val_acc" in m]  # a detector's epochs have AP50 instead
     return RunInfo(name=run.name, path=run, status=status_of(read["progress"]), epochs_done=len(metrics),
                    epochs=read["config"].get("epochs"),
-                   best_val_acc=min(metrics, key=lambda m: m["val_loss"])["val_acc"] if metrics else None,
-                   updated=read["updated"], progress=read["progress"], metrics=metrics)
+                   best_val_acc=min(scored, key=lambda m: m["val_loss"])["val_acc"] if scored else None,
+                   updated=read["updated"], progress=read["progress"], metrics=metrics,
+                   kind=_kind(read["config"]))
 
 
-def list_runs(runs_dir: str | Path) -> list[RunInfo]:
-    """Run directories under runs_dir, newest first."""
+def _kind(config: dict) -> str:
+    """A run's kind as its config.json says; a detector run from before configs said so has no backbone."""
+    return config.get("kind") or ("detector" if "steps_per_epoch" in config and "backbone" not in config
+                                  else "classifier")
+
+
+def newest_detector(runs_dir: str | Path) -> Path | None:
+    """The newest detector run of a runs folder that has a best.pt: the app's detector when none is configured."""
+    return next((r.path for r in list_runs(runs_dir, "detector") if (r.path / "best.pt").is_file()), None)
+
+
+def list_runs(runs_dir: str | Path, kind: str | None = None) -> list[RunInfo]:
+    """Run directories under runs_dir, newest first; of one kind (classifier, detector) when given."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
     # progress.json too: a trainer announces itself there before its config is written
     runs = [run_info(p) for p in runs_dir.iterdir()
             if p.is_dir() and ((p / "config.json").is_file() or (p / "progress.json").is_file())]
-    return sorted(runs, key=lambda r: r.updated, reverse=True)
+    return sorted((r for r in runs if kind in (None, r.kind)), key=lambda r: r.updated, reverse=True)
 
 
-def find_run(runs_dir: str | Path, name: str | None) -> Path | None:
-    """A run by name, only among the runs listed under runs_dir (a name is never a path)."""
-    return next((r.path for r in list_runs(runs_dir) if r.name == name), None) if name else None
+def find_run(runs_dir: str | Path, name: str | None, kind: str | None = "classifier") -> Path | None:
+    """A run by name, only among the runs listed under runs_dir (a name is never a path); a classifier unless
+    another kind is asked for."""
+    return next((r.path for r in list_runs(runs_dir, kind) if r.name == name), None) if name else None
 
 
 def active_run(runs_dir: str | Path) -> RunInfo | None:

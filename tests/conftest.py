@@ -120,6 +120,29 @@ def tiny_run(demo_root, tmp_path_factory) -> Path:
     return run
 
 
+TINY_DETECTOR = dict(epochs=2, steps_per_epoch=3, batch_size=2)
+
+
+@pytest.fixture(scope="session")
+def detector_run(demo_root, tmp_path_factory) -> Path:
+    """A detector trained for six steps on the small demo set: a real checkpoint, not a good detector."""
+    from carapp.detection.train import detector_config, train_detector
+    run = tmp_path_factory.mktemp("det") / "run"
+    assert train_detector(detector_config(data=str(demo_root), **TINY_DETECTOR), run)["status"] == "finished"
+    return run
+
+
+@pytest.fixture(scope="session")
+def eager_detector(detector_run, tmp_path_factory) -> Path:
+    """detector_run's checkpoint with its operating score lowered: it finds many boxes, so photos have several."""
+    import torch
+    ckpt = torch.load(detector_run / "best.pt", weights_only=True)
+    ckpt["metrics"]["min_score"] = 0.05
+    path = tmp_path_factory.mktemp("eager") / "best.pt"
+    torch.save(ckpt, path)
+    return path
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -249,3 +249,28 @@ def test_a_newcomer_trains_the_demo_model_from_predict_and_gets_an_answer(browse
     finally:
         stop_all_jobs(runs)
         demo.close()
+
+
+def test_every_car_of_a_photo_is_boxed_numbered_and_chosen(browser, demo_root, tiny_run, eager_detector,
+                                                             tmp_path):
+    """With a detector: the photo comes back with numbered boxes; choosing car 2 shows car 2's answer; a photo
+    the detector finds nothing in says so and hides the chooser."""
+    from carapp.dataset.scenes import make_demo_scenes
+    records = make_demo_scenes(tmp_path / "scenes", 4, seed=5)
+    scene = tmp_path / "scenes" / next(r for r in records if len(r["cars"]) >= 2)["image"]
+    with serving(demo_root, tiny_run, tmp_path / "runs", detector=str(eager_detector)) as url:
+        page = new_page(browser, url)
+        page.locator("#find-cars input").wait_for(state="visible")
+        page.set_input_files("#input-image input[type=file]", str(scene))
+        page.locator("#car-choice label").nth(1).wait_for(state="visible", timeout=120_000)
+        assert page.locator("#answer").inner_text().startswith("Car ")
+        legend = page.locator("#cars-found").inner_text()
+        assert "1:" in legend and "2:" in legend
+        page.locator("#car-choice label").nth(1).click()
+        page.locator("#answer:has-text('Car 2 of')").wait_for(state="visible", timeout=60_000)
+        page.screenshot(path=str(tmp_path / "cars.png"), full_page=True)
+        page.locator("#find-cars input").uncheck()  # the whole photo again: one answer, no chooser
+        page.get_by_role("button", name="Classify", exact=True).click()
+        page.locator("#car-choice").wait_for(state="hidden", timeout=60_000)
+        assert "Car " not in page.locator("#answer").inner_text()
+        page.close()

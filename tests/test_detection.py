@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DETECTOR as TINY
 from conftest import cli_error, cli_json
 from PIL import Image
 
@@ -18,17 +19,6 @@ from carapp.detection.metrics import average_precision, count_figures, operating
 from carapp.detection.model import Detector, load_detector
 from carapp.detection.train import detector_config, train_detector
 from carapp.predict import Predictor
-
-TINY = dict(epochs=2, steps_per_epoch=3, batch_size=2)
-
-
-@pytest.fixture(scope="module")
-def detector_run(demo_root, tmp_path_factory):
-    run = tmp_path_factory.mktemp("det") / "run"
-    result = train_detector(detector_config(data=str(demo_root), **TINY), run)
-    assert result["status"] == "finished"
-    return run
-
 
 def test_a_detector_run_has_the_trainers_habits(detector_run):
     rows = rundir.read_metrics(detector_run)

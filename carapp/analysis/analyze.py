@@ -3,12 +3,17 @@
     python -m carapp analyze photos/ more.zip list.txt --run checkpoints/run1 --out analysis/ [--group-by folder]
     torchrun --nproc_per_node=4 -m carapp analyze photos/ --model RUN --out OUT   # a shard each; rank 0 merges
 
+    python -m carapp analyze photos/ --run RUN --detector DET --out OUT   # one row per car (train-detector, coco)
+
 OUT gets predictions.csv (one row per image, appended and fsynced per batch), summary.csv, report.html, and
 progress.json while it runs. Running again with the same OUT skips the images already there, so a run killed at any
-moment (even kill -9) completes with every image exactly once.
+moment (even kill -9) completes with every image exactly once. With a detector, one row per car (CAR_COLUMNS say
+which car of how many, its box and the detector's score; a photo without a car: one `no-car` row, empty box); a
+photo counts as done once all its rows are written, so a kill between two of its cars repeats that photo whole.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -22,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import rundir, safecsv
 from ..dataset.images import ImageError, open_image
 from ..dataset.loader import build_transform, ignore_stop_signals, resize_size
+from ..car_crops import car_crop, small_reason
 from ..engines import ENGINES, OnnxEngine, TorchEngine, export_shared, pick_engine, quantize, shared_onnx_path
 from ..runtime import init_distributed
 from .collection import ALL_GROUPS, READ_ERRORS, CollectionError, Item, collect
@@ -29,16 +35,18 @@ from .collection import ALL_GROUPS, READ_ERRORS, CollectionError, Item, collect
 log = logging.getLogger("carapp")
 
 COLUMNS = ["path", "group", "status", "make", "make_prob", "model", "model_prob", "ood_score", "top5", "reason"]
+CAR_COLUMNS = ["car", "cars", "x1", "y1", "x2", "y2", "det_score"]  # with a detector: this car (0, 1, ...) of `cars`
 META = "analysis.json"
 CALIBRATION_PHOTOS = 64   # photos that set the int8 activation ranges
 
 
 class CollectionImages(Dataset):
-    """Decoded, eval-transformed images of a collection; an unreadable one yields its reason instead."""
+    """Decoded, eval-transformed images of a collection; an unreadable one yields its reason instead. With
+    `photos=True` the decoded photos themselves, at full size: a detector's, whose cars are cropped from them."""
 
-    def __init__(self, items: list[Item], image_size: int, resize: str = "crop"):
-        self.items, self.draft = items, resize_size(image_size)
-        self.transform = build_transform(image_size, False, resize=resize)
+    def __init__(self, items: list[Item], image_size: int, resize: str = "crop", photos: bool = False):
+        self.items, self.draft = items, None if photos else resize_size(image_size)
+        self.transform = None if photos else build_transform(image_size, False, resize=resize)
         self.archives: dict = {}  # zip files, opened once per worker process
 
     def __len__(self) -> int:
@@ -46,11 +54,17 @@ class CollectionImages(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(open_image(self.items[i].open(self.archives), draft_size=self.draft)), None
+            photo = open_image(self.items[i].open(self.archives), draft_size=self.draft)
+            return i, photo if self.transform is None else self.transform(photo), None
         except ImageError as exc:
             return i, None, exc.reason
         except READ_ERRORS as exc:  # a vanished file, a broken zip member
             return i, None, f"cannot read ({exc})"
+
+
+def collate_photos(batch):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    return [i for i, _ in good], [x for _, x in good] or None, [(i, why) for i, x, why in batch if x is None]
 
 
 def collate(batch):
@@ -60,7 +74,9 @@ def collate(batch):
 
 
 def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "folder", batch_size: int = 32,
-            workers: int = 2, device: str = "auto", force: bool = False, engine: str = "auto") -> dict:
+            workers: int = 2, device: str = "auto", force: bool = False, engine: str = "auto",
+            detector=None) -> dict:
+    """`detector` (a carapp.detection.model.Detector): one row per car instead of one per photo."""
     from ..predict import Predictor
     out = Path(out)
     items, skipped = collect(sources, group_by)
@@ -74,7 +90,7 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
     engine = pick_engine(engine, predictor.device, len(items) * (predictor.image_size / 224) ** 2,
                          onnx_file.is_file())
     if dist.main:
-        _claim(out, run, predictor, force)
+        _claim(out, run, predictor, force, detector)
         rundir.write_json(out / "progress.json", {"status": "running", "done": 0, "total": len(items),
                                                   "pid": os.getpid(), "updated": time.time()})
         model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
@@ -83,51 +99,56 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
         model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
     part = out / ("predictions.csv" if dist.world == 1 else f".predictions.rank{dist.rank}.csv")
     shard = items[dist.rank::dist.world]
-    done = read_done(part)
+    done = read_done(part, per_car=detector is not None)
     pending = [item for item in shard if item.path not in done]
     log.info("%d images (%d other files skipped); %d already done, %d to go%s", len(items), skipped, len(done),
              len(pending), "" if predictor.calibration.calibrated else "; " + _uncalibrated())
     run_batch = TorchEngine(predictor.model, predictor.device) if engine == "torch" else OnnxEngine(model_file)
     _predict_into(part, pending, predictor, run_batch, batch_size, workers, out if dist.main else None,
-                  len(shard) - len(pending), len(shard), dist.world)
+                  len(shard) - len(pending), len(shard), dist.world, detector)
     dist.barrier()
     if not dist.main:
         dist.close()
         return {}
     if dist.world > 1:
-        _merge(out, [out / f".predictions.rank{r}.csv" for r in range(dist.world)])
+        _merge(out, [out / f".predictions.rank{r}.csv" for r in range(dist.world)], detector is not None)
     dist.close()
     from .report import tally, write_report, write_summary
     counts = tally(out / "predictions.csv")  # one streaming pass: memory stays flat however many photos
     summary = write_summary(out, counts)
     write_report(out, counts, summary, predictor.calibration.calibrated)
     result = _short_summary(counts, skipped, predictor.calibration.calibrated, out)
-    total = sum(counts.statuses.values())
+    total = sum(counts.photos.values()) if counts.per_car else sum(counts.statuses.values())
     rundir.write_json(out / "progress.json", {"status": "finished", "done": total, "total": total,
                                               "pid": os.getpid(), "updated": time.time()})
     return result
 
 
 def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_size: int, workers: int,
-                  progress_dir, already: int, total: int, world: int) -> None:
-    """Batches of decoded images through the network; every batch's rows appended, flushed and fsynced."""
-    dataset = CollectionImages(pending, predictor.image_size, predictor.resize)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                  progress_dir, already: int, total: int, world: int, detector=None) -> None:
+    """Batches of decoded images through the network (with a detector: their cars); every batch's rows appended,
+    flushed and fsynced."""
+    per_car = detector is not None
+    dataset = CollectionImages(pending, predictor.image_size, predictor.resize, photos=per_car)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_photos if per_car else collate,
                         worker_init_fn=ignore_stop_signals if workers else None)
     new_file = not part.exists() or part.stat().st_size == 0
     started, done = time.time(), 0
     with open(part, "a", newline="") as f:
         writer = safecsv.Writer(f)
         if new_file:
-            writer.writerow(COLUMNS)
+            writer.writerow(columns(per_car))
         for indices, images, bad in loader:
-            rows = [_unreadable_row(pending[i], reason) for i, reason in bad]
-            if images is not None:
+            rows = [_unreadable_row(pending[i], reason, per_car) for i, reason in bad]
+            if images is not None and per_car:
+                rows += _car_rows(predictor, detector, run_batch, [pending[i] for i in indices], images, batch_size)
+            elif images is not None:
                 rows += _predicted_rows(predictor.calibration, run_batch, [pending[i] for i in indices], images)
             writer.writerows(rows)
             f.flush()
             os.fsync(f.fileno())
-            done += len(rows)
+            done += len(bad) + len(indices)
             if progress_dir is not None:
                 rate = done * world / max(time.time() - started, 1e-9)
                 rundir.write_json(progress_dir / "progress.json", {
@@ -136,26 +157,79 @@ def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_s
                     "pid": os.getpid(), "updated": time.time()})
 
 
+def columns(per_car: bool) -> list[str]:
+    return COLUMNS + CAR_COLUMNS if per_car else COLUMNS
+
+
 def _predicted_rows(calibration, run_batch, items: list[Item], images: torch.Tensor) -> list[list]:
     logits, features = run_batch(images)
-    answers = calibration.answers(logits, features, 5)
-    return [[item.path, item.group, a.status, a.make[0], round(a.make[1], 6), a.top[0][0], round(a.top[0][1], 6),
-             "" if a.ood_score is None else round(a.ood_score, 6),
-             json.dumps([[n, round(p, 6)] for n, p in a.top]), "" if a.status == "model" else a.reason]
-            for item, a in zip(items, answers)]
+    return [_answer_row(item, a) for item, a in zip(items, calibration.answers(logits, features, 5))]
 
 
-def _unreadable_row(item: Item, reason: str) -> list:
-    return [item.path, item.group, "unreadable", "", "", "", "", "", "", reason]
+def _answer_row(item: Item, a) -> list:
+    return [item.path, item.group, a.status, a.make[0], round(a.make[1], 6), a.top[0][0], round(a.top[0][1], 6),
+            "" if a.ood_score is None else round(a.ood_score, 6),
+            json.dumps([[n, round(p, 6)] for n, p in a.top]), "" if a.status == "model" else a.reason]
 
 
-def read_done(part: Path) -> set[str]:
+def _car_rows(predictor, detector, run_batch, items: list[Item], photos: list, batch_size: int) -> list[list]:
+    """Every car of these photos: found in one detector pass, cropped as the classifier trained, classified in
+    batches; a photo without a car gets one `no-car` row with an empty box."""
+    found = detector.detect(photos)
+    cars = [(i, k, box) for i, boxes in enumerate(found) for k, box in enumerate(boxes)]
+    answers = []
+    for start in range(0, len(cars), batch_size):
+        crops = [car_crop(photos[i], box.as_list(), predictor.crop_rule) for i, _, box in cars[start:start + batch_size]]
+        logits, features = run_batch(torch.stack([predictor.transform(crop) for crop in crops]))
+        answers += predictor.calibration.answers(logits, features, 5)
+    rows = [[item.path, item.group, "no-car", "", "", "", "", "", "", detector.no_car_reason, 0, 0, "", "", "", "", ""]
+            for i, item in enumerate(items) if not found[i]]
+    for (i, k, box), a in zip(cars, answers):
+        if box.short_side < predictor.min_box:
+            a.status, a.reason = "small", small_reason(box.short_side, predictor.min_box)
+        rows.append(_answer_row(items[i], a) + [k, len(found[i]), *box.as_list(), round(box.score, 4)])
+    return rows
+
+
+def _unreadable_row(item: Item, reason: str, per_car: bool = False) -> list:
+    return [item.path, item.group, "unreadable", "", "", "", "", "", "", reason] + (["", 0] + [""] * 5) * per_car
+
+
+def read_done(part: Path, per_car: bool = False) -> set[str]:
     """Paths already in a predictions file. A torn last line (a kill mid-write) is cut off, so its image is
-    predicted again and appears once."""
+    predicted again and appears once; with per_car, so is a last photo with fewer rows than its cars."""
     if not part.is_file():
         return set()
     _cut_torn_tail(part)
+    if per_car:
+        _cut_unfinished_photo(part)
     return {row["path"] for row in iter_rows(part)}
+
+
+def _cut_unfinished_photo(path: Path) -> None:
+    """Truncate before the last photo's rows when fewer than its `cars` were written (a photo's rows are written
+    together, so only the last can be short)."""
+    with open(path, "rb") as f:
+        end = 0
+
+        def lines():  # the file's lines, keeping count of where the reader is
+            nonlocal end
+            for raw in f:
+                end += len(raw)
+                yield raw.decode("utf-8")
+        reader = csv.reader(lines())
+        header = next(reader, None)
+        if header is None or "cars" not in header:
+            return
+        at_path, at_cars = header.index("path"), header.index("cars")
+        last, have, need, last_start, row_start = None, 0, 0, end, end
+        for row in reader:
+            if row[at_path] != last:
+                last, have, last_start = row[at_path], 0, row_start
+            have, need, row_start = have + 1, int(row[at_cars] or 0), end
+    if last is not None and have < need:
+        with open(path, "r+b") as f:
+            f.truncate(last_start)
 
 
 def _cut_torn_tail(path: Path, chunk: int = 1 << 16) -> None:
@@ -204,16 +278,21 @@ def _prepare_engine(engine: str, predictor, onnx_file: Path, out: Path, items: l
     return int8_file
 
 
-def _claim(out: Path, run: str, predictor, force: bool) -> None:
-    """OUT belongs to one model: results of another are refused unless --force, which starts OUT afresh."""
+def _claim(out: Path, run: str, predictor, force: bool, detector=None) -> None:
+    """OUT belongs to one model (and detector): results of another are refused unless --force, which starts OUT
+    afresh."""
     out.mkdir(parents=True, exist_ok=True)
-    identity = {"model": str(Path(run).resolve()) if "://" not in str(run) else str(run),
+    identity = {"model": _source_name(run),
                 "labels": hashlib.sha256("\n".join(predictor.labels).encode()).hexdigest()[:16]}
+    if detector is not None:  # an analysis without one keeps the identity it always had
+        identity["detector"] = _source_name(detector.source)
     previous = rundir.read_json(out / META)
     if previous and previous.get("identity") != identity:
         if not force:
-            raise CollectionError(f"{out} holds the results of another model ({previous['identity']['model']}): "
-                                  f"choose another --out, or --force to replace them")
+            theirs = previous["identity"]
+            raise CollectionError(f"{out} holds the results of another model ({theirs['model']}"
+                                  + (f", detector {theirs['detector']}" if theirs.get("detector") else ", no detector")
+                                  + "): choose another --out, or --force to replace them")
     if previous and previous.get("identity") != identity or force:
         for name in ("predictions.csv", "summary.csv", "report.html", "progress.json"):
             (out / name).unlink(missing_ok=True)
@@ -222,28 +301,34 @@ def _claim(out: Path, run: str, predictor, force: bool) -> None:
     rundir.write_json(out / META, {"identity": identity, "calibrated": predictor.calibration.calibrated})
 
 
-def _merge(out: Path, parts: list[Path]) -> None:
-    """Rank 0 appends the other ranks' rows that predictions.csv lacks; the parts stay for a later resume."""
+def _source_name(source) -> str:
+    return str(Path(source).resolve()) if "://" not in str(source) and str(source) != "coco" else str(source)
+
+
+def _merge(out: Path, parts: list[Path], per_car: bool = False) -> None:
+    """Rank 0 appends the other ranks' rows (every car of a photo) that predictions.csv lacks; the parts stay for a
+    later resume. Shards hold disjoint photos, so a photo's rows come from one part, together."""
     target = out / "predictions.csv"
-    done = read_done(target)
+    done = read_done(target, per_car)
     with open(target, "a", newline="") as f:
-        writer = safecsv.DictWriter(f, COLUMNS)
+        writer = safecsv.DictWriter(f, columns(per_car))
         if not done and f.tell() == 0:
             writer.writeheader()
         for part in parts:
             for row in (iter_rows(part) if part.is_file() else []):
                 if row["path"] not in done:
                     writer.writerow(row)
-                    done.add(row["path"])
         f.flush()
         os.fsync(f.fileno())
 
 
 def _short_summary(counts, skipped: int, calibrated: bool, out: Path) -> dict:
     makes = counts.counts[ALL_GROUPS]["make"]
-    return {"out": str(out), "images": sum(counts.statuses.values()), "skipped_not_images": skipped,
-            "calibrated": calibrated,
-            "status_counts": {s: counts.statuses[s] for s in ("model", "make", "unsure", "no-car", "unreadable")},
+    statuses = ("model", "make", "unsure", "small", "no-car", "unreadable") if counts.per_car else \
+        ("model", "make", "unsure", "no-car", "unreadable")
+    return {"out": str(out), "images": counts.images[ALL_GROUPS], "skipped_not_images": skipped,
+            "calibrated": calibrated, **({"cars": counts.readable[ALL_GROUPS]} if counts.per_car else {}),
+            "status_counts": {s: counts.statuses[s] for s in statuses},
             "groups": sorted(set(counts.images) - {ALL_GROUPS}), "top_makes": dict(makes.most_common(10))}
 
 

@@ -26,6 +26,8 @@ from .model import INPUT_SIZE
 MOSAIC_GRIDS = (1, 2, 2, 3, 3, 4, 4, 5, 6)
 WINDOWS = 0.5           # share of mosaics of which a random window is kept (cars cut by its frame, larger cars)
 NEGATIVE_CELLS = 0.25   # share of mosaic cells that get a photo without a car (the detector's outlier exposure)
+PASTED = 0.5            # share of those that get 1-2 cars (their box's contents) pasted on, at any size and place
+RECOLOURED = 0.5        # share of cells whose colours are shifted (hue, saturation, brightness; some grey)
 VAL_MOSAICS = 60
 _TAG = 0x646574  # "det": keeps these draws apart from the classifier's
 
@@ -78,9 +80,12 @@ def mosaic(photos: list[BoxedPhoto], rng: np.random.Generator, size=INPUT_SIZE,
             left, top = round(col * cell_w), round(row * cell_h)
             flip = rng.random() < 0.5
             scaled = image.resize((w, h), Image.BILINEAR)
-            canvas.paste(scaled.transpose(Image.FLIP_LEFT_RIGHT) if flip else scaled, (left, top))
             if photo.box is None:
+                pasted = _paste_cars(scaled, photos, rng) if rng.random() < PASTED else []
+                canvas.paste(_recolour(scaled, rng), (left, top))
+                boxes += [[left + x1, top + y1, left + x2, top + y2] for x1, y1, x2, y2 in pasted]
                 continue
+            canvas.paste(_recolour(scaled.transpose(Image.FLIP_LEFT_RIGHT) if flip else scaled, rng), (left, top))
             x1, y1, x2, y2 = photo.box
             sx, sy = w / image.width, h / image.height
             if flip:
@@ -91,6 +96,39 @@ def mosaic(photos: list[BoxedPhoto], rng: np.random.Generator, size=INPUT_SIZE,
         canvas, boxes = _window(canvas, boxes, rng)
     target = {"boxes": torch.from_numpy(boxes), "labels": torch.ones(len(boxes), dtype=torch.int64)}
     return TF.to_dtype(TF.to_image(canvas), torch.float32, scale=True), target
+
+
+def _paste_cars(cell: Image.Image, photos: list[BoxedPhoto], rng: np.random.Generator) -> list[list[float]]:
+    """Paste 1-2 cars (the contents of their boxes) onto a cell without one, in place: cars on backgrounds their
+    photos never had, at sizes and places of their own, so a car is its shape, not its road. Returns their boxes."""
+    boxes = []
+    for _ in range(int(rng.integers(1, 3))):
+        photo = photos[int(rng.integers(len(photos)))]
+        try:
+            car = open_image(photo.path).crop(tuple(round(v) for v in photo.box))
+        except (ImageError, OSError):
+            continue
+        w = rng.uniform(0.25, 0.8) * cell.width
+        h = min(w * car.height / max(car.width, 1), 0.9 * cell.height)
+        w = h * car.width / max(car.height, 1)
+        if w < 2 or h < 2:
+            continue
+        x, y = rng.uniform(0, cell.width - w), rng.uniform(0, cell.height - h)
+        cell.paste(car.resize((max(1, round(w)), max(1, round(h))), Image.BILINEAR), (round(x), round(y)))
+        boxes.append([round(x), round(y), round(x) + max(1, round(w)), round(y) + max(1, round(h))])
+    return boxes
+
+
+def _recolour(cell: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """About RECOLOURED of the cells with their hue, saturation and brightness shifted (one in five grey): a car is
+    not its paint, nor a background its colours."""
+    if rng.random() >= RECOLOURED:
+        return cell
+    if rng.random() < 0.2:
+        return TF.rgb_to_grayscale(cell, num_output_channels=3)
+    cell = TF.adjust_hue(cell, float(rng.uniform(-0.5, 0.5)))
+    cell = TF.adjust_saturation(cell, float(rng.uniform(0.5, 1.5)))
+    return TF.adjust_brightness(cell, float(rng.uniform(0.7, 1.3)))
 
 
 def _window(canvas: Image.Image, boxes: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:

@@ -67,6 +67,11 @@ class Detector:
         self.model = model.eval()
         self.car_labels, self.source, self.min_score = car_labels, source, min_score
 
+    @property
+    def no_car_reason(self) -> str:
+        return (f"Not a car: the detector ({self.source}) found no car in this photo (no box scores "
+                f"{self.min_score:.2f} or more).")
+
     @torch.inference_mode()
     def detect(self, photos: list[Image.Image], batch_size: int = 8,
                min_score: float | None = None) -> list[list[Box]]:
@@ -114,6 +119,22 @@ def load_detector(spec: str | Path | None, vehicles: bool = False) -> Detector |
     model.load_state_dict(ckpt["model"])
     # the operating score chosen on its validation mosaics (best F1), recorded with the weights
     return Detector(model, (1,), str(spec), float(ckpt.get("metrics", {}).get("min_score", MIN_SCORE)))
+
+
+_CACHE: dict[tuple, Detector] = {}
+
+
+def cached_detector(spec: str, vehicles: bool = False) -> Detector | None:
+    """load_detector, once per detector and version (a retrained run's best.pt is read again)."""
+    if spec in (None, "", "none"):
+        return None
+    path = None if str(spec) == "coco" else resolve_checkpoint(spec)
+    key = (str(spec), vehicles, path.stat().st_mtime_ns if path is not None and path.is_file() else 0)
+    if key not in _CACHE:
+        if len(_CACHE) >= 2:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = load_detector(spec, vehicles)
+    return _CACHE[key]
 
 
 def _coco_detector(vehicles: bool) -> Detector:

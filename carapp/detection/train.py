@@ -25,7 +25,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..training.train import StopSignal, TrainingError, take_over
 from .data import boxed_photos, negative_paths, split_photos, training_batch, validation_set
 from .metrics import average_precision, count_figures, operating_score
-from .model import DETECTOR_KIND, build_detector
+from .model import DETECTOR_KIND, build_detector, without_parts
 
 log = logging.getLogger("carapp")
 
@@ -43,6 +43,7 @@ class DetectorConfig:
     negatives: str = "generated"  # photos without a car for a quarter of the mosaic cells (a folder; "": none)
     seed: int = 0
     preset: str = ""
+    kind: str = "detector"      # what config.json says this run is: runs list it apart from the classifiers
 
     def __post_init__(self):
         checks = [("epochs", self.epochs >= 1), ("steps_per_epoch", self.steps_per_epoch >= 1),
@@ -187,14 +188,15 @@ def _train_epoch(cfg, run, stop, model, optimizer, scheduler, state, photos, neg
 
 @torch.inference_mode()
 def validate(model, val: list) -> dict:
-    """AP50 over the validation mosaics; the operating score (best F1 on them) and recall / precision there."""
+    """AP50 over the validation mosaics; the operating score (best F1 on them) and recall / precision there. Boxes
+    go through without_parts first, as Detector.detect does: the score is chosen for the boxes a user will get."""
     model.eval()
     preds, truths = [], []
     for start in range(0, len(val), 8):
         chunk = val[start:start + 8]
         for out, (_, target) in zip(model([image for image, _ in chunk]), chunk):
-            boxes, scores = out["boxes"].numpy(), out["scores"].numpy()
-            preds.append((boxes, scores))
+            kept = without_parts(out["boxes"], out["scores"])
+            preds.append((out["boxes"][kept].numpy().reshape(-1, 4), out["scores"][kept].numpy()))
             truths.append(target["boxes"].numpy())
     threshold = operating_score(preds, truths)
     figures = count_figures([b[s >= threshold] for b, s in preds], truths)

@@ -19,9 +19,8 @@ import pandas as pd
 
 from .. import rundir, safecsv
 from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, collect, item_of
-from ..analysis.report import SUMMARY_COLUMNS
+from ..analysis.report import SUMMARY_COLUMNS, row_image
 from ..atomic import atomic_writer
-from ..dataset.images import open_image
 from ..evaluation.answers import refusal_tag
 from ..runs import job_status
 from . import jobs
@@ -48,7 +47,8 @@ def start(files, folder: str | None, model: str | None, group_by: str, settings:
     out = analyses_dir(settings) / f"{time.strftime('analysis-%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     try:
         sources = _sources(files or [], folder, out, settings)
-        jobs.start_analysis(sources, source, out, settings.runs_dir, group_by if group_by == "none" else "folder")
+        jobs.start_analysis(sources, source, out, settings.runs_dir, group_by if group_by == "none" else "folder",
+                            settings.detector_source)
     except (jobs.JobError, ValueError, OSError, gr.Error) as exc:
         shutil.rmtree(out, ignore_errors=True)  # the folder of an analysis that never started
         if isinstance(exc, gr.Error):
@@ -188,27 +188,33 @@ def unsure_gallery(rows: pd.DataFrame, model: str | None, n: int = 12) -> list:
         return []
     predictor = cached_predictor(model)
     items, archives = [], {}
-    for path in unsure.path:
+    for row in unsure.to_dict("records"):
         try:
-            photo = open_image(item_of(path).open(archives), draft_size=512)
+            photo = row_image(row, archives, draft_size=512)  # with a detector: the car's crop
         except READ_ERRORS:
             continue
         result = predictor.predict(photo, top_k=1)
-        items.append((result.cam, f"{Path(path).name}: {result.top[0][0]}? ({result.top[0][1]:.0%})"))
+        items.append((result.cam, f"{_name(row)}: {result.top[0][0]}? ({result.top[0][1]:.0%})"))
     return items
+
+
+def _name(row: dict) -> str:
+    """A row's photo by its file name (a zip member's own), and which car of the photo it is."""
+    item = item_of(row["path"])
+    car = f" (car {int(row['car']) + 1} of {row['cars']})" if row.get("x1") not in (None, "") else ""
+    return Path(item.member or item.path).name + car
 
 
 def refused_gallery(rows: pd.DataFrame, n: int = 12) -> list:
     """The photos answered "no car", each with why (the reason's words, its numbers are in predictions.csv)."""
     items, archives = [], {}
-    for path, why in rows[rows.status == "no-car"].head(n)[["path", "reason"]].itertuples(index=False):
-        item = item_of(path)
+    for row in rows[rows.status == "no-car"].head(n).to_dict("records"):
         try:
-            photo = open_image(item.open(archives), draft_size=256)
+            photo = row_image(row, archives)
         except READ_ERRORS:
             continue
         photo.thumbnail((256, 256))
-        items.append((photo, f"{refusal_tag(why)} · {Path(item.member or item.path).name}"))
+        items.append((photo, f"{refusal_tag(row['reason'])} · {_name(row)}"))
     return items
 
 

@@ -17,7 +17,7 @@ from .settings import AppSettings
 
 
 def evaluated_runs(settings: AppSettings):
-    runs = [r.name for r in list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()]
+    runs = [r.name for r in list_runs(settings.runs_dir, "classifier") if (r.path / "best.pt").is_file()]
     return gr.Dropdown(choices=runs, value=runs[0] if runs else None)
 
 

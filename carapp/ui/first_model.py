@@ -22,7 +22,7 @@ def needed(settings: AppSettings) -> bool:
     off by a restart)."""
     if not (settings.public and settings.first_model and not settings.checkpoint and settings.is_demo_like):
         return False
-    runs = list_runs(settings.runs_dir)
+    runs = list_runs(settings.runs_dir, "classifier")
     return not any((r.path / "best.pt").is_file() for r in runs) or \
         any(r.name == NAME and r.status in ("interrupted", "stopped") for r in runs)
 
@@ -47,7 +47,7 @@ def offered(settings: AppSettings) -> bool:
     """A private app with no model offers the first model on Predict, where a newcomer is (a public one trains
     it by itself)."""
     return not settings.public and not settings.checkpoint and not any(
-        (r.path / "best.pt").is_file() for r in list_runs(settings.runs_dir))
+        (r.path / "best.pt").is_file() for r in list_runs(settings.runs_dir, "classifier"))
 
 
 def start_now(settings: AppSettings) -> None:

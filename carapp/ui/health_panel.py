@@ -16,7 +16,7 @@ NO_RUN = "(no run)"
 
 
 def run_choices(settings: AppSettings) -> gr.Dropdown:
-    return gr.Dropdown(choices=[NO_RUN] + [r.name for r in list_runs(settings.runs_dir)], value=NO_RUN)
+    return gr.Dropdown(choices=[NO_RUN] + [r.name for r in list_runs(settings.runs_dir, "classifier")], value=NO_RUN)
 
 
 def check(root: str, run_name: str | None, settings: AppSettings, progress=gr.Progress()):

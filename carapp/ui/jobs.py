@@ -156,9 +156,12 @@ def start_evaluation(run: str | Path, runs_dir: str | Path, split: str = "test")
     return _start(runs_dir, args, run, "evaluate", rundir.EVAL_PROGRESS)
 
 
-def start_analysis(sources: list[str], model: str, out: Path, runs_dir: str | Path, group_by: str = "folder") -> Path:
-    """Analyse a collection in the background into `out` (predictions.csv, summary.csv, report.html)."""
-    args = ["analyze", *sources, "--run", model, "--out", str(out), "--group-by", group_by, "--workers", "1"]
+def start_analysis(sources: list[str], model: str, out: Path, runs_dir: str | Path, group_by: str = "folder",
+                   detector: str | None = None) -> Path:
+    """Analyse a collection in the background into `out` (predictions.csv, summary.csv, report.html); with a
+    detector, one row per car."""
+    args = ["analyze", *sources, "--run", model, "--out", str(out), "--group-by", group_by, "--workers", "1",
+            "--detector", detector or "none"]
     return _start(runs_dir, args, out, "analyze")
 
 

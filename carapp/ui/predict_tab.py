@@ -3,6 +3,10 @@
 The event is the app's stable API endpoint `/predict`: the image first, every other input with a default; outputs
 the label confidences and the heatmap. The upload reaches carapp's own decoder (preprocess=False), so a broken file
 gets a message that names the problem — and so carapp itself checks that the file is one Gradio accepted.
+
+With a detector (settings.detector_source) every car is found first: the photo shows numbered boxes, choosing one
+shows its answer, and `/predict` answers for the most prominent car. `/predict_cars` returns every car as JSON
+(predict --json's entry: the photo's fields and `cars`, boxes in the photo's pixels).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ _SLOW_CAM = threading.BoundedSemaphore(1)  # ScoreCAM & co: one at a time, whate
 def model_choices(settings: AppSettings) -> list[tuple[str, str]]:
     """The configured model first, then the trained runs, best validation accuracy of their best.pt first (the
     default is the best)."""
-    runs = sorted((r for r in list_runs(settings.runs_dir) if (r.path / "best.pt").is_file()),
+    runs = sorted((r for r in list_runs(settings.runs_dir, "classifier") if (r.path / "best.pt").is_file()),
                   key=lambda r: -(r.best_val_acc if r.best_val_acc is not None else -1.0))
     choices = [(f"{r.name} (best.pt: val acc {r.best_val_acc:.1%})" if r.best_val_acc is not None else r.name, r.name)
                for r in runs]
@@ -61,24 +65,38 @@ def resolve_model(source: str | None, settings: AppSettings) -> str:
 
 
 def predict(image, model: str | None = None, method: str = "gradcam", target: str | None = TOP1,
-            tta: bool = False, model_threshold: float | None = None, make_threshold: float | None = None, *,
-            settings: AppSettings):
-    """/predict: label confidences, the heatmap, the answer in words, make confidences."""
-    result, calibrated = classify(image, model, method, target, tta, model_threshold, make_threshold, settings)
+            tta: bool = False, model_threshold: float | None = None, make_threshold: float | None = None,
+            find_cars: bool = True, *, settings: AppSettings):
+    """/predict: label confidences, the heatmap, the answer in words, make confidences (with a detector: of the
+    most prominent car)."""
+    result, calibrated, _ = classify(image, model, method, target, tta, model_threshold, make_threshold, settings,
+                                     find_cars)
     return ({label: prob for label, prob in result.top}, result.cam, answer_markdown(result, calibrated),
             {m: p for m, p in result.makes})
 
 
-def classify(image, model, method, target, tta, model_threshold, make_threshold, settings: AppSettings):
-    """(the Prediction, whether the model is calibrated) for a photo Gradio accepted; problems as gr.Error."""
+def predict_cars(image, model: str | None = None, *, settings: AppSettings) -> dict:
+    """/predict_cars: every car of the photo as JSON, as `predict --json` gives it (boxes in the photo's pixels)."""
+    if not settings.detector_source:
+        raise gr.Error("This app has no car detector: its owner sets one with --detector or CARAPP_DETECTOR "
+                       "(python -m carapp train-detector trains one).", print_exception=False)
+    result, _, _ = classify(image, model, "none", TOP1, False, None, None, settings, True, draft=None)
+    return {"image": (image.get("orig_name") if isinstance(image, dict) else None) or "photo", **result.to_json()}
+
+
+def classify(image, model, method, target, tta, model_threshold, make_threshold, settings: AppSettings,
+             find_cars: bool = False, draft: int | None = PHOTO_DRAFT_SIZE):
+    """(the Prediction, whether the model is calibrated) for a photo Gradio accepted; problems as gr.Error. With
+    find_cars and a detector, one answer per car."""
     from ..checkpoint import CheckpointError
     from ..predict import cached_predictor
     path = accepted_upload(image)
     name = image.get("orig_name") if isinstance(image, dict) else None
     try:
-        photo = open_image(path, draft_size=PHOTO_DRAFT_SIZE)
+        photo = open_image(path, draft_size=draft)
     except ImageError as exc:
         raise gr.Error(f"{name or 'This file'}: {exc.reason}", print_exception=False) from None
+    detector = _detector(settings) if find_cars else None
     source = resolve_model(model or default_model(settings), settings)  # raises its own clear gr.Error
     try:
         predictor = cached_predictor(source)
@@ -92,15 +110,27 @@ def classify(image, model, method, target, tta, model_threshold, make_threshold,
     with _heatmap_slot(method, settings):  # refuses with its own message
         try:
             result = predictor.predict(photo, top_k=5, cam=method != "none", method=method, target=explain,
-                                       tta=bool(tta), thresholds=thresholds)
+                                       tta=bool(tta), thresholds=thresholds, detector=detector)
         except ValueError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-    if result.cam is not None:
-        # Gradio caches output images by content and rewrites the file each time: two visitors getting the same
-        # heatmap at once (the same example) would share a file that is rewritten while it is sent. A per-answer
-        # id in the PNG's text makes each answer its own file.
-        result.cam.info["carapp-answer"] = uuid.uuid4().hex
-    return result, predictor.calibration.calibrated
+    for answer in [result, *(result.cars or [])]:
+        answer.reason = settings.redact(answer.reason)  # it may name the detector's folder
+        if answer.cam is not None:
+            # Gradio caches output images by content and rewrites the file each time: two visitors getting the
+            # same heatmap at once (the same example) would share a file that is rewritten while it is sent. A
+            # per-answer id in the PNG's text makes each answer its own file.
+            answer.cam.info["carapp-answer"] = uuid.uuid4().hex
+    return result, predictor.calibration.calibrated, photo
+
+
+def _detector(settings: AppSettings):
+    """The app's detector, loaded once; None without one. A detector that cannot load is a clear message."""
+    from ..checkpoint import CheckpointError
+    from ..detection.model import cached_detector
+    try:
+        return cached_detector(settings.detector_source)
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise gr.Error(settings.redact(f"Cannot load the car detector: {exc}"), print_exception=False) from None
 
 
 def no_model_message(settings: AppSettings) -> str:
@@ -114,23 +144,59 @@ def no_model_message(settings: AppSettings) -> str:
     return "No trained model yet: this app's owner has not configured one (CARAPP_CHECKPOINT)."
 
 
+NO_CARS = (gr.AnnotatedImage(value=None, visible=False), gr.Radio(choices=[], value=None, visible=False), [])
+
+
 def show_answer(image, model=None, method="gradcam", target=TOP1, tta=False, model_threshold=None,
-                make_threshold=None, *, settings: AppSettings):
+                make_threshold=None, find_cars=True, *, settings: AppSettings):
     """The Predict tab's own call (upload, example, Classify): a problem is shown in the answer panel, and the
-    panels of the previous photo are cleared, instead of error badges over stale results."""
+    panels of the previous photo are cleared, instead of error badges over stale results. With a detector, also
+    the photo with its numbered cars, the car chooser, and every car's panels (for the chooser)."""
     if image is None:
-        return None, None, "", None
+        return None, None, "", None, *NO_CARS
     if not (model or default_model(settings)):  # the model line above says what to do: not twice
-        return None, None, "**Nothing to classify with yet** (see above).", None
+        return None, None, "**Nothing to classify with yet** (see above).", None, *NO_CARS
     try:
-        result, calibrated = classify(image, model, method, target, tta, model_threshold, make_threshold, settings)
+        result, calibrated, photo = classify(image, model, method, target, tta, model_threshold, make_threshold,
+                                             settings, find_cars)
     except gr.Error as exc:
-        return None, None, f"**{exc.message}**", None
-    # what is not named (the model of a make-only answer; anything not sure or not a car) keeps its list, without
-    # a name as its headline
+        return None, None, f"**{exc.message}**", None, *NO_CARS
+    if result.cars is None:
+        return *answer_view(result, calibrated), *NO_CARS
+    views = [answer_view(car, calibrated, (k, len(result.cars))) for k, car in enumerate(result.cars)]
+    main = next((k for k, car in enumerate(result.cars) if car.box == result.box), None)
+    labels = [car_label(k, car) for k, car in enumerate(result.cars)]
+    boxes = gr.AnnotatedImage(value=(photo, [(tuple(round(v) for v in car.box), label)
+                                             for car, label in zip(result.cars, labels)]), visible=True)
+    chooser = gr.Radio(choices=[(label, k) for k, label in enumerate(labels)], value=main, visible=bool(labels))
+    return *(views[main] if main is not None else answer_view(result, calibrated)), boxes, chooser, views
+
+
+def answer_view(result, calibrated: bool, car: tuple[int, int] | None = None) -> tuple:
+    """The panels of one answer: top-5, heatmap, the answer in words, makes. What is not named (the model of a
+    make-only answer; anything not sure, too small or not a car) keeps its list, without a name as its headline."""
     return (gr.Label(value={label: prob for label, prob in result.top}, show_heading=result.status == "model"),
-            result.cam, answer_markdown(result, calibrated),
+            result.cam, answer_markdown(result, calibrated, car),
             gr.Label(value={m: p for m, p in result.makes}, show_heading=result.status in ("model", "make")))
+
+
+def car_label(k: int, car) -> str:
+    """A car's name on the photo and in the chooser: its number and what it was answered."""
+    name = {"model": car.top[0][0], "make": f"{car.make[0]} (model unsure)", "unsure": "not sure",
+            "small": "too small to name", "no-car": "not a car"}[car.status]
+    return f"{k + 1}: {name}"
+
+
+def clicked_car(views: list, evt: gr.SelectData):
+    """A click on a car's box (or its legend entry) chooses it."""
+    return evt.index, *show_car(evt.index, views)
+
+
+def show_car(k, views: list):
+    """The chosen car's panels (the chooser, or a click on its box)."""
+    if k is None or not views or not 0 <= int(k) < len(views):
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    return views[int(k)]
 
 
 def cam_label(method: str) -> gr.Image:
@@ -152,16 +218,21 @@ def checked_thresholds(model_threshold, make_threshold) -> dict:
     return thresholds
 
 
-def answer_markdown(result, calibrated: bool) -> str:
-    """The answer in words: what the model is sure of, and what it is not."""
+def answer_markdown(result, calibrated: bool, car: tuple[int, int] | None = None) -> str:
+    """The answer in words: what the model is sure of, and what it is not; for car k of n, which car."""
     (name, prob), (make, make_prob) = result.top[0], result.make
+    if result.status == "no-car" and result.ood_signal == "detector":
+        return f"### No car found\n_Why: {result.reason}_"
     text = {
         "model": f"### {name}\n{prob:.0%} sure (make {make}: {make_prob:.0%})",
         "make": f"### {make} — model unsure\nmake {make_prob:.0%}; the likeliest model, {name}, only {prob:.0%}",
         "unsure": f"### Not sure\nNo make or model is likely enough (best guess: {name}, {prob:.0%})",
         "no-car": f"### This does not look like a car the model knows\n(its best guess would be {name}, "
                   f"{prob:.0%})",
+        "small": f"### Too small to name\n(its best guess would be {name}, {prob:.0%})",
     }[result.status]
+    if car is not None:
+        text = f"**Car {car[0] + 1} of {car[1]}** (detector score {result.det_score:.2f})\n" + text
     if result.reason:
         text += f"  \n_Why: {result.reason}_"
     if not calibrated:
@@ -251,8 +322,12 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                                                     info=MODEL_SLIDER_INFO)
                         make_threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Name the make from")
                     tta = gr.Checkbox(label="Also look at the mirrored photo (flip TTA: a second forward pass)")
+                find_cars = gr.Checkbox(value=True, label="Find every car in the photo (the car detector)",
+                                        visible=bool(settings.detector_source), elem_id="find-cars")
                 button = gr.Button("Classify", variant="primary")
                 api_button = gr.Button(visible=False)  # the /predict endpoint: errors as errors, for API clients
+                cars_button = gr.Button(visible=False)  # /predict_cars: every car as JSON
+                cars_json = gr.JSON(visible=False)
                 examples = sorted(EXAMPLES.glob("*.jpg"))
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[image],
@@ -261,6 +336,10 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                 model_line = gr.Markdown(elem_id="model-line")
                 train_first = gr.Button("Train the demo model (3-5 minutes on a laptop CPU)", visible=False,
                                         variant="primary", elem_id="train-first")
+                boxes = gr.AnnotatedImage(label="Cars found (click one)", visible=False, elem_id="cars-found",
+                                          height=300)
+                car = gr.Radio(label="Car", choices=[], visible=False, elem_id="car-choice")
+                views = gr.State([])  # every car's panels, for the chooser
                 answer = gr.Markdown(elem_id="answer")
                 with gr.Row():
                     label = gr.Label(num_top_classes=5, label="Top 5 models", elem_id="top5")
@@ -274,13 +353,19 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     outputs = [label, cam, answer, makes]
     fn = lambda img, m=None, meth="gradcam", t=TOP1, a=False, mt=None, kt=None: predict(  # noqa: E731
         img, m, meth, t, a, mt, kt, settings=settings)
-    # one pool of 2 for every prediction, the app's and the API's alike (a limit is per event unless they share an id)
+    # /predict keeps its seven inputs (a raw caller sends every one): with a detector it answers for the most
+    # prominent car, as predict --json's top-level fields do.
+    # One pool of 2 for every prediction, the app's and the API's alike (a limit is per event unless they share an id)
     api_button.click(fn, inputs, outputs, api_name="predict", preprocess=False, concurrency_limit=2,
                      concurrency_id="classify")
+    cars_button.click(lambda img, m=None: predict_cars(img, m, settings=settings), [image, model], cars_json,
+                      api_name="predict_cars", preprocess=False, concurrency_limit=2, concurrency_id="classify")
     shown = lambda *values: show_answer(*values, settings=settings)  # noqa: E731
     for event in (button.click, image.change):  # an upload, a pasted photo or an example is classified at once
-        event(shown, inputs, outputs, preprocess=False, concurrency_limit=2, concurrency_id="classify",
-              api_visibility="private")
+        event(shown, [*inputs, find_cars], [*outputs, boxes, car, views], preprocess=False, concurrency_limit=2,
+              concurrency_id="classify", api_visibility="private")
+    car.input(show_car, [car, views], outputs, api_visibility="private")
+    boxes.select(clicked_car, views, [car, *outputs], api_visibility="private")
     method.change(cam_label, method, cam, api_visibility="private")
     demo.load(lambda: gr.Dropdown(choices=model_choices(settings), value=default_model(settings)), None, model,
               api_visibility="private")

@@ -30,6 +30,17 @@ class AppSettings:
     analyses_max_hours: float = 24  # public mode: analyses older than this are deleted (CARAPP_ANALYSES_MAX_HOURS) ...
     analyses_max_mb: float = 2000   # ... and the oldest while all of them take more (CARAPP_ANALYSES_MAX_MB)
     first_model: bool = True      # public, no model, demo data: train the demo preset at start (CARAPP_FIRST_MODEL=0)
+    detector: str | None = None   # --detector / CARAPP_DETECTOR: a detector run, its checkpoint, coco, or none;
+                                  # unset: the newest detector run in runs_dir, if there is one
+
+    @property
+    def detector_source(self) -> str | None:
+        """The detector Predict and Analyze find cars with, or None (one answer per photo)."""
+        if self.detector:
+            return None if self.detector == "none" else self.detector
+        from ..runs import newest_detector
+        found = newest_detector(self.runs_dir)
+        return str(found) if found else None
 
     @property
     def training_enabled(self) -> bool:
@@ -50,6 +61,7 @@ class AppSettings:
         if not self.public:
             return text
         folders = {self.data: "<dataset>", self.runs_dir: "<runs>", self.checkpoint or "": "<model>",
+                   self.detector or "": "<detector>",
                    str(REPO): "<app>", tempfile.gettempdir(): "<tmp>", str(Path.home()): "<home>"}
         for folder, name in sorted(folders.items(), key=lambda kv: -len(kv[0])):
             if len(folder) > 1:
@@ -68,7 +80,7 @@ class AppSettings:
 
 
 def resolve_settings(data: str | None = None, checkpoint: str | None = None, runs_dir: str | None = None,
-                     share: bool = False) -> AppSettings:
+                     share: bool = False, detector: str | None = None) -> AppSettings:
     auth = os.environ.get("CARAPP_AUTH")
     user, _, password = auth.partition(":") if auth else ("", "", "")
     return AppSettings(
@@ -88,6 +100,7 @@ def resolve_settings(data: str | None = None, checkpoint: str | None = None, run
         analyses_max_hours=float(os.environ.get("CARAPP_ANALYSES_MAX_HOURS") or 24),
         analyses_max_mb=float(os.environ.get("CARAPP_ANALYSES_MAX_MB") or 2000),
         first_model=os.environ.get("CARAPP_FIRST_MODEL", "1") != "0",
+        detector=detector or os.environ.get("CARAPP_DETECTOR") or None,
     )
 
 

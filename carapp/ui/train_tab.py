@@ -122,7 +122,7 @@ def epoch_table(metrics: list[dict]) -> pd.DataFrame:
 
 
 def status(name: str | None, settings: AppSettings, runs: list | None = None):
-    run = watched_run(name, list_runs(settings.runs_dir) if runs is None else runs, settings)
+    run = watched_run(name, list_runs(settings.runs_dir, "classifier") if runs is None else runs, settings)
     if run is None:
         return "No runs yet: choose a preset and press Start.", None, epoch_table([]), "", "", {}
     progress = rundir.read_progress(run)
@@ -180,14 +180,14 @@ def run_labels(runs: list) -> list[tuple[str, str]]:
 
 
 def run_choices(settings: AppSettings):
-    labels = run_labels(list_runs(settings.runs_dir))
+    labels = run_labels(list_runs(settings.runs_dir, "classifier"))
     return gr.Dropdown(choices=labels, value=labels[0][1] if labels else None)
 
 
 def tick(name: str | None, message: str, shown: list, settings: AppSettings):
     """The timer: the live view, the Run list's labels when they changed (the choice stays), and a 'Stopping…' or
     'Resuming…' line dropped once it has come true."""
-    runs = list_runs(settings.runs_dir)  # once per tick: the labels, the busy test and the live view share it
+    runs = list_runs(settings.runs_dir, "classifier")  # once per tick: the labels, the busy test and the live view share it
     labels = [list(pair) for pair in run_labels(runs)]
     # choices only: the value stays the page's own (a Start in flight may be changing it right now)
     choices = gr.Dropdown(choices=labels) if labels != shown else gr.skip()

@@ -1,0 +1,160 @@
+"""Analyze with a detector: one row per car, summary.csv counting cars and photos, the report's car crops, and a
+photo done only when all its cars are written (kill -9, shards)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, cli_json, run_cli
+from torchvision.transforms.v2 import functional as TF
+
+from carapp import safecsv
+from carapp.analysis.analyze import CAR_COLUMNS, _merge, analyze, read_done
+from carapp.dataset.images import open_image
+from carapp.dataset.scenes import make_demo_scenes
+from carapp.detection.model import Detector
+from carapp.predict import Predictor
+
+
+class TrueBoxes(torch.nn.Module):
+    """A detection model that finds each scene's true cars (told apart by their pixels), as torchvision models
+    answer in eval mode: what the analysis does with boxes is then checked against known boxes."""
+
+    def __init__(self, folder, records):
+        super().__init__()
+        self.truth = {self.key(TF.to_dtype(TF.to_image(open_image(folder / r["image"])), torch.float32, scale=True)):
+                      [c["box"] for c in r["cars"]] for r in records}
+
+    @staticmethod
+    def key(image: torch.Tensor) -> float:
+        return round(float(image.double().sum()), 2)
+
+    def forward(self, images):
+        out = []
+        for image in images:
+            boxes = torch.tensor(self.truth[self.key(image)], dtype=torch.float32).reshape(-1, 4)
+            out.append({"boxes": boxes, "scores": torch.linspace(0.9, 0.8, len(boxes)),
+                        "labels": torch.ones(len(boxes), dtype=torch.int64)})
+        return out
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(safecsv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scenes") / "street"
+    records = make_demo_scenes(folder, 12, seed=3)
+    assert any(not r["cars"] for r in records) and any(len(r["cars"]) >= 2 for r in records)
+    return folder, records
+
+
+@pytest.fixture(scope="module")
+def naming_run(tiny_run, tmp_path_factory):
+    """tiny_run answering every car with a model (its calibrated thresholds lowered; the no-car score kept high):
+    the make counts then have cars to count."""
+    run = tmp_path_factory.mktemp("naming") / "run"
+    shutil.copytree(tiny_run, run)
+    calibration = json.loads((run / "calibration.json").read_text())
+    calibration["thresholds"].update(model=0.0, make=0.0, ood=1e9)
+    (run / "calibration.json").write_text(json.dumps(calibration))
+    return run
+
+
+def test_one_row_per_car_and_summary_counts_cars_and_photos(scenes, naming_run, tmp_path):
+    folder, records = scenes
+    detector = Detector(TrueBoxes(folder, records), (1,), "true boxes", min_score=0.5)
+    result = analyze([str(folder)], str(naming_run), tmp_path / "out", group_by="none", workers=0,
+                     detector=detector)
+    rows = _rows(tmp_path / "out" / "predictions.csv")
+    assert set(CAR_COLUMNS) <= set(rows[0])
+    # the true cars, less any lying mostly inside a nearer one's box (Detector.detect's without_parts)
+    found = {r["image"]: [b.as_list() for b in detector.detect([open_image(folder / r["image"])])[0]]
+             for r in records}
+    cars = sum(map(len, found.values()))
+    assert result["images"] == len(records) and result["cars"] == cars >= sum(len(r["cars"]) for r in records) - 2
+    min_box = Predictor.load(naming_run).min_box
+    for r in records:  # every car, once, in the photo's pixels; a scene without one: one no-car row
+        mine, boxes = [row for row in rows if row["path"].endswith(r["image"])], found[r["image"]]
+        if not boxes:
+            assert [(m["status"], m["x1"], m["cars"]) for m in mine] == [("no-car", "", "0")]
+            assert "found no car" in mine[0]["reason"]
+            continue
+        assert [int(m["car"]) for m in mine] == list(range(len(boxes)))
+        assert {m["cars"] for m in mine} == {str(len(boxes))}
+        assert [[float(m[k]) for k in ("x1", "y1", "x2", "y2")] for m in mine] == boxes
+        assert all(0.8 <= float(m["det_score"]) <= 0.9 for m in mine)
+        small = [min(b[2] - b[0], b[3] - b[1]) < min_box for b in boxes]
+        assert [m["status"] for m in mine] == ["small" if s else "model" for s in small]
+    summary = _rows(tmp_path / "out" / "summary.csv")
+    named = [row for row in rows if row["status"] in ("model", "make")]
+    makes = {s["name"]: int(s["count"]) for s in summary if s["level"] == "make" and s["group"] == "(all)"}
+    assert sum(makes.values()) == len(named)  # makes count cars ...
+    photos = {s["name"]: s for s in summary if s["level"] == "photos" and s["group"] == "(all)"}
+    for make in makes:  # ... and level photos counts the photos holding one
+        holding = {row["path"] for row in named if row["make"] == make}
+        assert int(photos[make]["count"]) == len(holding)
+        assert float(photos[make]["share"]) == pytest.approx(len(holding) / len(records), abs=1e-6)
+    assert int(photos["(no car)"]["count"]) == sum(not boxes for boxes in found.values())
+    assert len(named) >= 5 and any(len(p) > 1 for p in found.values())
+    share = next(s for s in summary if s["level"] == "make" and s["group"] == "(all)")
+    assert float(share["share"]) == pytest.approx(int(share["count"]) / cars, abs=1e-6)  # a share of the cars
+    small = [int(s["count"]) for s in summary if s["level"] == "status" and s["name"] == "small"
+             and s["group"] == "(all)"]
+    assert sum(small) == sum(row["status"] == "small" for row in rows)
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert f"{cars} cars in {len(records)} photos" in report and "Photos holding each make" in report
+
+
+def test_a_photo_is_done_only_when_all_its_cars_are_written(tmp_path):
+    header = ["path", "group", "status", "make", "make_prob", "model", "model_prob", "ood_score", "top5", "reason",
+              *CAR_COLUMNS]
+    def row(path, car, cars):  # noqa: E306
+        return [path, "g", "model", "A", 1, "A x", 1, 0, "[]", "", car, cars, 0, 0, 5, 5, 0.9]
+    part = tmp_path / "predictions.csv"
+    with open(part, "w", newline="") as f:
+        writer = safecsv.Writer(f)
+        writer.writerows([header, row("a.jpg", 0, 2), row("a.jpg", 1, 2), row("b,\nodd.jpg", 0, 3),
+                          row("b,\nodd.jpg", 1, 3)])  # killed before b's third car
+    assert read_done(part, per_car=True) == {"a.jpg"}
+    assert [r["path"] for r in _rows(part)] == ["a.jpg", "a.jpg"]  # b's two rows gone: it is analysed again, whole
+    with open(part, "a", newline="") as f:
+        safecsv.Writer(f).writerows([row("c.jpg", 0, 1)])
+    assert read_done(part, per_car=True) == {"a.jpg", "c.jpg"}
+    other = tmp_path / ".predictions.rank1.csv"  # rank 0 merges every car of the other rank's photos
+    with open(other, "w", newline="") as f:
+        safecsv.Writer(f).writerows([header, row("d.jpg", 0, 2), row("d.jpg", 1, 2), row("c.jpg", 0, 1)])
+    _merge(tmp_path, [other], per_car=True)
+    assert [r["path"] for r in _rows(part)] == ["a.jpg", "a.jpg", "c.jpg", "d.jpg", "d.jpg"]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_analysis_with_a_detector_then_rerun_gives_every_car_once(scenes, tiny_run, eager_detector,
+                                                                                tmp_path):
+    folder, _ = scenes
+    args = ["analyze", str(folder), "--run", str(tiny_run), "--detector", str(eager_detector), "--batch-size", "2",
+            "--workers", "1", "--engine", "torch"]
+    whole = cli_json(*args, "--out", tmp_path / "whole")
+    for delay in (3.0, 4.5):
+        proc = subprocess.Popen([sys.executable, "-m", "carapp", *args, "--out", str(tmp_path / "cut")], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run_cli(*args, "--out", tmp_path / "cut")
+    def cells(out):  # noqa: E306
+        return sorted((r["path"], r["car"], r["x1"], r["status"], r["model"]) for r in _rows(out / "predictions.csv"))
+    assert cells(tmp_path / "cut") == cells(tmp_path / "whole") and whole["cars"] > whole["images"]
+    assert json.loads((tmp_path / "cut" / "progress.json").read_text())["status"] == "finished"
+    refused = run_cli("analyze", str(folder), "--run", str(tiny_run), "--out", tmp_path / "cut", "--detector",
+                      "none", "--json", check=False)  # a per-car OUT is not mixed with per-photo rows
+    assert refused.returncode == 2 and "another model" in refused.stdout and "detector" in refused.stdout
