@@ -14,90 +14,40 @@ import sys
 from pathlib import Path
 
 from .cli_text import HUMAN
-from .config import BACKBONES, PRESETS, TrainConfig, make_config
+from .config import EMA_DECAY, PRESETS, TrainConfig, make_config, option_defaults, option_flag, train_options
 
 log = logging.getLogger("carapp")
-EMA_DECAY = 0.9998  # --ema alone: an average over about the last 5,000 steps (a few CompCars epochs at batch 64)
-
-def batch_size_arg(text: str) -> int | str:
-    """--batch-size N or --batch-size auto."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or auto, not {text!r}") from None
-
-
-# (flag, type, help) for every training option; all default to None so presets and resumes can tell "not given".
-TRAIN_OPTIONS = [
-    ("--format", str, "dataset format: auto | compcars | sv | folder"),
-    ("--backbone", str, " | ".join(BACKBONES)),
-    ("--weights", str, "imagenet | none | PATH to a torchvision-format .pth"),
-    ("--epochs", int, "maximum epochs"),
-    ("--batch-size", batch_size_arg, "batch size, or auto: the largest that fits on the GPU (CPU: 64)"),
-    ("--lr", float, "learning rate (of the head, with --layer-lr-decay)"),
-    ("--weight-decay", float, "weight decay"),
-    ("--optimizer", str, "adam (the paper) | adamw (decoupled weight decay) | sgd (momentum 0.9, Nesterov)"),
-    ("--freeze-epochs", int, "train only the head for the first N epochs, then the whole network"),
-    ("--layer-lr-decay", float, "lr multiplier per ResNet stage below the head (head x1, layer4 x d, ... stem x d^5)"),
-    ("--dropout", float, "dropout before the classifier"),
-    ("--gamma", float, "focal loss gamma"),
-    ("--alpha", str, "focal loss alpha: inverse | effective | none"),
-    ("--sampler", str, "weighted | none"),
-    ("--image-size", int, "input size in pixels"),
-    ("--resize", str, "crop (short side, centre crop) | pad (letterbox the whole photo: keeps a wide car's ends)"),
-    ("--patience", int, "early stopping: epochs without val-loss improvement"),
-    ("--label-smoothing", float, "label smoothing combined with the focal loss (0: none)"),
-    ("--schedule", str, "learning-rate schedule: plateau (ReduceLROnPlateau on val loss) | cosine (per step)"),
-    ("--warmup-epochs", float, "cosine: linear warmup over this many epochs"),
-    ("--lr-patience", int, "ReduceLROnPlateau patience"),
-    ("--lr-factor", float, "ReduceLROnPlateau factor"),
-    ("--min-images", int, "keep classes with at least N images (default floor(mean); 0 keeps all)"),
-    ("--steps-per-epoch", int, "steps per epoch (default: one pass over the training split)"),
-    ("--negatives", str, "outlier exposure: each step also shows a few photos without a car from this folder, pulled "
-     "towards 'no class' (generated: photo-like negatives carapp makes; default none)"),
-    ("--negatives-weight", float, "weight of the outlier-exposure term"),
-    ("--seed", int, "seed of the split and the sampler"),
-    ("--workers", int, "data loader worker processes"),
-    ("--device", str, "auto | cpu | cuda | mps"),
-    ("--log", str, "also send each epoch's figures, the config and the test confusion matrix to tensorboard | "
-     "mlflow | wandb, comma-separated for several, each with its package installed (default none)"),
-]
-
 
 # train options lr-find has no use for: it runs its own number of steps, once, and logs nowhere
 LR_FIND_SKIPS = ("steps_per_epoch", "epochs", "patience", "lr_patience", "lr_factor", "log")
 
 
 def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per training option (config.train_options: TrainConfig's declaration), all defaulting to None so
+    that presets and resumes can tell "not given"; `skip` names fields."""
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="recipe preset (default paper)")
-    defaults = TrainConfig()
-    for flag, typ, text in TRAIN_OPTIONS:
-        if flag not in skip:
-            default = getattr(defaults, flag.lstrip("-").replace("-", "_"))  # the one source of the defaults
-            help_text = text if "(default" in text else f"{text} (default {default:g})" if isinstance(default, float) \
-                else f"{text} (default {default})"
-            p.add_argument(flag, type=typ, default=None, help=help_text)
-    p.add_argument("--ema", type=float, nargs="?", const=EMA_DECAY, default=None, metavar="DECAY",
-                   help=f"keep an exponential moving average of the weights (--ema alone: decay {EMA_DECAY}); "
-                   "validation and best.pt use it when it validates better (default 0: off)")
-    p.add_argument("--no-decay-norm-bias", dest="decay_norm_bias", action="store_false", default=None,
-                   help="no weight decay on normalisation weights and biases")
-    p.add_argument("--crop-bbox", action="store_true", default=None, help="crop images to the labelled car box")
-    p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--group-duplicates", action="store_true", default=None,
-                   help="keep each group of exact and near-duplicate photos in one split, so no copy of a test photo "
-                   "is trained on (hashes the dataset once, cached; default off: the paper's photo-by-photo split)")
-    p.add_argument("--exclude", metavar="FILE", default=None,
-                   help="CSV of photos to leave out (path,reason; paths relative to the dataset root)")
+    defaults = option_defaults()
+    for f in train_options():
+        if f.name in skip:
+            continue
+        how, default = f.metadata, getattr(defaults, f.name)
+        if isinstance(default, bool):  # a switch: --compile turns on what is off, --no-amp off what is on
+            p.add_argument(option_flag(f), dest=f.name, action="store_false" if default else "store_true",
+                           default=None, help=how["help"])
+            continue
+        text = how["help"] if "(default" in how["help"] else f"{how['help']} (default {default:g})" \
+            if isinstance(default, float) else f"{how['help']} (default {default if default != '' else 'none'})"
+        if f.name == "ema":  # --ema alone: the usual decay
+            p.add_argument("--ema", type=float, nargs="?", const=EMA_DECAY, default=None, metavar=how["metavar"],
+                           help=how["help"])
+            continue
+        p.add_argument(option_flag(f), dest=f.name, type=how["parse"] or type(default), default=None,
+                       metavar=how["metavar"], help=text)
 
 
 def given_options(args, skip: tuple[str, ...] = ()) -> dict:
     """The training options given on the command line (None: not given), less those named in skip."""
-    names = [f.lstrip("-").replace("-", "_") for f, _, _ in TRAIN_OPTIONS] + [
-        "crop_bbox", "amp", "compile", "data", "ema", "decay_norm_bias", "group_duplicates", "exclude"]
+    names = [f.name for f in train_options()] + ["data"]
     return {n: getattr(args, n) for n in names if n not in skip and getattr(args, n, None) is not None}
 
 
@@ -238,14 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for one run per cell, results.csv and results.md")
     p.add_argument("--lr", required=True, help="comma-separated learning rates, e.g. 1e-4,1e-3,1e-2")
     p.add_argument("--dropout", required=True, help="comma-separated dropout rates, e.g. 0.2,0.3,0.4")
-    add_train_options(p, skip=("--lr", "--dropout"))
+    add_train_options(p, skip=("lr", "dropout"))
 
     p = sub.add_parser("lr-find", help="learning-rate range test on the configured data and model (writes no run)")
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--steps", type=int, default=100, help="steps of the exponential sweep at most (default 100)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate of the sweep (default 1e-07)")
     p.add_argument("--end-lr", type=float, default=10.0, help="last learning rate of the sweep (default 10)")
-    add_train_options(p, skip=tuple("--" + field.replace("_", "-") for field in LR_FIND_SKIPS))
+    add_train_options(p, skip=LR_FIND_SKIPS)
 
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

@@ -14,9 +14,9 @@ from conftest import ROOT, serving
 
 from carapp.runs import list_runs, run_status
 
-START_TINY = dict(preset="demo", backbone="resnet18", weights="none", epochs=50, batch_size=8, lr=1e-3,
+START_TINY = dict(backbone="resnet18", weights="none", epochs=50, batch_size=8, lr=1e-3,
                   weight_decay=1e-5, dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0,
-                  # the Advanced accordion's recipe options, after the basic fields
+                  # the Advanced accordion's recipe options
                   optimizer="adamw", schedule="cosine", warmup_epochs=1, label_smoothing=0.1, decay_norm_bias=False,
                   freeze_epochs=1, layer_lr_decay=0.8, ema=0.5, resize="pad", group_duplicates=True)
 ADVANCED = ("optimizer", "schedule", "warmup_epochs", "label_smoothing", "decay_norm_bias", "freeze_epochs",
@@ -79,7 +79,7 @@ def _status(c: Client, run: str | None = None) -> dict:
 def test_training_job_through_the_api(app):
     url, runs, data = app
     c = client(url)
-    message = c.predict(str(data), *START_TINY.values(), api_name="/start_training")
+    message = c.predict(str(data), "demo", START_TINY, api_name="/start_training")
     assert message.startswith("Started")
     deadline = time.time() + 120
     while (s := _status(c)).get("step", 0) < 2:
@@ -90,7 +90,7 @@ def test_training_job_through_the_api(app):
     config = json.loads((runs / s["run"] / "config.json").read_text())
     assert {k: config[k] for k in ADVANCED} == {k: START_TINY[k] for k in ADVANCED}  # the accordion reached the run
     with pytest.raises(AppError, match="one job at a time"):
-        c.predict(str(data), *START_TINY.values(), api_name="/start_training")
+        c.predict(str(data), "demo", START_TINY, api_name="/start_training")
     other = client(url)  # a new visitor sees the same job
     assert _status(other)["run"] == s["run"]
     assert "Stopping" in other.predict(api_name="/stop_training")
@@ -107,7 +107,7 @@ def test_find_lr_button_plots_the_range_test(app, monkeypatch):
     monkeypatch.setattr(train_tab, "LR_FIND_STEPS", 20)  # the app serves from this process: a short sweep
     url, runs, data = app
     before = sorted(p.name for p in runs.iterdir())
-    text, figure = client(url).predict(str(data), *START_TINY.values(), api_name="/find_lr")
+    text, figure = client(url).predict(str(data), "demo", START_TINY, api_name="/find_lr")
     assert text.startswith("**Suggested learning rate: ") and "Learning rate box" in text
     plot = json.loads(figure["plot"])
     lrs = plot["data"][0]["x"]
@@ -137,9 +137,9 @@ def test_public_mode_turns_training_off(demo_root, tiny_run, tmp_path):
     with serving(demo_root, tiny_run, tmp_path, public=True) as url:
         c = client(url)
         with pytest.raises(AppError, match="turned off"):
-            c.predict(str(demo_root), *START_TINY.values(), api_name="/start_training")
+            c.predict(str(demo_root), "demo", START_TINY, api_name="/start_training")
         with pytest.raises(AppError, match="turned off"):  # the range test trains too: the owner's alone
-            c.predict(str(demo_root), *START_TINY.values(), api_name="/find_lr")
+            c.predict(str(demo_root), "demo", START_TINY, api_name="/find_lr")
         label, *_ = c.predict(handle_file(str(ROOT / "assets/examples/aurora_sprint.jpg")), api_name="/predict")
         assert label["confidences"]
         with pytest.raises(AppError, match="Unknown model"):  # no free-form server paths for strangers
@@ -245,3 +245,33 @@ def test_presentation_says_no_model_once_and_headlines_no_model_it_did_not_name(
     assert "_Why: Not " in answer, answer  # and says why, with its numbers
     flat = [{"coverage": c / 10, "accuracy": 0.99 - c / 1000, "threshold": 1 - c / 10} for c in range(1, 11)]
     assert plots.coverage_figure(flat, 0.5).layout.yaxis.tickformat == ".1%"  # 99.0%, 98.9%: no repeated ticks
+
+
+def test_log_scale_redraws_the_class_counts_alone(demo_root, tmp_path, monkeypatch):
+    """Ticking log scale redraws one chart from the cached index: no statistics, no image sizes read again."""
+    from carapp.ui import dataset_tab
+    from carapp.ui.settings import resolve_settings
+    settings = resolve_settings(str(demo_root), None, str(tmp_path))
+    read = []
+    monkeypatch.setattr(dataset_tab, "sample_sizes", lambda *args: read.append(args) or [])
+    figure = dataset_tab.counts_only(str(demo_root), True, settings)
+    assert figure.layout.yaxis.type == "log" and not read
+    assert sum(figure.data[0].y) == len(dataset_tab._index(str(demo_root), settings).paths)
+    assert dataset_tab.counts_only(str(demo_root), False, settings).layout.yaxis.type == "linear"
+
+
+def test_a_report_is_read_once_per_version_for_the_error_analysis_clicks(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    from carapp.evaluation import evaluate
+    from carapp.ui import error_analysis
+    from carapp.ui.settings import resolve_settings
+    shutil.copytree(tiny_run, tmp_path / "tiny")
+    settings = resolve_settings(None, None, str(tmp_path))
+    reads, real = [], evaluate.read_report
+    monkeypatch.setattr(evaluate, "read_report", lambda run, *a: reads.append(run) or real(run, *a))
+    first = error_analysis._report("tiny", settings)
+    assert first is not None and error_analysis._report("tiny", settings) is first and len(reads) == 1
+    predictions = tmp_path / "tiny" / "test_predictions.csv"
+    os.utime(predictions, (time.time() + 5, time.time() + 5))  # a re-evaluation rewrote it
+    assert error_analysis._report("tiny", settings) is not first and len(reads) == 2

@@ -25,8 +25,9 @@ def photo(path: str, method: str = "gradcam") -> list:
     return [{"path": path}, None, method, predict_tab.TOP1, False, None, None]
 
 
-ADVANCED_BLANK = [None] * len(train_tab.ADVANCED_FIELDS)  # the Advanced accordion's recipe options, left blank: the preset's values
-TINY_START = ["demo", "resnet18", "none", 50, 8, 1e-3, 1e-5, 0.2, 2.0, 32, 50, 0, *ADVANCED_BLANK]  # preset + fields
+# /start_training's inputs after the dataset folder: the preset and the form's options as one object
+TINY_START = ["demo", dict(backbone="resnet18", weights="none", epochs=50, batch_size=8, lr=1e-3, weight_decay=1e-5,
+                           dropout=0.2, gamma=2.0, image_size=32, patience=50, workers=0)]
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +228,8 @@ def test_three_start_clicks_start_one_trainer(demo_root, tiny_run, tmp_path):
 
 def test_blank_numbers_mean_the_presets_values(demo_root, tiny_run, tmp_path):
     with serving(demo_root, tiny_run, tmp_path) as url:
-        blank = ["demo", "resnet18", "", None, None, None, None, None, None, 32, None, 0, *ADVANCED_BLANK]
+        blank = ["demo", dict(backbone="resnet18", weights="", epochs=None, batch_size=None, image_size=32, workers=0,
+                              optimizer=None, ema=None)]
         ok, data = raw_call(url, "/start_training", [str(demo_root), *blank])
         assert ok and data[0].startswith("Started"), data
         run = next(r.path for r in list_runs(tmp_path) if r.name != "tiny")
@@ -243,7 +245,7 @@ def test_blank_numbers_mean_the_presets_values(demo_root, tiny_run, tmp_path):
 
 def test_public_weights_box_takes_no_paths_and_tells_nothing(demo_root, tiny_run, tmp_path):
     with serving(demo_root, tiny_run, tmp_path, public=True, allow_training=True) as url:
-        answers = [raw_call(url, "/start_training", ["", "demo", "resnet18", w, *TINY_START[3:]])
+        answers = [raw_call(url, "/start_training", ["", "demo", {**TINY_START[1], "weights": w}])
                    for w in ("/root", "/etc/passwd", "/no/such.pth")]
         assert len({a for _, a in answers}) == 1 and not answers[0][0]
         assert "weights are one of" in answers[0][1]

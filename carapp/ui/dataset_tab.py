@@ -34,8 +34,6 @@ def scan(root: str, log_scale: bool, settings: AppSettings):
         return f"**{exc.message}**", None, None, None, None, gr.Dropdown(choices=[], value=None)
     stats = dataset_stats(index)
     counts = index.class_counts()
-    keys = list(counts)
-    names = [index.classes[k]["name"] for k in keys]
     makes: dict[str, int] = {}
     for k, n in counts.items():
         makes[index.classes[k]["make"]] = makes.get(index.classes[k]["make"], 0) + n
@@ -43,12 +41,26 @@ def scan(root: str, log_scale: bool, settings: AppSettings):
     sizes = sample_sizes(index.root, index.paths)
     kept, _ = kept_classes(index)
     choices = [(f"{index.classes[k]['name']} ({counts[k]})", k) for k in kept]
-    return (settings.redact(summary_markdown(stats)),
-            plots.class_counts_figure(names, [counts[k] for k in keys], stats["min_images"], log_scale),
+    return (settings.redact(summary_markdown(stats)), _counts_figure(index, stats["min_images"], log_scale),
             plots.bar_figure(top_makes, "Images per make" + (" (top 30)" if len(makes) > 30 else "")),
             plots.bar_figure(stats["viewpoints"], "Viewpoints (CompCars labels)") if stats["viewpoints"] else None,
             plots.sizes_figure(sizes),
             gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
+
+
+def _counts_figure(index, min_images: int, log_scale: bool):
+    counts = index.class_counts()
+    return plots.class_counts_figure([index.classes[k]["name"] for k in counts], list(counts.values()), min_images,
+                                     log_scale)
+
+
+def counts_only(root: str, log_scale: bool, settings: AppSettings):
+    """Log scale ticked: the class-count chart again, from the cached index (no statistics, no image sizes)."""
+    try:
+        index = _index(root, settings)
+    except gr.Error:
+        return gr.skip()
+    return _counts_figure(index, kept_classes(index)[1], log_scale)
 
 
 def summary_markdown(s: dict) -> str:
@@ -94,6 +106,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     outputs = [summary, counts_plot, makes_plot, views_plot, sizes_plot, cls]
     scan_fn = lambda r, log: scan(r, log, settings)
     scan_btn.click(scan_fn, [root, log_scale], outputs, api_visibility="private")
-    log_scale.change(scan_fn, [root, log_scale], outputs, api_visibility="private")
+    log_scale.change(lambda r, log: counts_only(r, log, settings), [root, log_scale], counts_plot,
+                     api_visibility="private")
     cls.change(lambda r, k: samples(r, k, settings), [root, cls], gallery, api_visibility="private")  # [] clears
     demo.load(scan_fn, [root, log_scale], outputs, api_visibility="private")

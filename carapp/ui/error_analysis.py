@@ -42,10 +42,24 @@ def pair_from_row(settings: AppSettings, name: str | None, pairs: pd.DataFrame, 
     return f"{names.index(pairs.iloc[row]['true'])},{names.index(pairs.iloc[row]['predicted as'])}"
 
 
+_REPORTS: dict[Path, tuple[tuple, dict | None]] = {}  # run -> (its report files' times, the report as read)
+
+
 def _report(name: str | None, settings: AppSettings) -> dict | None:
+    """A run's stored test report, read once per version of its files: each click on a row or a pair reads no
+    predictions.csv again (a re-evaluation rewrites the files, and is read anew)."""
+    from .. import rundir
     from ..evaluation.evaluate import read_report
     run = find_run(settings.runs_dir, name)
-    return read_report(run) if run is not None else None
+    if run is None:
+        return None
+    stamp = tuple(rundir.mtime(run / f"test_{part}") for part in ("metrics.json", "predictions.csv", "per_class.csv",
+                                                                  "confusion.csv", "label_issues.csv"))
+    if _REPORTS.get(run, (None,))[0] != stamp:
+        if len(_REPORTS) >= 4:
+            _REPORTS.pop(next(iter(_REPORTS)))
+        _REPORTS[run] = (stamp, read_report(run))
+    return _REPORTS[run][1]
 
 
 def pair_photos(name: str | None, pair: str | None, settings: AppSettings):

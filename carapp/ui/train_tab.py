@@ -9,64 +9,98 @@ import gradio as gr
 import pandas as pd
 
 from .. import plots, rundir
-from ..config import BACKBONES, OPTIMIZERS, PRESETS, RESIZES, make_config
+from ..config import PRESETS, batch_size_value, make_config, option_defaults, train_options
 from ..runs import active_run, find_run, list_runs, run_eta, status_of
 from . import jobs
 from .settings import AppSettings, ensure_data
 
-BASIC_FIELDS = ["backbone", "weights", "epochs", "batch_size", "lr", "weight_decay", "dropout", "gamma", "image_size",
-                "patience", "workers"]
-# the "Advanced" accordion's recipe options: after the basic ones in /start_training's positional inputs, so a
-# caller that sends only the basic ones keeps working (a missing or blank value means the preset's)
-ADVANCED_FIELDS = ["optimizer", "schedule", "warmup_epochs", "label_smoothing", "decay_norm_bias", "freeze_epochs",
-                   "layer_lr_decay", "ema", "resize", "group_duplicates"]
-FIELDS = BASIC_FIELDS + ADVANCED_FIELDS
 TABLE_COLUMNS = {"epoch": "Epoch", "train_loss": "Train Loss", "train_acc": "Train Accuracy",
                  "val_loss": "Validation Loss", "val_acc": "Validation Accuracy", "lr": "LR", "seconds": "Seconds"}
+FORM_GROUPS = ("basic", "advanced")  # the form's rows: the basic recipe, then the "Advanced" accordion
+
+
+def form_options(group: str | None = None) -> list:
+    """The training options the Train form shows (config.option's `form`), in declaration order."""
+    return [f for f in train_options() if f.metadata["form"] in ((group,) if group else FORM_GROUPS)]
+
+
+def form_fields() -> list[str]:
+    """The names of the form's options, basic then advanced: the Start button's inputs after dataset and preset."""
+    return [f.name for group in FORM_GROUPS for f in form_options(group)]
 
 
 def preset_values(preset: str) -> list:
     cfg = make_config(preset)
-    return [getattr(cfg, f) for f in FIELDS]
+    return [getattr(cfg, name) for name in form_fields()]
 
 
-INTEGER_FIELDS = ("epochs", "batch_size", "image_size", "patience", "workers", "freeze_epochs")
+def _is_integer(f) -> bool:
+    default = getattr(option_defaults(), f.name)
+    return f.metadata["parse"] in (int, batch_size_value) or type(default) is int
+
+
+def form_component(f, value) -> gr.components.Component:
+    """The form's box for one option, from its declaration: a list for choices, a tick for a switch, a number or a
+    text box."""
+    how = f.metadata
+    label, info = how["label"] or f.name, how["info"] or None
+    if how["choices"]:
+        return gr.Dropdown(list(how["choices"]), value=value, label=label, info=info)
+    if isinstance(getattr(option_defaults(), f.name), bool):
+        return gr.Checkbox(value, label=label, info=info)
+    if _is_integer(f):
+        return gr.Number(value, label=label, precision=0, info=info)
+    if isinstance(value, float):
+        return gr.Number(value, label=label, info=info)
+    return gr.Textbox(value, label=label, info=info)
+
+
 PUBLIC_WEIGHTS = ("none", "imagenet")   # a public app never opens a file path a visitor typed
 TRAINING_OFF = "Training is turned off on this public app."
 LR_FIND_STEPS = 100  # the range test's sweep: fastai's default length
 
 
-def form_config(root: str, preset: str, values: tuple, settings: AppSettings):
-    """The TrainConfig of the form (a blank box: the preset's value); refused like Start when training is off."""
+def form_config(root: str, preset: str, options: dict | None, settings: AppSettings):
+    """The TrainConfig of the form's options ({name: value}; a blank or missing one: the preset's value); refused
+    like Start when training is off. Only the form's options: the others (server folders among them) are the
+    owner's, on the command line."""
     if not settings.training_enabled:
         raise gr.Error(TRAINING_OFF, print_exception=False)
+    if not isinstance(options, dict):
+        raise ValueError("the training options are one JSON object: {\"epochs\": 5, ...} (an empty {} keeps the "
+                         "preset's values)")
+    unknown = sorted(set(options) - set(form_fields()))
+    if unknown:
+        raise ValueError(f"unknown training option(s) {', '.join(map(repr, unknown))}; the form's are: "
+                         + ", ".join(form_fields()))
     if not settings.paths_editable or not root:
         root = settings.data
     if root == settings.data:
         ensure_data(settings)
-    fields = {k: v for k, v in zip(FIELDS, values) if v not in (None, "")}  # blank: the preset's value
-    for key in INTEGER_FIELDS:
-        if key in fields:
-            fields[key] = int(fields[key])
+    fields = {k: v for k, v in options.items() if v not in (None, "")}  # blank: the preset's value
+    for f in form_options():
+        if f.name in fields and _is_integer(f):
+            fields[f.name] = int(fields[f.name])
     if not settings.paths_editable and fields.get("weights", "none") not in PUBLIC_WEIGHTS:
         raise ValueError(f"on a public app the weights are one of: {', '.join(PUBLIC_WEIGHTS)}")
     return make_config(preset, data=root, **fields)
 
 
-def start(root: str, preset: str, *values, settings: AppSettings) -> str:
+def start(root: str, preset: str, options: dict | None, settings: AppSettings) -> str:
+    """/start_training: the dataset folder, the preset, and the form's options as one {name: value} object."""
     try:
-        run = jobs.start_training(form_config(root, preset, values, settings), settings.runs_dir)
+        run = jobs.start_training(form_config(root, preset, options, settings), settings.runs_dir)
     except (jobs.JobError, ValueError, TypeError) as exc:
         raise gr.Error(settings.redact(str(exc)), print_exception=False) from None
     return f"Started **{run.name}**."
 
 
-def find_lr(root: str, preset: str, *values, settings: AppSettings):
+def find_lr(root: str, preset: str, options: dict | None, settings: AppSettings):
     """The learning-rate range test on the form's settings, in this process (a minute or two; it writes no run).
     Not beside a training run: both would compete for the same cores or GPU."""
     from ..training.lrfind import lr_find
     try:
-        cfg = form_config(root, preset, values, settings)
+        cfg = form_config(root, preset, options, settings)
         if active_run(settings.runs_dir) is not None:
             raise jobs.JobError("a run is training: find the learning rate before or after it (one job at a time)")
         result = lr_find(cfg, steps=LR_FIND_STEPS)
@@ -198,24 +232,6 @@ def tick(name: str | None, message: str, shown: list, settings: AppSettings):
     return (*status(name, settings, runs), choices, labels, message)
 
 
-def advanced_inputs(v: dict) -> list:
-    """The recipe options beyond the paper's (the finetune preset sets them all), in ADVANCED_FIELDS order."""
-    return [gr.Dropdown(list(OPTIMIZERS), value=v["optimizer"], label="Optimizer",
-                        info="adam: the paper · adamw: decoupled decay · sgd: Nesterov momentum 0.9"),
-            gr.Dropdown(["plateau", "cosine"], value=v["schedule"], label="LR schedule",
-                        info="plateau: on val loss (the paper) · cosine: per step"),
-            gr.Number(v["warmup_epochs"], label="Warmup epochs", info="cosine: linear warmup"),
-            gr.Number(v["label_smoothing"], label="Label smoothing", info="0: none"),
-            gr.Checkbox(v["decay_norm_bias"], label="Weight decay on norm/bias", info="off: the fine-tuning way"),
-            gr.Number(v["freeze_epochs"], label="Head-only epochs", precision=0, info="trunk frozen first"),
-            gr.Number(v["layer_lr_decay"], label="Layer-wise LR decay", info="per stage below the head; 1: off"),
-            gr.Number(v["ema"], label="EMA decay", info="weights average; 0: off"),
-            gr.Dropdown(list(RESIZES), value=v["resize"], label="Resize",
-                        info="crop: centre crop · pad: whole photo, letterboxed"),
-            gr.Checkbox(v["group_duplicates"], label="Keep duplicates in one split",
-                        info="no copy of a test photo is trained on (Dataset tab: Health)")]
-
-
 def build(settings: AppSettings, demo: gr.Blocks) -> None:
     with gr.Tab("Train"):
         device = gr.Markdown("Device: …")
@@ -229,21 +245,12 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                                      "finetune: ImageNet start, the full fine-tuning recipe")
                 root = gr.Textbox(settings.data if settings.paths_editable else "", label="Dataset folder",
                                   placeholder="the app's dataset", interactive=settings.paths_editable)
-            with gr.Row():  # filled with the demo preset's values from the start: a box is never blank
-                v = dict(zip(FIELDS, preset_values("demo")))
-                inputs = [gr.Dropdown(list(BACKBONES), value=v["backbone"], label="Backbone"),
-                          gr.Textbox(v["weights"], label="Weights",
-                                     info="imagenet | none" + (" | path to .pth" if settings.paths_editable else "")),
-                          gr.Number(v["epochs"], label="Max epochs", precision=0),
-                          gr.Number(v["batch_size"], label="Batch size", precision=0),
-                          gr.Number(v["lr"], label="Learning rate"), gr.Number(v["weight_decay"], label="Weight decay"),
-                          gr.Number(v["dropout"], label="Dropout"), gr.Number(v["gamma"], label="Focal gamma"),
-                          gr.Number(v["image_size"], label="Image size", precision=0),
-                          gr.Number(v["patience"], label="Early-stop patience", precision=0),
-                          gr.Number(v["workers"], label="Loader workers", precision=0)]
+            demo_values = make_config("demo")  # the demo preset's values from the start: a box is never blank
+            with gr.Row():
+                inputs = [form_component(f, getattr(demo_values, f.name)) for f in form_options("basic")]
             with gr.Accordion("Advanced: fine-tuning recipe", open=False):
                 with gr.Row():
-                    inputs += advanced_inputs(v)
+                    inputs += [form_component(f, getattr(demo_values, f.name)) for f in form_options("advanced")]
         # outside the Group, one row of buttons and one of the resume controls, aligned at the bottom: no grey
         # filler under buttons that are shorter than the labelled boxes beside them
         with gr.Column(visible=settings.training_enabled):
@@ -268,18 +275,26 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
             raw = gr.JSON()
         timer = gr.Timer(1.5)
         shown_labels = gr.State([])
+        api_options = gr.JSON(visible=False)  # /start_training and /find_lr: the form's options as one object
+        api_start, api_find_lr = gr.Button(visible=False), gr.Button(visible=False)
 
     view = [live, curves, table, log, test, raw]
     demo.load(lambda: run_choices(settings), None, run_pick, api_visibility="private")
     demo.load(_device_markdown, None, device, api_visibility="private")
     preset.change(preset_values, preset, inputs, api_visibility="private")
-    start_btn.click(lambda r, p, *v: start(r, p, *v, settings=settings), [root, preset, *inputs], message,
-                    api_name="start_training").then(lambda: run_choices(settings), None, run_pick,
-                                                    api_visibility="private")
+    names = form_fields()  # the form's boxes, in the order of `inputs`
+    start_btn.click(lambda r, p, *v: start(r, p, dict(zip(names, v)), settings), [root, preset, *inputs], message,
+                    api_visibility="private").then(lambda: run_choices(settings), None, run_pick,
+                                                   api_visibility="private")
+    # the API's own: (dataset folder, preset, {option: value}), so a new option never moves another's place
+    api_start.click(lambda r, p, o: start(r, p, o, settings), [root, preset, api_options], message,
+                    api_name="start_training")
     stop_btn.click(lambda: stop(settings), None, message, api_name="stop_training")
     lr_btn.click(lambda: gr.Accordion(open=True), None, lr_box, api_visibility="private").then(
-        lambda r, p, *v: find_lr(r, p, *v, settings=settings), [root, preset, *inputs], [message, lr_plot],
-        api_name="find_lr")
+        lambda r, p, *v: find_lr(r, p, dict(zip(names, v)), settings), [root, preset, *inputs], [message, lr_plot],
+        api_visibility="private")
+    api_find_lr.click(lambda r, p, o: find_lr(r, p, o, settings), [root, preset, api_options], [message, lr_plot],
+                      api_name="find_lr")
     resume_btn.click(lambda n, e: resume(n, e, settings), [run_pick, more_epochs], message, api_name="resume_training")
     timer.tick(lambda n, m, s: tick(n, m, s, settings), [run_pick, message, shown_labels],
                [*view, run_pick, shown_labels, message], api_visibility="private")
