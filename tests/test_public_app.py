@@ -16,7 +16,7 @@ from conftest import FAST_TRAIN, ROOT, raw_call, raw_upload, serving, stop_all_j
 from PIL import Image
 
 from carapp.runs import evaluation_status, list_runs, run_status
-from carapp.ui import jobs, predict_tab, train_tab, uploads
+from carapp.ui import jobs, predict_tab, uploads
 
 EXAMPLE = ROOT / "assets/examples/aurora_sprint.jpg"
 def photo(path: str, method: str = "gradcam") -> list:
