@@ -70,11 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="dataset statistics")
     p.add_argument("--data", required=True, help="dataset root")
-    p.add_argument("--format", default="auto", help="dataset format: auto | compcars | sv | folder (default auto)")
+    p.add_argument("--format", default="auto", help="dataset format: auto | compcars | sv | stanford | folder "
+                   "(default auto)")
     p.add_argument("--min-images", type=int, default=None,
                    help="keep classes with at least N images (default floor(mean); 0 keeps all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--verify", action="store_true", help="also open every image to find unreadable ones")
+    p.add_argument("--split", default="paper", choices=["paper", "official"], help="paper (default): the paper's "
+                   "70/15/15 of the kept classes | official: the dataset's own train/test lists, val carved from train")
     p.add_argument("--group-duplicates", action="store_true",
                    help="show the split train --group-duplicates makes: duplicate groups kept together (hashes the "
                    "dataset once, cached)")
@@ -288,7 +291,7 @@ def cmd_stats(args):
     if args.group_duplicates:
         from .dataset.health import duplicate_groups
         groups = duplicate_groups(index)
-    stats = dataset_stats(index, args.min_images, seed=args.seed, groups=groups)
+    stats = dataset_stats(index, args.min_images, seed=args.seed, groups=groups, split=args.split)
     if args.verify:
         from .dataset.images import find_unreadable
         bad = find_unreadable(index)

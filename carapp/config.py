@@ -12,6 +12,7 @@ RESIZES = ("crop", "pad")
 CAM_METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam", "layercam")  # gradcam: one forward pass
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 SCHEDULES = ("plateau", "cosine")
+SPLITS = ("paper", "official")
 EMA_DECAY = 0.9998  # --ema alone: an average over about the last 5,000 steps (a few CompCars epochs at batch 64)
 
 
@@ -49,7 +50,12 @@ def _field(default, help: str, **how):
 class TrainConfig:
     # data
     data: str = ""                  # dataset root (CompCars root, its data/ folder, sv_data, or class-per-folder)
-    format: str = _field("auto", "dataset format: auto | compcars | sv | folder")
+    format: str = _field("auto", "dataset format: auto | compcars | sv | stanford | folder")
+    split: str = _field("paper", "paper (the paper's: classes with >= --min-images photos, stratified 70/15/15) | "
+                        "official (the dataset's own train/test lists, as published results use them: CompCars "
+                        "classification or surveillance, Stanford Cars; validation carved from train, no class "
+                        "filter)", choices=SPLITS, form="advanced", label="Split",
+                        info="paper: the paper's 70/15/15 · official: the dataset's own train/test lists")
     min_images: int | None = _field(None, "keep classes with at least N images (default floor(mean), as in the "
                                     "paper; 0 keeps all)", parse=int)
     crop_bbox: bool = _field(False, "crop images to the labelled car box")
@@ -144,6 +150,7 @@ class TrainConfig:
                   ("ema", 0 <= self.ema < 1, "in [0, 1) (0: off)"),
                   ("negatives_weight", self.negatives_weight >= 0, "0 or more"),
                   ("resize", self.resize in RESIZES, "one of " + ", ".join(RESIZES)),
+                  ("split", self.split in SPLITS, "one of " + ", ".join(SPLITS)),
                   ("log", all(name in TRACKERS for name in tracker_names(self.log)),
                    "empty or one or more of " + ", ".join(TRACKERS) + " (comma-separated)"),
                   ("backbone", self.backbone in BACKBONES, "one of " + ", ".join(BACKBONES))]

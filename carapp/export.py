@@ -94,6 +94,10 @@ def _card_body(config: dict, labels: list[str], test: dict, calibration: dict, s
     total = sum(splits.values()) or 1
     kept = (f"the classes with at least {config['min_images']} images" if config.get("min_images") is not None
             else "the classes with at least the mean number of images per class (floored)")
+    split_how = "split class by class into"
+    if config.get("split") == "official":  # the dataset's own lists: comparable with published results
+        kept = "every class of the dataset's own train/test lists"
+        split_how = "split as those lists say (validation carved from their train part, class by class):"
     shown = ", ".join(labels[:40]) + (f", … ({len(labels) - 40} more in labels.json)" if len(labels) > 40 else "")
     recipe = "\n".join(f"| {k} | {config.get(k)} |" for k in RECIPE_FIELDS if k in config)
     metrics = "\n".join(f"| {title} | {test[key]:.4f} |" for key, title in
@@ -116,7 +120,7 @@ photo, following "Classification of Car Models with ResNet-50" (Tabar & Pegoraro
 {len(labels)} make-model classes: {shown}.
 
 ## Training data
-Dataset folder `{config.get('data', '?')}` (format `{config.get('format', 'auto')}`), {kept}, split class by class into train {splits['train']} / val {splits['val']} / test {splits['test']}
+Dataset folder `{config.get('data', '?')}` (format `{config.get('format', 'auto')}`), {kept}, {split_how} train {splits['train']} / val {splits['val']} / test {splits['test']}
 images ({splits['train'] / total:.0%} / {splits['val'] / total:.0%} / {splits['test'] / total:.0%}). If this is the
 synthetic demo set, the model knows only drawn cartoon cars.
 

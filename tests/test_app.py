@@ -238,7 +238,8 @@ def test_presentation_says_no_model_once_and_headlines_no_model_it_did_not_name(
     import shutil
     shutil.copytree(tiny_run, tmp_path / "runs" / "tiny")
     settings = resolve_settings(None, None, str(tmp_path / "runs"))
-    top, cam, answer, makes = predict_tab.show_answer(example, settings=settings)
+    top, cam, answer, makes, boxes, chooser, views = predict_tab.show_answer(example, settings=settings)
+    assert not boxes.visible and not chooser.visible and views == []  # no detector: no cars panel
     assert isinstance(top, gr.Label) and top.show_heading is False  # the one-epoch model names nothing: unsure
     assert isinstance(makes, gr.Label) and makes.show_heading is False  # nor a make in big letters above its list
     assert "not sure" in answer.lower() or "not a car" in answer.lower(), answer

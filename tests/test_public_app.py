@@ -178,7 +178,7 @@ def test_queue_is_bounded_and_slow_heatmaps_run_one_at_a_time(private):
     # every prediction (the API's /predict, a click, an upload) draws from one pool of 2: a limit is per event in
     # Gradio, so a separate /predict pool let 4 predictions run at once
     classify = [f for f in demo.fns.values() if f.concurrency_id == "classify"]
-    assert {f.api_name for f in classify} >= {"predict"} and len(classify) == 3
+    assert {f.api_name for f in classify} >= {"predict", "predict_cars"} and len(classify) == 4
     assert {f.concurrency_limit for f in classify} == {2}
     assert predict_tab._SLOW_CAM.acquire(blocking=False)  # as if a ScoreCAM were running
     try:

@@ -1,5 +1,7 @@
 """Which classes a run keeps and how their images are split: the paper's floor(mean) class filter, a stratified
 train/val/test split with a fixed seed (duplicate groups kept whole when asked), and the figures `carapp stats` prints.
+`--split official` instead takes the dataset's own train/test lists (index.official), carves a stratified validation
+part out of train and filters no class: the split published results are measured on.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .index import OFFICIAL_LISTS as _OFFICIAL_HELP
 from .index import VIEWPOINTS, DatasetError, DatasetIndex
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,8 @@ def stratified_split(labels: list[int], val_frac: float = 0.15, test_frac: float
         if len(order) < 3:
             small.append(int(c))
             continue
-        n_val = max(1, round(val_frac * len(members)))
-        n_test = max(1, round(test_frac * len(members)))
+        n_val = max(1, round(val_frac * len(members))) if val_frac > 0 else 0
+        n_test = max(1, round(test_frac * len(members))) if test_frac > 0 else 0
         room = {"val": n_val, "test": n_test}
         for u in order:  # val first, then test, then train; a group goes only where it fits whole
             which = next((s for s in ("val", "test") if size[u] <= room[s]), "train")
@@ -105,6 +108,50 @@ def make_split(index: DatasetIndex, min_images: int | None = None, val_frac: flo
                  bboxes=[index.bboxes[i] for i in chosen], class_info=class_info)
 
 
+def choose_split(index: DatasetIndex, split: str = "paper", min_images: int | None = None, val_frac: float = 0.15,
+                 test_frac: float = 0.15, seed: int = 0, groups: list[list[str]] | None = None) -> Split:
+    """The run's split as --split names it: paper (make_split) or official (official_split)."""
+    if split == "official":
+        if groups:
+            raise DatasetError("--group-duplicates keeps duplicates in one split of the paper's split; the official "
+                               "lists are the dataset's own (leave one of the two out)")
+        return official_split(index, val_frac, seed)
+    return make_split(index, min_images, val_frac, test_frac, seed, groups)
+
+
+def official_split(index: DatasetIndex, val_frac: float = 0.15, seed: int = 0) -> Split:
+    """The dataset's own train and test lists, every class they name (no class filter), a stratified validation
+    part carved out of train; listed photos that are missing were left out by the index (official_lists says how
+    many)."""
+    if not index.official_lists:
+        lists = " or ".join(" + ".join(v.values()) for v in _OFFICIAL_HELP.values())
+        raise DatasetError(f"{index.root} ({index.format} format) has no official train/test lists ({lists}): use "
+                           f"--split paper")
+    for which, info in index.official_lists.items():
+        if info["listed"] and info["missing"] == info["listed"]:
+            raise DatasetError(f"{info['file']} names {info['listed']} photos and none of them is in {index.root} "
+                               f"(e.g. {info['missing_examples'][0]})")
+        if info["missing"]:
+            log.warning("%s: %d of its %d photos are missing and left out (e.g. %s)", info["file"], info["missing"],
+                        info["listed"], ", ".join(info["missing_examples"][:3]))
+    chosen = [i for i, p in enumerate(index.paths) if p in index.official]
+    keys = sorted({index.keys[i] for i in chosen}, key=_natural_key)
+    position = {k: n for n, k in enumerate(keys)}
+    labels = [position[index.keys[i]] for i in chosen]
+    roles = [index.official[index.paths[i]] for i in chosen]
+    train = [n for n, r in enumerate(roles) if r == "train"]
+    carved = stratified_split([labels[n] for n in train], val_frac, 0.0, seed)
+    splits = list(roles)
+    for n, which in zip(train, carved):
+        splits[n] = which
+    counts: dict[str, int] = {}
+    for i in chosen:
+        counts[index.keys[i]] = counts.get(index.keys[i], 0) + 1
+    return Split(paths=[index.paths[i] for i in chosen], labels=labels, splits=splits,
+                 bboxes=[index.bboxes[i] for i in chosen],
+                 class_info=[{"key": k, **index.classes[k], "count": counts[k]} for k in keys])
+
+
 def _positions(groups: list[list[str]] | None, paths: list[str]) -> list[list[int]]:
     """Path groups as position groups among the kept images (members of dropped classes fall out)."""
     where = {p: i for i, p in enumerate(paths)}
@@ -113,11 +160,19 @@ def _positions(groups: list[list[str]] | None, paths: list[str]) -> list[list[in
 
 
 def dataset_stats(index: DatasetIndex, min_images: int | None = None, val_frac: float = 0.15,
-                  test_frac: float = 0.15, seed: int = 0, groups: list[list[str]] | None = None) -> dict:
-    """The figures `carapp stats` prints and the Dataset tab shows; with duplicate groups, the grouped split."""
+                  test_frac: float = 0.15, seed: int = 0, groups: list[list[str]] | None = None,
+                  split: str = "paper") -> dict:
+    """The figures `carapp stats` prints and the Dataset tab shows; with duplicate groups, the grouped split; with
+    split official, the official split's sizes and classes (and `official` names the lists and what is missing)."""
+    if split == "official":
+        chosen = official_split(index, val_frac, seed)
+        return {**dataset_stats(index, min_images, val_frac, test_frac, seed), "split": "official",
+                "num_classes_kept": len(chosen.class_info), "num_images_kept": len(chosen.paths),
+                "splits": {s: chosen.splits.count(s) for s in ("train", "val", "test")},
+                "official": index.official_lists}
     counts = index.class_counts()
     keys, threshold = kept_classes(index, min_images)
-    split = make_split(index, min_images, val_frac, test_frac, seed, groups) if keys else None
+    made = make_split(index, min_images, val_frac, test_frac, seed, groups) if keys else None
     kept_counts = sorted((counts[k] for k in keys), reverse=True)
     viewpoints: dict[str, int] = {}
     for v in index.viewpoints:
@@ -127,19 +182,20 @@ def dataset_stats(index: DatasetIndex, min_images: int | None = None, val_frac: 
     return {
         "root": index.root,
         "format": index.format,
+        "split": "paper",
         "num_images": len(index.paths),
         "num_classes": len(counts),
         "num_makes": len({c["make"] for c in index.classes.values()}),
         "min_images": threshold,
         "num_classes_kept": len(keys),
         "num_images_kept": sum(kept_counts),
-        "splits": {s: split.splits.count(s) if split else 0 for s in ("train", "val", "test")},
+        "splits": {s: made.splits.count(s) if made else 0 for s in ("train", "val", "test")},
         "imbalance": {
             "largest_class": kept_counts[0] if kept_counts else 0,
             "smallest_class": kept_counts[-1] if kept_counts else 0,
             "ratio": round(kept_counts[0] / kept_counts[-1], 2) if kept_counts else 0,
         },
         "viewpoints": viewpoints,
-        **({"duplicate_groups_merged": len(_positions(groups, split.paths)) if split else 0}
+        **({"duplicate_groups_merged": len(_positions(groups, made.paths)) if made else 0}
            if groups is not None else {}),
     }

@@ -68,8 +68,15 @@ class Detector:
         self.car_labels, self.source, self.min_score = car_labels, source, min_score
 
     @property
+    def name(self) -> str:
+        """The detector by a short name, for answers people read (a run's folder name, never a server path)."""
+        path = Path(self.source)
+        return self.source if "/" not in self.source and "\\" not in self.source else \
+            (path.parent.name if path.suffix == ".pt" else path.name)
+
+    @property
     def no_car_reason(self) -> str:
-        return (f"Not a car: the detector ({self.source}) found no car in this photo (no box scores "
+        return (f"Not a car: the detector ({self.name}) found no car in this photo (no box scores "
                 f"{self.min_score:.2f} or more).")
 
     @torch.inference_mode()

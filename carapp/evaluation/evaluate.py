@@ -133,6 +133,8 @@ def evaluate_run(run: str | Path, split: str = "test", workers: int = 2, batch_s
         raise
     total = result["num_images"] + result["skipped_images"]
     progress.write(status="finished", done=total, total=total)
+    # which split the run was trained on: "official" (the dataset's own lists) is comparable with published results
+    result["dataset_split"] = (rundir.read_json(run / "config.json") or {}).get("split", "paper")
     return result
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..dataset.index import index_dataset
-from ..dataset.split import make_split
+from ..dataset.split import choose_split
 from ..runtime import Dist
 from .autobatch import resolve_batch_size
 from .trainer import Trainer
@@ -36,7 +36,8 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, step
     # the whole network, raw weights, and no schedule of its own: the range test sets the lr of every step
     cfg = dataclasses.replace(cfg, steps_per_epoch=steps, freeze_epochs=0, ema=0.0, schedule="plateau",
                               warmup_epochs=0.0)
-    split = make_split(index_dataset(cfg.data, cfg.format), cfg.min_images, cfg.val_frac, cfg.test_frac, cfg.seed)
+    split = choose_split(index_dataset(cfg.data, cfg.format), cfg.split, cfg.min_images, cfg.val_frac, cfg.test_frac,
+                         cfg.seed)
     cfg = resolve_batch_size(cfg, len(split.class_info))
     trainer = Trainer(cfg, split, None, Dist())
     ratios = [g["lr"] / cfg.lr if cfg.lr else 1.0 for g in trainer.optimizer.param_groups]  # layer-wise lrs keep shape

@@ -24,7 +24,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import TrainConfig
 from ..dataset.health import duplicate_groups
 from ..dataset.index import index_dataset
-from ..dataset.split import Split, make_split
+from ..dataset.split import Split, choose_split
 from ..exclusions import read_exclusions
 from ..runtime import init_distributed
 from .autobatch import resolve_batch_size
@@ -175,7 +175,7 @@ def make_run_split(cfg: TrainConfig) -> tuple[Split, dict]:
         recorded["duplicate_groups"] = len(groups)
         log.info("kept %d groups of duplicate photos (%d photos) in one split each", len(groups),
                  sum(map(len, groups)))
-    return make_split(index, cfg.min_images, cfg.val_frac, cfg.test_frac, cfg.seed, groups), recorded
+    return choose_split(index, cfg.split, cfg.min_images, cfg.val_frac, cfg.test_frac, cfg.seed, groups), recorded
 
 
 def _read_prepared(run: Path):

@@ -41,11 +41,26 @@ def scan(root: str, log_scale: bool, settings: AppSettings):
     sizes = sample_sizes(index.root, index.paths)
     kept, _ = kept_classes(index)
     choices = [(f"{index.classes[k]['name']} ({counts[k]})", k) for k in kept]
-    return (settings.redact(summary_markdown(stats)), _counts_figure(index, stats["min_images"], log_scale),
+    official = _official_line(index)
+    return (settings.redact(summary_markdown(stats) + official), _counts_figure(index, stats["min_images"], log_scale),
             plots.bar_figure(top_makes, "Images per make" + (" (top 30)" if len(makes) > 30 else "")),
             plots.bar_figure(stats["viewpoints"], "Viewpoints (CompCars labels)") if stats["viewpoints"] else None,
             plots.sizes_figure(sizes),
             gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
+
+
+def _official_line(index) -> str:
+    """The sizes of the dataset's own train/test split (train --split official), where it has lists."""
+    if not index.official_lists:
+        return ""
+    try:
+        s = dataset_stats(index, split="official")
+    except DatasetError as exc:
+        return f"  \nOfficial split: {exc}"
+    missing = sum(info["missing"] for info in index.official_lists.values())
+    return (f"  \n**Official split** (the dataset's own lists, `--split official`): **{s['num_classes_kept']:,}** "
+            f"classes, train **{s['splits']['train']:,}**, val **{s['splits']['val']:,}** (carved from train), "
+            f"test **{s['splits']['test']:,}**" + (f"; {missing:,} listed photos are missing" if missing else "") + ".")
 
 
 def _counts_figure(index, min_images: int, log_scale: bool):

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DATA = REPO / "data" / "demo"
+DETECTOR_LOOK_SECONDS = 10.0       # how long a look for a detector run in the runs folder holds
+_DETECTOR_SEEN: dict[str, tuple[float, str | None]] = {}  # runs folder -> (when it was looked at, the detector found)
 CONFIGURED = "(configured model)"   # stands for settings.checkpoint in the Model box: its path stays on the server
 
 
@@ -35,12 +38,17 @@ class AppSettings:
 
     @property
     def detector_source(self) -> str | None:
-        """The detector Predict and Analyze find cars with, or None (one answer per photo)."""
+        """The detector Predict and Analyze find cars with, or None (one answer per photo). The runs folder is looked
+        at once per DETECTOR_LOOK_SECONDS: every prediction asks, and a busy app must not rescan for each."""
         if self.detector:
             return None if self.detector == "none" else self.detector
-        from ..runs import newest_detector
-        found = newest_detector(self.runs_dir)
-        return str(found) if found else None
+        seen, found = _DETECTOR_SEEN.get(self.runs_dir, (0.0, None))
+        if time.monotonic() - seen > DETECTOR_LOOK_SECONDS:
+            from ..runs import newest_detector
+            newest = newest_detector(self.runs_dir)
+            found = str(newest) if newest else None
+            _DETECTOR_SEEN[self.runs_dir] = (time.monotonic(), found)
+        return found
 
     @property
     def training_enabled(self) -> bool:
