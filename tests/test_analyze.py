@@ -99,6 +99,7 @@ def test_zip_and_list_sources_and_group_csv(collection, tiny_run, tmp_path):
     assert set(summary["groups"]) >= {"even", "odd"}
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_with_a_message(tiny_run, tmp_path, collection):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -143,6 +144,7 @@ def test_kill_9_at_any_moment_then_rerun_gives_every_image_exactly_once(collecti
     assert again["images"] == len(truth) + 1
 
 
+@pytest.mark.slow
 def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run, tmp_path):
     """Public app: uploads only, capped by the photos they hold (a zip by its members, an upload named twice once);
     made-up paths and server folders refused; one analysis runs as a job; only the session that started it sees it,
@@ -215,6 +217,7 @@ def test_two_processes_share_the_collection_and_rank_0_merges(collection, tiny_r
     assert len(paths) == len(set(paths)) == len(truth) + 1 and (out / "summary.csv").is_file()
 
 
+@pytest.mark.slow
 def test_onnx_runtime_answers_like_pytorch_and_int8_runs(collection, tiny_run, tmp_path):
     root, truth = collection
     results = {}
@@ -263,6 +266,7 @@ def _corrupt_zip(path: Path, photo: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_corrupt_zip_member_is_one_unreadable_photo_and_the_job_ends(collection, tiny_run, tmp_path):
     """A wrong CRC-32 raised BadZipFile in the loader worker: the analysis died, and then waited at exit for a
     worker that ignores SIGTERM, forever (holding the app's one job slot)."""
@@ -276,6 +280,7 @@ def test_a_corrupt_zip_member_is_one_unreadable_photo_and_the_job_ends(collectio
     assert json.loads(proc.stdout)["status_counts"]["unreadable"] == 1
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_with_loader_workers_still_ends(tmp_path):
     """However a process ends (here an uncaught error mid-loop, its traceback kept), its loader workers go with it."""
     script = ("import torch.utils.data as d\n"
@@ -322,6 +327,7 @@ def test_names_a_stranger_chose_cannot_become_spreadsheet_formulas(collection, t
     assert sorted(again["groups"]) == sorted(FORMULAS)
 
 
+@pytest.mark.slow
 def test_the_onnx_export_is_made_once_per_model_and_shared(collection, tiny_run, tmp_path):
     """Every analysis exported its own 94 MB ONNX copy (~30 s); the exporter's optimiser chatter filled stderr."""
     root, _ = collection

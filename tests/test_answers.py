@@ -35,6 +35,7 @@ def test_training_ends_calibrated(tiny_run):
     assert info["thresholds"]["ood"] is not None and (tiny_run / BANK_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_calibrate_command_and_its_bad_input(run, tmp_path):
     (run / CALIBRATION_FILE).unlink()
     result = cli_json("calibrate", "--run", run, "--target-accuracy", "0.9", "--workers", "0")
@@ -101,6 +102,7 @@ def test_a_damaged_or_missing_statistics_file_costs_the_no_car_status_only(run, 
     assert result.top[0][0] == damaged.predict(Image.open(EXAMPLE), cam=False).top[0][0]
 
 
+@pytest.mark.slow
 def test_an_old_run_without_calibration_still_predicts_and_says_so(run):
     (run / CALIBRATION_FILE).unlink()
     (run / BANK_FILE).unlink()

@@ -102,6 +102,7 @@ def test_training_job_through_the_api(app):
     assert (runs / s["run"] / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_find_lr_button_plots_the_range_test(app, monkeypatch):
     from carapp.ui import train_tab
     monkeypatch.setattr(train_tab, "LR_FIND_STEPS", 20)  # the app serves from this process: a short sweep
@@ -126,6 +127,7 @@ def test_no_trained_model_yet_says_what_to_do(demo_root, tmp_path):
         demo.close()
 
 
+@pytest.mark.slow
 def test_evaluate_endpoint(app):
     url, *_ = app
     summary, per_class, *_ = client(url).predict("tiny", False, api_name="/evaluate")
@@ -133,6 +135,7 @@ def test_evaluate_endpoint(app):
     assert per_class["headers"] == ["class", "accuracy", "support"]
 
 
+@pytest.mark.slow
 def test_public_mode_turns_training_off(demo_root, tiny_run, tmp_path):
     with serving(demo_root, tiny_run, tmp_path, public=True) as url:
         c = client(url)
@@ -189,6 +192,7 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
     assert json.loads((run / "config.json").read_text()) == cfg.to_dict() | recorded
 
 
+@pytest.mark.slow
 def test_a_stop_pressed_while_the_job_starts_is_not_lost(demo_root, tmp_path):
     """Stop right after Start, while the trainer is still importing PyTorch: it stops after its first step instead
     of dropping the request and training all its epochs."""

@@ -60,6 +60,7 @@ def test_model_card_and_config(tiny_run, exported):
     assert config["preprocessing"]["center_crop"] == 32 and config["preprocessing"]["mean"][0] == 0.485
 
 
+@pytest.mark.slow
 def test_onnx_logits_match_torch(tiny_run, tmp_path):
     import onnxruntime as ort
     out = export_run(tiny_run, "onnx", tmp_path / "onnx")
@@ -83,6 +84,7 @@ def _fill_hub_cache(cache, repo: str, folder, commit: str = "0123456789abcdef012
     (base / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.slow
 def test_hub_model_from_an_offline_cache(exported, tmp_path):
     _fill_hub_cache(tmp_path / "hub", "carfan/tiny-cars", exported)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
@@ -120,6 +122,7 @@ def test_push_exports_and_uploads(tiny_run, monkeypatch):
     assert 'Predictor.load("hf://carfan/tiny-cars")' in calls["card"]
 
 
+@pytest.mark.slow
 def test_predict_and_analyze_take_an_onnx_export(tiny_run, tmp_path):
     """`predict --run exported/demo-onnx` was refused though the README says an exported folder works."""
 

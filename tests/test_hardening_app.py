@@ -81,6 +81,7 @@ def test_only_the_apps_own_files_are_served(app):
         assert _status(f"{url}gradio_api/file={path}") in (403, 404), path
 
 
+@pytest.mark.slow
 def test_basic_auth_from_the_environment(demo_root, tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("CARAPP_AUTH", "owner:s3cret")
     with serving(demo_root, tiny_run, tmp_path, public=True) as url:

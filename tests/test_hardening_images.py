@@ -80,6 +80,7 @@ def test_open_image_on_every_odd_file(odd_files):
     assert first.getpixel((5, 5)) == (200, 0, 0)  # the first frame
 
 
+@pytest.mark.slow
 def test_cli_predict_reports_each_bad_file_and_goes_on(odd_files, tiny_run):
     paths = [str(p) for p, _ in odd_files.values()]
     proc = run_cli("predict", *paths, "--run", tiny_run, "--json", check=False)

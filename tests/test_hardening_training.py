@@ -50,6 +50,7 @@ def test_empty_dataset_and_tiny_classes(tmp_path, caplog):
     assert any("fewer than 3 images" in r.message for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_corrupt_vanished_and_non_ascii_files_in_training(tmp_path):
     data = tmp_path / "cars"
     for cls, colour in (("Škoda Octavia", (200, 30, 30)), ("Citroën 2CV", (30, 30, 200))):
@@ -135,6 +136,7 @@ def test_stop_during_validation(demo_root, tmp_path, monkeypatch):
     assert load_checkpoint(run / "last.pt")["epoch"] == 1 and len(rundir.read_metrics(run)) == 1
 
 
+@pytest.mark.slow
 def test_second_trainer_is_refused_and_stale_lock_is_taken_over(demo_root, tmp_path):
     run = tmp_path / "locked"
     run.mkdir()

@@ -224,6 +224,7 @@ def test_label_suspects_are_the_flipped_labels():
     assert sorted(label_suspects(probs, labels)) == flipped
 
 
+@pytest.mark.slow
 def test_train_with_group_duplicates_and_exclude_records_both(sick, tmp_path):
     from conftest import FAST_TRAIN
     marks = tmp_path / "marks.csv"

@@ -41,6 +41,7 @@ def compcars(demo_root, tmp_path_factory):
     return root, train, test, classes
 
 
+@pytest.mark.slow
 def test_train_with_the_official_split_freezes_the_datasets_lists(compcars, tmp_path):
     root, train, test, classes = compcars
     run = tmp_path / "run"

@@ -83,6 +83,7 @@ def test_visitor_cannot_stop_the_owners_training(public):
         proc.wait(60)
 
 
+@pytest.mark.slow
 def test_visitor_cannot_stop_the_owners_training_even_with_training_allowed(demo_root, tiny_run, tmp_path):
     with serving(demo_root, tiny_run, tmp_path, public=True, allow_training=True) as url:
         proc, run = _owner_trains(demo_root, tmp_path)
@@ -157,6 +158,7 @@ def test_private_reevaluation_is_one_background_job_and_readers_never_see_half_a
     assert not list((runs / "tiny").glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_slow_heatmaps_are_off_in_public_and_a_flood_does_not_block_others(public):
     url, *_ = public
     upload = raw_upload(url, EXAMPLE)
@@ -226,6 +228,7 @@ def test_three_start_clicks_start_one_trainer(demo_root, tiny_run, tmp_path):
         assert len([r for r in list_runs(tmp_path) if r.name != "tiny"]) == 1
 
 
+@pytest.mark.slow
 def test_blank_numbers_mean_the_presets_values(demo_root, tiny_run, tmp_path):
     with serving(demo_root, tiny_run, tmp_path) as url:
         blank = ["demo", dict(backbone="resnet18", weights="", epochs=None, batch_size=None, image_size=32, workers=0,
@@ -243,6 +246,7 @@ def test_blank_numbers_mean_the_presets_values(demo_root, tiny_run, tmp_path):
         stop_all_jobs(tmp_path)
 
 
+@pytest.mark.slow
 def test_public_weights_box_takes_no_paths_and_tells_nothing(demo_root, tiny_run, tmp_path):
     with serving(demo_root, tiny_run, tmp_path, public=True, allow_training=True) as url:
         answers = [raw_call(url, "/start_training", ["", "demo", {**TINY_START[1], "weights": w}])
@@ -262,6 +266,7 @@ def test_no_server_paths_in_public_config_or_status(public):
         assert secret not in config and secret not in json.dumps(status), secret
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_again(demo_root, tiny_run, tmp_path):
     with serving(demo_root, tiny_run, tmp_path) as url:
         run = tmp_path / "killed"
@@ -279,6 +284,7 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_it_again(demo_root, ti
         assert run_status(run) == "finished" and (run / "best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_saves(demo_root, tmp_path):
     run = tmp_path / "run"
     args = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "2"]
@@ -298,6 +304,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_save
     assert (run / "last.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_malicious_weights_file_is_refused_clearly(demo_root, tmp_path):
     import pickle
     import zipfile
@@ -318,6 +325,7 @@ def test_a_malicious_weights_file_is_refused_clearly(demo_root, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_a_huge_rgba_upload_is_reduced_while_decoding(tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGBA", (8900, 8900), (20, 120, 200, 128)).save(big, compress_level=1)

@@ -74,6 +74,7 @@ def test_the_better_validating_weights_are_chosen(monkeypatch):
         assert (loss, acc, chosen) == ((0.5, 0.4, averaged) if want == "ema" else (1.0, 0.3, raw))
 
 
+@pytest.mark.slow
 def test_ema_weights_differ_from_raw_and_best_pt_holds_the_chosen_ones(demo_root, tmp_path):
     run = tmp_path / "ema"
     cli_json("train", "--data", demo_root, "--run-dir", run, "--epochs", "1", "--steps-per-epoch", "3", "--ema",
@@ -101,6 +102,7 @@ def _trunk(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
+@pytest.mark.slow
 def test_finetune_preset_from_a_pth_freezes_the_trunk_for_one_epoch_then_trains_it(demo_root, tmp_path,
                                                                                    monkeypatch):
     """The finetune preset end to end from a .pth: epoch 1 trains only the head (trunk tensors, BN statistics
@@ -158,6 +160,7 @@ def test_pad_keeps_a_wide_photos_ends_and_crop_loses_them():
     assert build_transform(64, True, resize="pad")(photo).shape == (3, 64, 64)
 
 
+@pytest.mark.slow
 def test_a_pad_run_predicts_evaluates_and_exports_with_the_pad_transform(demo_root, tmp_path):
     from carapp.predict import Predictor
     run = tmp_path / "pad"
@@ -216,6 +219,7 @@ def _listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".venv" not in p.parts)
 
 
+@pytest.mark.slow
 def test_lr_find_sweeps_exponentially_stops_on_divergence_and_writes_no_run(demo_root):
     repo = Path(__file__).parents[1]
     before, data_before = _listing(repo / "checkpoints"), _listing(demo_root)
@@ -253,6 +257,7 @@ def test_auto_batch_size_halves_until_the_trial_steps_fit(monkeypatch):
     assert cfg.batch_size == 64 and tried == [1024, 512, 256, 128, 64]
 
 
+@pytest.mark.slow
 def test_auto_batch_size_on_a_cpu_trains_at_the_papers_batch(demo_root, tmp_path, caplog):
     from carapp.cli import build_parser, config_from_args
     from carapp.training.train import train
@@ -270,6 +275,7 @@ def test_auto_batch_size_on_a_cpu_trains_at_the_papers_batch(demo_root, tmp_path
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["batch_size"] == 64
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_error_halves_an_auto_batch_and_goes_on_from_the_last_good_step(demo_root, tmp_path,
                                                                                         monkeypatch, caplog):
     """Steps 1-2 at batch 16 fit, step 3 runs out of memory: the epoch goes on at batch 8 from sample 32, so two

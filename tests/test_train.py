@@ -97,6 +97,7 @@ def test_evaluate_and_predict_json_and_cam(trained_run, tmp_path):
     assert len(pngs) == 2 and Image.open(pngs[0]).mode == "RGB" and min(Image.open(pngs[0]).size) >= 32
 
 
+@pytest.mark.slow
 def test_predict_api_and_bad_file_in_batch(trained_run, tmp_path):
     run = trained_run[0]
     predictor = Predictor.load(run)
@@ -115,6 +116,7 @@ def test_predict_api_and_bad_file_in_batch(trained_run, tmp_path):
     assert "top" in entries[0] and "not an image" in entries[1]["error"]
 
 
+@pytest.mark.slow
 def test_early_stopping_fires(demo_root, tmp_path):
     # lr 0: the validation loss never improves after epoch 1, so patience 2 stops after epoch 3 of 10.
     result = cli_json("train", "--data", demo_root, "--run-dir", tmp_path / "es", "--epochs", "10", "--lr", "0",
@@ -220,6 +222,7 @@ def test_stop_then_resume_reproduces_the_uninterrupted_run(demo_root, tmp_path, 
     assert [{k: m[k] for k in keys} for m in read_metrics(run)] == [{k: m[k] for k in keys} for m in uninterrupted]
 
 
+@pytest.mark.slow
 def test_cosine_schedule_warms_up_then_decays_and_label_smoothing_is_recorded(demo_root, tmp_path):
     """--schedule cosine --warmup-epochs 2 over 4 epochs of 2 steps: the lr logged after each epoch is
     0.75, 1, 0.5, 0 times the base (linear warmup over 4 steps, then half a cosine over the other 4)."""
@@ -288,6 +291,7 @@ def test_outlier_exposure_resumes_exactly_and_refuses_a_wrong_folder(demo_root, 
         assert said in message and "Traceback" not in message
 
 
+@pytest.mark.slow
 def test_generated_negatives_are_made_once_and_survive_an_unwritable_cache(tmp_path, monkeypatch, caplog):
     import tempfile
 

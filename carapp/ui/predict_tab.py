@@ -183,7 +183,7 @@ def answer_view(result, calibrated: bool, car: tuple[int, int] | None = None) ->
 def car_label(k: int, car) -> str:
     """A car's name on the photo and in the chooser: its number and what it was answered."""
     name = {"model": car.top[0][0], "make": f"{car.make[0]} (model unsure)", "unsure": "not sure",
-            "small": "too small to name", "no-car": "not a car"}[car.status]
+            "small": "too small to name", "no-car": "unlike the cars it knows"}[car.status]
     return f"{k + 1}: {name}"
 
 

@@ -24,9 +24,17 @@ def form_options(group: str | None = None) -> list:
     return [f for f in train_options() if f.metadata["form"] in ((group,) if group else FORM_GROUPS)]
 
 
+def form_rows() -> list[list]:
+    """The form's rows of options: the basic ones; in the "Advanced" accordion, the values, then the switches (a
+    tick box and its note need a row's room)."""
+    switch = lambda f: isinstance(getattr(option_defaults(), f.name), bool)  # noqa: E731
+    advanced = form_options("advanced")
+    return [form_options("basic"), [f for f in advanced if not switch(f)], [f for f in advanced if switch(f)]]
+
+
 def form_fields() -> list[str]:
-    """The names of the form's options, basic then advanced: the Start button's inputs after dataset and preset."""
-    return [f.name for group in FORM_GROUPS for f in form_options(group)]
+    """The names of the form's options in the form's order: the Start button's inputs after dataset and preset."""
+    return [f.name for row in form_rows() for f in row]
 
 
 def preset_values(preset: str) -> list:
@@ -246,11 +254,13 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                 root = gr.Textbox(settings.data if settings.paths_editable else "", label="Dataset folder",
                                   placeholder="the app's dataset", interactive=settings.paths_editable)
             demo_values = make_config("demo")  # the demo preset's values from the start: a box is never blank
+            basic, advanced, switches = form_rows()
             with gr.Row():
-                inputs = [form_component(f, getattr(demo_values, f.name)) for f in form_options("basic")]
+                inputs = [form_component(f, getattr(demo_values, f.name)) for f in basic]
             with gr.Accordion("Advanced: fine-tuning recipe", open=False):
-                with gr.Row():
-                    inputs += [form_component(f, getattr(demo_values, f.name)) for f in form_options("advanced")]
+                for row in (advanced, switches):
+                    with gr.Row():
+                        inputs += [form_component(f, getattr(demo_values, f.name)) for f in row]
         # outside the Group, one row of buttons and one of the resume controls, aligned at the bottom: no grey
         # filler under buttons that are shorter than the labelled boxes beside them
         with gr.Column(visible=settings.training_enabled):
