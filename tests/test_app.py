@@ -182,7 +182,9 @@ def test_the_app_hands_the_trainer_every_config_field(demo_root, tmp_path):
     first = sorted((demo_root / "data" / "image").rglob("*.jpg"))[0].relative_to(demo_root).as_posix()
     (tmp_path / "marks.csv").write_text(f"path,reason\n{first},not a car\n")
     same = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) == getattr(TrainConfig(), f.name)}
-    assert same == {"weights", "compile"}  # imagenet weights would need the network; compile takes minutes
+    # imagenet weights would need the network; compile takes minutes; split official refuses --group-duplicates
+    # (test_official_split trains with it)
+    assert same == {"weights", "compile", "split"}
     run = jobs.start_training(cfg, tmp_path)
     deadline = time.time() + 120
     while jobs.app_job(tmp_path) and time.time() < deadline:

@@ -54,7 +54,9 @@ def test_train_with_the_official_split_freezes_the_datasets_lists(compcars, tmp_
     labels = [c["name"] for c in json.loads((run / "labels.json").read_text())]
     assert len(labels) == len(classes)  # every listed class, no floor(mean) filter
     assert json.loads((run / "config.json").read_text())["split"] == "official"
-    assert cli_json("evaluate", "--run", run)["dataset_split"] == "official"
+    figures = cli_json("evaluate", "--run", run)
+    assert figures["dataset_split"] == "official" and figures["top1_whole_photo"] == figures["top1"]
+    assert 0 <= figures["top1_box_crop"] <= 1 and 0 <= figures["top5_box_crop"] <= 1  # the field's two figures
     from carapp.export import model_card
     card = model_card(run, json.loads((run / "config.json").read_text()), labels)
     assert "every class of the dataset's own train/test lists" in card
@@ -121,3 +123,21 @@ def test_stanford_cars_in_the_devkit_layout(tmp_path):
     with pytest.raises(DatasetError, match="cars_meta.mat"):
         (tmp_path / "cars" / "devkit" / "cars_meta.mat").write_bytes(b"not a mat file")
         index_dataset(tmp_path / "cars", use_cache=False)
+
+
+@pytest.mark.slow
+def test_train_on_stanford_cars_with_its_own_lists(tmp_path):
+    names = ["AM General Hummer SUV 2000", "Aston Martin V8 Vantage Convertible 2012", "Acura RL Sedan 2012"]
+    rows_train = [(f"{k:05d}.jpg", 1 + k % 3, [2, 3, 60, 40]) for k in range(1, 13)]
+    rows_test = [(f"{k:05d}.jpg", 1 + k % 3, [4, 4, 50, 44]) for k in range(1, 7)]
+    _stanford(tmp_path / "cars", rows_train, rows_test, names)
+    run = tmp_path / "run"
+    cli_json("train", "--data", tmp_path / "cars", "--run-dir", run, "--split", "official", "--epochs", "1",
+             "--min-images", "100", *FAST_TRAIN)  # no class filter on the official split, whatever --min-images says
+    split = _read_split(run)
+    assert {p for p, s in split.items() if s == "test"} == {f"cars_test/{k:05d}.jpg" for k in range(1, 7)}
+    assert {p for p, s in split.items() if s != "test"} == {f"cars_train/{k:05d}.jpg" for k in range(1, 13)}
+    makes = {c["name"]: c["make"] for c in json.loads((run / "labels.json").read_text())}
+    assert makes[names[1]] == "Aston Martin" and makes[names[0]] == "AM General"
+    figures = cli_json("evaluate", "--run", run)
+    assert figures["num_images"] == 6 and "top1_box_crop" in figures
