@@ -57,6 +57,7 @@ def test_train_with_the_official_split_freezes_the_datasets_lists(compcars, tmp_
     figures = cli_json("evaluate", "--run", run)
     assert figures["dataset_split"] == "official" and figures["top1_whole_photo"] == figures["top1"]
     assert 0 <= figures["top1_box_crop"] <= 1 and 0 <= figures["top5_box_crop"] <= 1  # the field's two figures
+    assert figures["make_top1"] <= figures["make_top5"] <= 1 and "top5" in figures  # model and make level
     from carapp.export import model_card
     card = model_card(run, json.loads((run / "config.json").read_text()), labels)
     assert "every class of the dataset's own train/test lists" in card
@@ -141,3 +142,25 @@ def test_train_on_stanford_cars_with_its_own_lists(tmp_path):
     assert makes[names[1]] == "Aston Martin" and makes[names[0]] == "AM General"
     figures = cli_json("evaluate", "--run", run)
     assert figures["num_images"] == 6 and "top1_box_crop" in figures
+
+
+def test_compcars_surveillance_lists(tmp_path):
+    base = tmp_path / "cc" / "sv_data"
+    base.mkdir(parents=True)
+    savemat(base / "sv_make_model_name.mat", {"sv_make_model_name": np.array(
+        [["Audi", "A4"], ["BMW", "X5"], ["Kia", "Rio"]], dtype=object)})
+    for model in ("1", "2", "3"):
+        (base / "image" / model).mkdir(parents=True)
+        for k in range(6):
+            Image.new("RGB", (40, 30), (int(model) * 60, 20 * k, 90)).save(base / "image" / model / f"{k}.jpg")
+    train = [f"{m}/{k}.jpg" for m in "123" for k in range(4)] + ["3/gone.jpg"]
+    test = [f"{m}/{k}.jpg" for m in "12" for k in range(4, 6)]  # model 3: no test photo
+    (base / "train_surveillance.txt").write_text("\n".join(train) + "\n")
+    (base / "test_surveillance.txt").write_text("\n".join(test) + "\n")
+    index = index_dataset(tmp_path / "cc")
+    assert index.format == "sv" and index.official_lists["train"]["missing"] == 1
+    split = official_split(index, val_frac=0.25, seed=1)
+    roles = dict(zip(split.paths, split.splits))
+    assert {p for p, s in roles.items() if s == "test"} == {f"sv_data/image/{p}" for p in test}
+    assert len([s for s in roles.values() if s != "test"]) == 12 and "val" in roles.values()
+    assert {c["make"] for c in split.class_info} == {"Audi", "BMW", "Kia"}
