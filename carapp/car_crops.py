@@ -41,9 +41,13 @@ def crop_region(box: list[float], rule: dict) -> tuple[float, float, float, floa
     return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
-def small_reason(short_side: float, min_box: int) -> str:
-    """Why a car too small to name is not named (status `small`)."""
-    return f"Too small to name: its box's shorter side is {short_side:.0f} px, under the {min_box} px this model needs."
+def mark_small(answer, short_side: float, min_box: int) -> None:
+    """A car whose box's shorter side is under min_box is `small`, not named, and says why (an Answer or a
+    Prediction: anything with status and reason)."""
+    if short_side < min_box:
+        answer.status = "small"
+        answer.reason = (f"Too small to name: its box's shorter side is {short_side:.0f} px, under the {min_box} px "
+                         f"this model needs.")
 
 
 def car_crop(photo: Image.Image, box: list[float], rule: dict) -> Image.Image:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .cli_text import HUMAN
-from .config import EMA_DECAY, PRESETS, TrainConfig, make_config, option_defaults, option_flag, train_options
+from .config import PRESETS, TrainConfig, make_config, option_flag, train_options
 
 log = logging.getLogger("carapp")
 
@@ -26,23 +26,19 @@ def add_train_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     """One flag per training option (config.train_options: TrainConfig's declaration), all defaulting to None so
     that presets and resumes can tell "not given"; `skip` names fields."""
     p.add_argument("--preset", default="paper", choices=list(PRESETS), help="recipe preset (default paper)")
-    defaults = option_defaults()
     for f in train_options():
         if f.name in skip:
             continue
-        how, default = f.metadata, getattr(defaults, f.name)
+        how, default = f.metadata, f.default
         if isinstance(default, bool):  # a switch: --compile turns on what is off, --no-amp off what is on
             p.add_argument(option_flag(f), dest=f.name, action="store_false" if default else "store_true",
                            default=None, help=how["help"])
             continue
         text = how["help"] if "(default" in how["help"] else f"{how['help']} (default {default:g})" \
             if isinstance(default, float) else f"{how['help']} (default {default if default != '' else 'none'})"
-        if f.name == "ema":  # --ema alone: the usual decay
-            p.add_argument("--ema", type=float, nargs="?", const=EMA_DECAY, default=None, metavar=how["metavar"],
-                           help=how["help"])
-            continue
+        alone = {"nargs": "?", "const": how["const"]} if how["const"] is not None else {}  # --ema alone
         p.add_argument(option_flag(f), dest=f.name, type=how["parse"] or type(default), default=None,
-                       metavar=how["metavar"], help=text)
+                       metavar=how["metavar"], help=text, **alone)
 
 
 def given_options(args, skip: tuple[str, ...] = ()) -> dict:

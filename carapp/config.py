@@ -32,14 +32,15 @@ def batch_size_value(text: str | int) -> int | str:
 
 
 def option(help: str, *, parse=None, choices: tuple | None = None, flag: str | None = None, form: str = "",
-           label: str = "", info: str = "", metavar: str | None = None) -> dict:
+           label: str = "", info: str = "", metavar: str | None = None, const=None) -> dict:
     """A training option's one declaration, as dataclass field metadata: what `train --help` says (help; a bool's
     `flag`, e.g. --no-amp for one that is on by default), how a value is read (`parse`, else the default's type),
-    its `choices` (named in the help and offered by the form; TrainConfig checks them), and where the app's Train
+    its `choices` (named in the help and offered by the form; TrainConfig checks them), a value the flag alone
+    stands for (`const`, e.g. --ema alone: the usual decay), and where the app's Train
     form shows it (`form`: basic | advanced; "": not in the form) with its `label` and `info`. A field without
     metadata is no option (the dataset root, which each command takes itself; what a run records of itself)."""
     return {"help": help, "parse": parse, "choices": choices, "flag": flag, "form": form, "label": label,
-            "info": info, "metavar": metavar}
+            "info": info, "metavar": metavar, "const": const}
 
 
 def _field(default, help: str, **how):
@@ -103,7 +104,7 @@ class TrainConfig:
                                    "stem x d^5)", form="advanced", label="Layer-wise LR decay",
                                    info="per stage below the head; 1: off")
     ema: float = _field(0.0, f"keep an exponential moving average of the weights (--ema alone: decay {EMA_DECAY}); "
-                        "validation and best.pt use it when it validates better (default 0: off)", metavar="DECAY",
+                        "validation and best.pt use it when it validates better (default 0: off)", metavar="DECAY", const=EMA_DECAY,
                         form="advanced", label="EMA decay", info="weights average; 0: off")
     schedule: str = _field("plateau", "learning-rate schedule: plateau (ReduceLROnPlateau on val loss) | cosine "
                            "(per step)", choices=SCHEDULES, form="advanced", label="LR schedule",
@@ -191,23 +192,17 @@ def train_options() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata]
 
 
-def option_defaults() -> "TrainConfig":
-    """TrainConfig's defaults (TrainConfig as it is when called, like train_options)."""
-    return TrainConfig()
-
-
 def option_flag(f: dataclasses.Field) -> str:
     return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
 def options_table() -> str:
     """The training options as a Markdown table (docs/TRAINING_OPTIONS.md is this, written by a test's check)."""
-    defaults = option_defaults()
     rows = ["| flag | default | what it does | Train form |", "|---|---|---|---|"]
     for f in train_options():
         shown = f.metadata["form"] and f"{f.metadata['form']}: {f.metadata['label']}"
         text = f.metadata["help"].replace("%%", "%").replace("|", "\\|")
-        rows.append(f"| `{option_flag(f)}` | `{getattr(defaults, f.name)!r}` | {text} | {shown or ''} |")
+        rows.append(f"| `{option_flag(f)}` | `{f.default!r}` | {text} | {shown or ''} |")
     return "\n".join(rows) + "\n"
 
 

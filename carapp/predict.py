@@ -21,7 +21,7 @@ from . import rundir
 from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .dataset.images import open_image
 from .dataset.loader import build_transform, letterbox_box, resize_size, to_input
-from .car_crops import BOX, DEFAULT_CONTEXT, car_crop, small_reason
+from .car_crops import BOX, DEFAULT_CONTEXT, car_crop, mark_small
 from .detection.model import Box, Detector
 from .engines import OnnxEngine
 from .evaluation.answers import Calibration, class_makes_of, first_words
@@ -145,8 +145,7 @@ class Predictor:
         cars: list[list[Prediction]] = [[] for _ in images]
         for (i, box, _), car in zip(crops, answers):
             car.box, car.det_score = box.as_list(), box.score
-            if box.short_side < min_box:
-                car.status, car.reason = "small", small_reason(box.short_side, min_box)
+            mark_small(car, box.short_side, min_box)
             cars[i].append(car)
         empty = [i for i, mine in enumerate(cars) if not mine]
         whole = dict(zip(empty, self.predict_many([images[i] for i in empty], top_k, cam, method, None, tta,

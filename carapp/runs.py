@@ -32,10 +32,6 @@ class RunInfo:
     metrics: list[dict]  # metrics.jsonl's epochs
     kind: str = "classifier"  # or "detector" (train-detector): not a model to classify with
 
-    @property
-    def is_classifier(self) -> bool:
-        return self.kind == "classifier"
-
     def to_json(self) -> dict:
         return {"name": self.name, "path": str(self.path), "status": self.status, "epochs_done": self.epochs_done,
                 "epochs": self.epochs, "best_val_acc": self.best_val_acc, "updated": self.updated,

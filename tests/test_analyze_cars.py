@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, cli_json, run_cli
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from carapp import safecsv
@@ -158,3 +159,19 @@ def test_kill_9_mid_analysis_with_a_detector_then_rerun_gives_every_car_once(sce
     refused = run_cli("analyze", str(folder), "--run", str(tiny_run), "--out", tmp_path / "cut", "--detector",
                       "none", "--json", check=False)  # a per-car OUT is not mixed with per-photo rows
     assert refused.returncode == 2 and "another model" in refused.stdout and "detector" in refused.stdout
+
+
+def test_a_car_at_the_photos_left_edge_is_shown_as_its_crop(tmp_path):
+    """A box starting at x = 0 (a car cut by the frame) is still a box: pandas reads the column as the number 0.0,
+    which the galleries once took for "no box" and showed the whole photo."""
+    import pandas as pd
+
+    from carapp.analysis.report import has_box, row_image
+    photo = tmp_path / "edge.jpg"
+    Image.new("RGB", (320, 240), (30, 90, 150)).save(photo)
+    # every photo with a car (no empty cell): pandas reads x1 as numbers, so a box at the left edge is 0
+    (tmp_path / "rows.csv").write_text(f"path,x1,y1,x2,y2\n{photo},0,10,40,30\n{photo},100,10,140,30\n")
+    car = pd.read_csv(tmp_path / "rows.csv", keep_default_na=False).to_dict("records")[0]
+    whole = {"path": str(photo), "x1": ""}
+    assert car["x1"] == 0 and has_box(car) and not has_box(whole)
+    assert row_image(car, {}).size == (44, 24) and row_image(whole, {}).size == (320, 240)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import rundir, safecsv
 from ..dataset.images import ImageError, open_image
 from ..dataset.loader import build_transform, ignore_stop_signals, resize_size
-from ..car_crops import car_crop, small_reason
+from ..car_crops import car_crop, mark_small
 from ..engines import ENGINES, OnnxEngine, TorchEngine, export_shared, pick_engine, quantize, shared_onnx_path
 from ..runtime import init_distributed
 from .collection import ALL_GROUPS, READ_ERRORS, CollectionError, Item, collect
@@ -62,15 +62,12 @@ class CollectionImages(Dataset):
             return i, None, f"cannot read ({exc})"
 
 
-def collate_photos(batch):
-    good = [(i, x) for i, x, _ in batch if x is not None]
-    return [i for i, _ in good], [x for _, x in good] or None, [(i, why) for i, x, why in batch if x is None]
-
-
 def collate(batch):
+    """(indices, the images stacked, or the decoded photos as a list; None when none was readable), (i, reason)."""
     good = [(i, x) for i, x, _ in batch if x is not None]
-    return ([i for i, _ in good], torch.stack([x for _, x in good]) if good else None,
-            [(i, reason) for i, x, reason in batch if x is None])
+    images = [x for _, x in good]
+    return ([i for i, _ in good], (torch.stack(images) if isinstance(images[0], torch.Tensor) else images)
+            if good else None, [(i, reason) for i, x, reason in batch if x is None])
 
 
 def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "folder", batch_size: int = 32,
@@ -130,8 +127,7 @@ def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_s
     flushed and fsynced."""
     per_car = detector is not None
     dataset = CollectionImages(pending, predictor.image_size, predictor.resize, photos=per_car)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_photos if per_car else collate,
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         worker_init_fn=ignore_stop_signals if workers else None)
     new_file = not part.exists() or part.stat().st_size == 0
     started, done = time.time(), 0
@@ -185,8 +181,7 @@ def _car_rows(predictor, detector, run_batch, items: list[Item], photos: list, b
     rows = [[item.path, item.group, "no-car", "", "", "", "", "", "", detector.no_car_reason, 0, 0, "", "", "", "", ""]
             for i, item in enumerate(items) if not found[i]]
     for (i, k, box), a in zip(cars, answers):
-        if box.short_side < predictor.min_box:
-            a.status, a.reason = "small", small_reason(box.short_side, predictor.min_box)
+        mark_small(a, box.short_side, predictor.min_box)
         rows.append(_answer_row(items[i], a) + [k, len(found[i]), *box.as_list(), round(box.score, 4)])
     return rows
 

@@ -32,6 +32,12 @@ PALETTE = qualitative.Plotly  # one colour per group, the same in both panels
 NO_CAR_PHOTOS = "(no car)"    # level photos: photos in which the detector found no car
 
 
+def has_box(row: dict) -> bool:
+    """Whether a predictions row is one car with its box (analyze --detector), not a whole photo or a photo without
+    a car. A box may start at x = 0, and pandas reads the column as numbers: only an empty cell means none."""
+    return row.get("x1") not in (None, "")
+
+
 def wilson(count: int, n: int) -> tuple[float, float]:
     interval = binomtest(count, n).proportion_ci(confidence_level=0.95, method="wilson")
     return float(interval.low), float(interval.high)
@@ -58,7 +64,7 @@ class Tally:
         car = row.get("cars") is not None and status != "unreadable"
         if car:
             self._add_car(row)
-        photo_without_car = car and not row["x1"]
+        photo_without_car = car and not has_box(row)
         for group in {row["group"], ALL_GROUPS}:
             if not car:
                 self.images[group] += 1
@@ -92,7 +98,7 @@ class Tally:
         path, group, makes, cars = self._photo
         if row["status"] in ("model", "make"):
             makes.add(row["make"])
-        self._photo = (path, group, makes, cars + bool(row["x1"]))
+        self._photo = (path, group, makes, cars + has_box(row))
 
     def finish(self) -> None:
         """Count the photo being read (per car: after its last row)."""
@@ -148,10 +154,9 @@ def write_summary(out: Path, t: Tally) -> list[dict]:
 
 def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> Path:
     statuses, unit = t.statuses, "cars" if t.per_car else "photos"
-    photos = sum(t.images[g] for g in t.images if g == ALL_GROUPS)
-    cars = t.readable[ALL_GROUPS]
     sections = [
-        f"<h1>Car makes and models: {cars:,} cars in {photos:,} photos</h1>" if t.per_car else
+        f"<h1>Car makes and models: {t.readable[ALL_GROUPS]:,} cars in {t.images[ALL_GROUPS]:,} photos</h1>"
+        if t.per_car else
         f"<h1>Car makes and models in {sum(statuses.values()):,} photos</h1>",
         "<p>" + " · ".join(f"<b>{s}</b>: {statuses.get(s, 0):,}" for s in
                            ("model", "make", "unsure", "small", "no-car", "unreadable") if s != "small" or t.per_car)
@@ -238,7 +243,7 @@ def _reasons_table(refusals: Counter) -> str:
 
 def row_image(row: dict, archives: dict, draft_size: int = 256):
     """The photo of a predictions row; for a car's row, the car: its box and a little around it."""
-    if not row.get("x1"):
+    if not has_box(row):
         return open_image(item_of(row["path"]).open(archives), draft_size=draft_size)
     photo = open_image(item_of(row["path"]).open(archives))
     x1, y1, x2, y2 = (float(row[k]) for k in ("x1", "y1", "x2", "y2"))
@@ -259,7 +264,7 @@ def _thumbnails(rows: list[dict], total: int) -> str:
         img.save(buf, "JPEG", quality=80)
         guess = (f"best guess {html.escape(r['model'])} ({float(r['model_prob']):.0%})" if r["model_prob"]
                  else "no car found")
-        car = f" · car {int(r['car']) + 1} of {r['cars']}" if r.get("x1") else ""
+        car = f" · car {int(r['car']) + 1} of {r['cars']}" if has_box(r) else ""
         figures.append(f"<figure><img src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
                        f"<figcaption>{html.escape(Path(r['path']).name)}{car}<br>{guess}</figcaption></figure>")
     more = f"<p>… and {total - len(rows)} more in predictions.csv</p>" if total > len(rows) else ""

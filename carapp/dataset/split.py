@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
-from .index import OFFICIAL_LISTS as _OFFICIAL_HELP
-from .index import VIEWPOINTS, DatasetError, DatasetIndex
+from .index import OFFICIAL_LISTS, VIEWPOINTS, DatasetError, DatasetIndex
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def official_split(index: DatasetIndex, val_frac: float = 0.15, seed: int = 0) -
     part carved out of train; listed photos that are missing were left out by the index (official_lists says how
     many)."""
     if not index.official_lists:
-        lists = " or ".join(" + ".join(v.values()) for v in _OFFICIAL_HELP.values())
+        lists = " or ".join(" + ".join(v.values()) for v in OFFICIAL_LISTS.values())
         raise DatasetError(f"{index.root} ({index.format} format) has no official train/test lists ({lists}): use "
                            f"--split paper")
     for which, info in index.official_lists.items():
@@ -144,9 +144,7 @@ def official_split(index: DatasetIndex, val_frac: float = 0.15, seed: int = 0) -
     splits = list(roles)
     for n, which in zip(train, carved):
         splits[n] = which
-    counts: dict[str, int] = {}
-    for i in chosen:
-        counts[index.keys[i]] = counts.get(index.keys[i], 0) + 1
+    counts = Counter(index.keys[i] for i in chosen)
     return Split(paths=[index.paths[i] for i in chosen], labels=labels, splits=splits,
                  bboxes=[index.bboxes[i] for i in chosen],
                  class_info=[{"key": k, **index.classes[k], "count": counts[k]} for k in keys])
@@ -163,17 +161,16 @@ def dataset_stats(index: DatasetIndex, min_images: int | None = None, val_frac: 
                   test_frac: float = 0.15, seed: int = 0, groups: list[list[str]] | None = None,
                   split: str = "paper") -> dict:
     """The figures `carapp stats` prints and the Dataset tab shows; with duplicate groups, the grouped split; with
-    split official, the official split's sizes and classes (and `official` names the lists and what is missing)."""
-    if split == "official":
-        chosen = official_split(index, val_frac, seed)
-        return {**dataset_stats(index, min_images, val_frac, test_frac, seed), "split": "official",
-                "num_classes_kept": len(chosen.class_info), "num_images_kept": len(chosen.paths),
-                "splits": {s: chosen.splits.count(s) for s in ("train", "val", "test")},
-                "official": index.official_lists}
+    split official, the official split's sizes and classes, no class filter (min_images 0), and `official` naming the
+    lists and what is missing from them."""
     counts = index.class_counts()
-    keys, threshold = kept_classes(index, min_images)
-    made = make_split(index, min_images, val_frac, test_frac, seed, groups) if keys else None
-    kept_counts = sorted((counts[k] for k in keys), reverse=True)
+    if split == "official":
+        made, threshold = official_split(index, val_frac, seed), 0
+        kept_counts = sorted((c["count"] for c in made.class_info), reverse=True)
+    else:
+        keys, threshold = kept_classes(index, min_images)
+        made = make_split(index, min_images, val_frac, test_frac, seed, groups) if keys else None
+        kept_counts = sorted((counts[k] for k in keys), reverse=True)
     viewpoints: dict[str, int] = {}
     for v in index.viewpoints:
         if v is not None:
@@ -182,12 +179,12 @@ def dataset_stats(index: DatasetIndex, min_images: int | None = None, val_frac: 
     return {
         "root": index.root,
         "format": index.format,
-        "split": "paper",
+        "split": split,
         "num_images": len(index.paths),
         "num_classes": len(counts),
         "num_makes": len({c["make"] for c in index.classes.values()}),
         "min_images": threshold,
-        "num_classes_kept": len(keys),
+        "num_classes_kept": len(kept_counts),
         "num_images_kept": sum(kept_counts),
         "splits": {s: made.splits.count(s) if made else 0 for s in ("train", "val", "test")},
         "imbalance": {
@@ -198,4 +195,5 @@ def dataset_stats(index: DatasetIndex, min_images: int | None = None, val_frac: 
         "viewpoints": viewpoints,
         **({"duplicate_groups_merged": len(_positions(groups, made.paths)) if made else 0}
            if groups is not None else {}),
+        **({"official": index.official_lists} if split == "official" else {}),
     }

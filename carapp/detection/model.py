@@ -71,8 +71,7 @@ class Detector:
     def name(self) -> str:
         """The detector by a short name, for answers people read (a run's folder name, never a server path)."""
         path = Path(self.source)
-        return self.source if "/" not in self.source and "\\" not in self.source else \
-            (path.parent.name if path.suffix == ".pt" else path.name)
+        return (path.parent if path.suffix == ".pt" else path).name
 
     @property
     def no_car_reason(self) -> str:
@@ -135,8 +134,8 @@ def cached_detector(spec: str, vehicles: bool = False) -> Detector | None:
     """load_detector, once per detector and version (a retrained run's best.pt is read again)."""
     if spec in (None, "", "none"):
         return None
-    path = None if str(spec) == "coco" else resolve_checkpoint(spec)
-    key = (str(spec), vehicles, path.stat().st_mtime_ns if path is not None and path.is_file() else 0)
+    from ..saved import model_version
+    key = (model_version(spec) if str(spec) != "coco" else "coco", vehicles)
     if key not in _CACHE:
         if len(_CACHE) >= 2:
             _CACHE.pop(next(iter(_CACHE)))

@@ -19,7 +19,7 @@ import pandas as pd
 
 from .. import rundir, safecsv
 from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, collect, item_of
-from ..analysis.report import SUMMARY_COLUMNS, row_image
+from ..analysis.report import SUMMARY_COLUMNS, has_box, row_image
 from ..atomic import atomic_writer
 from ..evaluation.answers import refusal_tag
 from ..runs import job_status
@@ -201,7 +201,7 @@ def unsure_gallery(rows: pd.DataFrame, model: str | None, n: int = 12) -> list:
 def _name(row: dict) -> str:
     """A row's photo by its file name (a zip member's own), and which car of the photo it is."""
     item = item_of(row["path"])
-    car = f" (car {int(row['car']) + 1} of {row['cars']})" if row.get("x1") not in (None, "") else ""
+    car = f" (car {int(row['car']) + 1} of {row['cars']})" if has_box(row) else ""
     return Path(item.member or item.path).name + car
 
 

@@ -65,12 +65,12 @@ def resolve_model(source: str | None, settings: AppSettings) -> str:
 
 
 def predict(image, model: str | None = None, method: str = "gradcam", target: str | None = TOP1,
-            tta: bool = False, model_threshold: float | None = None, make_threshold: float | None = None,
-            find_cars: bool = True, *, settings: AppSettings):
+            tta: bool = False, model_threshold: float | None = None, make_threshold: float | None = None, *,
+            settings: AppSettings):
     """/predict: label confidences, the heatmap, the answer in words, make confidences (with a detector: of the
     most prominent car)."""
     result, calibrated, _ = classify(image, model, method, target, tta, model_threshold, make_threshold, settings,
-                                     find_cars)
+                                     find_cars=True)
     return ({label: prob for label, prob in result.top}, result.cam, answer_markdown(result, calibrated),
             {m: p for m, p in result.makes})
 

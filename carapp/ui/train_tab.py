@@ -9,7 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import plots, rundir
-from ..config import PRESETS, batch_size_value, make_config, option_defaults, train_options
+from ..config import PRESETS, batch_size_value, make_config, train_options
 from ..runs import active_run, find_run, list_runs, run_eta, status_of
 from . import jobs
 from .settings import AppSettings, ensure_data
@@ -27,7 +27,7 @@ def form_options(group: str | None = None) -> list:
 def form_rows() -> list[list]:
     """The form's rows of options: the basic ones; in the "Advanced" accordion, the values, then the switches (a
     tick box and its note need a row's room)."""
-    switch = lambda f: isinstance(getattr(option_defaults(), f.name), bool)  # noqa: E731
+    switch = lambda f: isinstance(f.default, bool)  # noqa: E731
     advanced = form_options("advanced")
     return [form_options("basic"), [f for f in advanced if not switch(f)], [f for f in advanced if switch(f)]]
 
@@ -43,8 +43,7 @@ def preset_values(preset: str) -> list:
 
 
 def _is_integer(f) -> bool:
-    default = getattr(option_defaults(), f.name)
-    return f.metadata["parse"] in (int, batch_size_value) or type(default) is int
+    return f.metadata["parse"] in (int, batch_size_value) or type(f.default) is int
 
 
 def form_component(f, value) -> gr.components.Component:
@@ -54,7 +53,7 @@ def form_component(f, value) -> gr.components.Component:
     label, info = how["label"] or f.name, how["info"] or None
     if how["choices"]:
         return gr.Dropdown(list(how["choices"]), value=value, label=label, info=info)
-    if isinstance(getattr(option_defaults(), f.name), bool):
+    if isinstance(f.default, bool):
         return gr.Checkbox(value, label=label, info=info)
     if _is_integer(f):
         return gr.Number(value, label=label, precision=0, info=info)
