@@ -1,5 +1,5 @@
 """Command line: python -m carapp {demo-data,stats,health,train,train-detector,lr-find,evaluate,calibrate,predict,
-analyze,export,runs,push,cache,sweep} --help
+analyze,analyze-ray,summarize,export,runs,push,cache,sweep} --help
 
 Human-readable progress goes to stderr; with --json, stdout holds exactly one JSON document.
 """
@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .analysis.trends import PERIODS, TIME_SOURCES
 from .cli_text import HUMAN
 from .config import PRESETS, TrainConfig, make_config, option_flag, train_options
 
@@ -49,6 +50,11 @@ def given_options(args, skip: tuple[str, ...] = ()) -> dict:
 
 def config_from_args(args, skip: tuple[str, ...] = ()) -> TrainConfig:
     return make_config(args.preset, **given_options(args, skip))
+
+
+def add_period(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--period", default=None, choices=list(PERIODS), help="count per week, month or quarter of the "
+                   "photos' times too (a period column in summary.csv; a trend section in the report)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", default=None, help="one row per car: a detector run (train-detector), its "
                    "checkpoint, coco, or none (default: CARAPP_DETECTOR, else none: one row per photo)")
     p.add_argument("--vehicles", action="store_true", help="with --detector coco: buses and trucks count as cars")
+    p.add_argument("--time", default="list", choices=list(TIME_SOURCES), help="when each photo was taken: list (a "
+                   "list CSV's time column; default) | exif (that, else the photo's EXIF DateTimeOriginal)")
+    add_period(p)
+
+    p = sub.add_parser("analyze-ray", help='analyze on a Ray cluster (pip install "ray[data]"): Parquet rows, then '
+                       "summary.csv and report.html")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="a folder (recursive), a .zip, or a list of paths")
+    p.add_argument("--run", "--model", dest="run", required=True, help="run directory, checkpoint file or export")
+    p.add_argument("--out", required=True, help="folder: predictions/*.parquet, summary.csv, report.html")
+    p.add_argument("--detector", default=None, help="one row per car: a detector run, its checkpoint, or coco")
+    p.add_argument("--group-by", default="folder", help="folder (default) | none | a CSV file with path,group")
+    p.add_argument("--time", default="list", choices=list(TIME_SOURCES), help="list (default) | exif")
+    add_period(p)
+    p.add_argument("--concurrency", type=int, default=2, help="model replicas (Ray actors; default 2)")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (default 0: CPUs)")
+    p.add_argument("--batch-size", type=int, default=32, help="photos per call of a replica (default 32)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"], help="auto: ONNX on CPUs")
+    p.add_argument("--address", default=None, help="a running Ray cluster (default: start a local one)")
+    p.add_argument("--force", action="store_true", help="replace OUT/predictions")
+
+    p = sub.add_parser("summarize", help="summary.csv and report.html from predictions rows (CSV or Parquet)")
+    p.add_argument("predictions", nargs="+", metavar="PREDICTIONS", help="predictions.csv or Parquet files, globs, "
+                   "or folders holding them (a Ray Data output folder)")
+    p.add_argument("--out", required=True, help="folder for summary.csv and report.html")
+    add_period(p)
 
     p = sub.add_parser("export", help="export a run as safetensors or ONNX with config, labels and a model card")
     p.add_argument("--run", required=True, help="run directory (its best.pt is exported)")
@@ -382,14 +413,37 @@ def cmd_predict(args):
 def cmd_analyze(args):
     from .analysis.analyze import analyze
     result = analyze(args.sources, args.run, args.out, args.group_by, args.batch_size, args.workers, args.device,
-                     args.force, args.engine, detector_of(args))
+                     args.force, args.engine, detector_of(args), args.time, args.period)
     if result and not args.json:
-        counts = ", ".join(f"{k} {v}" for k, v in result["status_counts"].items())
-        cars = f", {result['cars']} cars" if "cars" in result else ""
-        print(f"{result['images']} photos{cars}: {counts}. Top makes: "
-              + ", ".join(f"{m} {n}" for m, n in result["top_makes"].items())
-              + f"\nReport: {Path(args.out) / 'report.html'}")
+        print_summary(result)
     return result, 0
+
+
+def cmd_analyze_ray(args):
+    from .analysis.batch import analyze_with_ray
+    result = analyze_with_ray(args.sources, args.run, args.out, args.detector, args.group_by, args.time,
+                              args.period, args.concurrency, args.num_gpus, args.batch_size, args.engine,
+                              args.address, args.force)
+    if not args.json:
+        print_summary(result)
+    return result, 0
+
+
+def cmd_summarize(args):
+    from .analysis.summarize import summarize
+    result = summarize(args.predictions, args.out, args.period)
+    if not args.json:
+        print_summary(result)
+    return result, 0
+
+
+def print_summary(result: dict) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in result["status_counts"].items())
+    cars = f", {result['cars']} cars" if "cars" in result else ""
+    periods = "".join(f"\n  {p}: {n} photos" for p, n in result.get("periods", {}).items())
+    print(f"{result['images']} photos{cars}: {counts}. Top makes: "
+          + ", ".join(f"{m} {n}" for m, n in result["top_makes"].items()) + periods
+          + f"\nReport: {Path(result['out']) / 'report.html'}")
 
 
 def cmd_export(args):
@@ -441,6 +495,7 @@ def cmd_lr_find(args):
 
 COMMANDS = {"demo-data": cmd_demo_data, "lr-find": cmd_lr_find, "stats": cmd_stats, "health": cmd_health,
             "train": cmd_train, "evaluate": cmd_evaluate,
-            "calibrate": cmd_calibrate, "analyze": cmd_analyze,
+            "calibrate": cmd_calibrate, "analyze": cmd_analyze, "summarize": cmd_summarize,
+            "analyze-ray": cmd_analyze_ray,
             "predict": cmd_predict, "export": cmd_export, "push": cmd_push, "cache": cmd_cache, "sweep": cmd_sweep,
             "runs": cmd_runs, "train-detector": cmd_train_detector}

@@ -349,7 +349,8 @@ def test_the_onnx_export_is_made_once_per_model_and_shared(collection, tiny_run,
 
 
 def test_the_make_share_chart_keeps_makes_apart_from_no_answer_and_draws_one_group_once():
-    from carapp.analysis.report import SUMMARY_COLUMNS, make_share_figure
+    from carapp.analysis.report import make_share_figure
+    from carapp.analysis.summary import SUMMARY_COLUMNS
     from carapp.ui.analyze_tab import models_of
     assert list(models_of(None, None).columns) == SUMMARY_COLUMNS  # no make: an empty table with its headers
     row = lambda g, level, name, share: {"group": g, "level": level, "name": name, "count": 1, "share": share,  # noqa
@@ -368,7 +369,8 @@ def test_the_make_share_chart_keeps_makes_apart_from_no_answer_and_draws_one_gro
 
 
 def test_the_report_counts_each_reason_for_no_car_apart(tmp_path):
-    from carapp.analysis.report import Tally, summary_rows, write_report
+    from carapp.analysis.report import write_report
+    from carapp.analysis.summary import Tally, summary_rows
     tally = Tally()
     base = {"group": "g", "make": "Aurora", "make_prob": "0.4", "model": "Aurora Sprint", "model_prob": "0.4"}
     texture = "Not a car: its colours and textures are unlike every car photo the model was trained on"

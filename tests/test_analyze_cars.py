@@ -134,7 +134,7 @@ def test_a_photo_is_done_only_when_all_its_cars_are_written(tmp_path):
     other = tmp_path / ".predictions.rank1.csv"  # rank 0 merges every car of the other rank's photos
     with open(other, "w", newline="") as f:
         safecsv.Writer(f).writerows([header, row("d.jpg", 0, 2), row("d.jpg", 1, 2), row("c.jpg", 0, 1)])
-    _merge(tmp_path, [other], per_car=True)
+    _merge(tmp_path, [other], header)
     assert [r["path"] for r in _rows(part)] == ["a.jpg", "a.jpg", "c.jpg", "d.jpg", "d.jpg"]
 
 
@@ -166,7 +166,8 @@ def test_a_car_at_the_photos_left_edge_is_shown_as_its_crop(tmp_path):
     which the galleries once took for "no box" and showed the whole photo."""
     import pandas as pd
 
-    from carapp.analysis.report import has_box, row_image
+    from carapp.analysis.report import row_image
+    from carapp.analysis.summary import has_box
     photo = tmp_path / "edge.jpg"
     Image.new("RGB", (320, 240), (30, 90, 150)).save(photo)
     # every photo with a car (no empty cell): pandas reads x1 as numbers, so a box at the left edge is 0

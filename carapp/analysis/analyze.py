@@ -4,15 +4,20 @@
     torchrun --nproc_per_node=4 -m carapp analyze photos/ --model RUN --out OUT   # a shard each; rank 0 merges
 
     python -m carapp analyze photos/ --run RUN --detector DET --out OUT   # one row per car (train-detector, coco)
+    python -m carapp analyze list.csv --run RUN --out OUT --time exif --period month   # shares over time
+
 
 OUT gets predictions.csv (one row per image, appended and fsynced per batch), summary.csv, report.html, and
 progress.json while it runs. Running again with the same OUT skips the images already there, so a run killed at any
 moment (even kill -9) completes with every image exactly once. With a detector, one row per car (CAR_COLUMNS say
 which car of how many, its box and the detector's score; a photo without a car: one `no-car` row, empty box); a
 photo counts as done once all its rows are written, so a kill between two of its cars repeats that photo whole.
+With times (a list's `time` column, or `--time exif`: DateTimeOriginal), a last `time` column; `--period` counts
+summary.csv per week, month or quarter too (carapp.analysis.trends).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -30,13 +35,15 @@ from ..dataset.loader import build_transform, ignore_stop_signals, resize_size
 from ..car_crops import car_crop, mark_small
 from ..engines import ENGINES, OnnxEngine, TorchEngine, export_shared, pick_engine, quantize, shared_onnx_path
 from ..runtime import init_distributed
-from .collection import ALL_GROUPS, READ_ERRORS, CollectionError, Item, collect
+from .collection import READ_ERRORS, CollectionError, Item, collect
+from .summarize import META, short_summary, write_outputs
+from .trends import PERIODS, TIME_SOURCES, exif_time
 
 log = logging.getLogger("carapp")
 
 COLUMNS = ["path", "group", "status", "make", "make_prob", "model", "model_prob", "ood_score", "top5", "reason"]
 CAR_COLUMNS = ["car", "cars", "x1", "y1", "x2", "y2", "det_score"]  # with a detector: this car (0, 1, ...) of `cars`
-META = "analysis.json"
+TIME_COLUMN = "time"  # last, when the photos have times: ISO 8601, "" for a photo without one
 CALIBRATION_PHOTOS = 64   # photos that set the int8 activation ranges
 
 
@@ -44,8 +51,9 @@ class CollectionImages(Dataset):
     """Decoded, eval-transformed images of a collection; an unreadable one yields its reason instead. With
     `photos=True` the decoded photos themselves, at full size: a detector's, whose cars are cropped from them."""
 
-    def __init__(self, items: list[Item], image_size: int, resize: str = "crop", photos: bool = False):
-        self.items, self.draft = items, None if photos else resize_size(image_size)
+    def __init__(self, items: list[Item], image_size: int, resize: str = "crop", photos: bool = False,
+                 exif: bool = False):
+        self.items, self.draft, self.exif = items, None if photos else resize_size(image_size), exif
         self.transform = None if photos else build_transform(image_size, False, resize=resize)
         self.archives: dict = {}  # zip files, opened once per worker process
 
@@ -53,32 +61,46 @@ class CollectionImages(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
+        item = self.items[i]
         try:
-            photo = open_image(self.items[i].open(self.archives), draft_size=self.draft)
-            return i, photo if self.transform is None else self.transform(photo), None
-        except ImageError as exc:
-            return i, None, exc.reason
+            return (i, *decode(item.open(self.archives), item, self.draft, self.transform, self.exif))
         except READ_ERRORS as exc:  # a vanished file, a broken zip member
-            return i, None, f"cannot read ({exc})"
+            return i, None, f"cannot read ({exc})", item.time
+
+
+def decode(source, item: Item, draft: int | None, transform, exif: bool) -> tuple:
+    """(the image transformed, or the photo when there is no transform; None when unreadable), the reason it is
+    unreadable, the photo's time: the list's, else (exif) its DateTimeOriginal."""
+    when = item.time or (exif_time(source) if exif else "")
+    try:
+        photo = open_image(source, draft_size=draft)
+    except ImageError as exc:
+        return None, exc.reason, when
+    return photo if transform is None else transform(photo), None, when
 
 
 def collate(batch):
-    """(indices, the images stacked, or the decoded photos as a list; None when none was readable), (i, reason)."""
-    good = [(i, x) for i, x, _ in batch if x is not None]
+    """(indices, the images stacked, or the decoded photos as a list; None when none was readable), (i, reason),
+    {i: time}."""
+    good = [(i, x) for i, x, _, _ in batch if x is not None]
     images = [x for _, x in good]
     return ([i for i, _ in good], (torch.stack(images) if isinstance(images[0], torch.Tensor) else images)
-            if good else None, [(i, reason) for i, x, reason in batch if x is None])
+            if good else None, [(i, reason) for i, x, reason, _ in batch if x is None], {i: t for i, _, _, t in batch})
 
 
 def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "folder", batch_size: int = 32,
             workers: int = 2, device: str = "auto", force: bool = False, engine: str = "auto",
-            detector=None) -> dict:
-    """`detector` (a carapp.detection.model.Detector): one row per car instead of one per photo."""
+            detector=None, time_source: str = "list", period: str | None = None) -> dict:
+    """`detector` (a carapp.detection.model.Detector): one row per car instead of one per photo. `time_source`: list (a
+    list's time column) or exif (that, else DateTimeOriginal); `period`: week | month | quarter counts per period."""
     from ..predict import Predictor
     out = Path(out)
+    if time_source not in TIME_SOURCES or period not in (None, *PERIODS):
+        raise ValueError(f"--time must be one of {', '.join(TIME_SOURCES)} and --period one of {', '.join(PERIODS)}")
     items, skipped = collect(sources, group_by)
     if not items:
         raise CollectionError(f"no images found in {', '.join(sources)} ({skipped} other files skipped)")
+    layout = columns(detector is not None, time_source == "exif" or any(item.time for item in items))
     dist = init_distributed()
     predictor = Predictor.load(run, device=device)
     onnx_file = predictor.onnx_file or shared_onnx_path(predictor, run)  # an ONNX export brings its own
@@ -87,7 +109,7 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
     engine = pick_engine(engine, predictor.device, len(items) * (predictor.image_size / 224) ** 2,
                          onnx_file.is_file())
     if dist.main:
-        _claim(out, run, predictor, force, detector)
+        _claim(out, run, predictor, force, detector, layout)
         rundir.write_json(out / "progress.json", {"status": "running", "done": 0, "total": len(items),
                                                   "pid": os.getpid(), "updated": time.time()})
         model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
@@ -102,31 +124,29 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
              len(pending), "" if predictor.calibration.calibrated else "; " + _uncalibrated())
     run_batch = TorchEngine(predictor.model, predictor.device) if engine == "torch" else OnnxEngine(model_file)
     _predict_into(part, pending, predictor, run_batch, batch_size, workers, out if dist.main else None,
-                  len(shard) - len(pending), len(shard), dist.world, detector)
+                  len(shard) - len(pending), len(shard), dist.world, detector, layout, time_source == "exif")
     dist.barrier()
     if not dist.main:
         dist.close()
         return {}
     if dist.world > 1:
-        _merge(out, [out / f".predictions.rank{r}.csv" for r in range(dist.world)], detector is not None)
+        _merge(out, [out / f".predictions.rank{r}.csv" for r in range(dist.world)], layout)
     dist.close()
-    from .report import tally, write_report, write_summary
-    counts = tally(out / "predictions.csv")  # one streaming pass: memory stays flat however many photos
-    summary = write_summary(out, counts)
-    write_report(out, counts, summary, predictor.calibration.calibrated)
-    result = _short_summary(counts, skipped, predictor.calibration.calibrated, out)
-    total = sum(counts.photos.values()) if counts.per_car else sum(counts.statuses.values())
+    counts = write_outputs(out, [out / "predictions.csv"], period, predictor.calibration.calibrated)
+    result = {**short_summary(counts, out, predictor.calibration.calibrated), "skipped_not_images": skipped}
+    total = counts.total()
     rundir.write_json(out / "progress.json", {"status": "finished", "done": total, "total": total,
                                               "pid": os.getpid(), "updated": time.time()})
     return result
 
 
 def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_size: int, workers: int,
-                  progress_dir, already: int, total: int, world: int, detector=None) -> None:
+                  progress_dir, already: int, total: int, world: int, detector, layout: list[str],
+                  exif: bool) -> None:
     """Batches of decoded images through the network (with a detector: their cars); every batch's rows appended,
     flushed and fsynced."""
-    per_car = detector is not None
-    dataset = CollectionImages(pending, predictor.image_size, predictor.resize, photos=per_car)
+    dataset = CollectionImages(pending, predictor.image_size, predictor.resize, photos=detector is not None,
+                               exif=exif)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         worker_init_fn=ignore_stop_signals if workers else None)
     new_file = not part.exists() or part.stat().st_size == 0
@@ -134,17 +154,12 @@ def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_s
     with open(part, "a", newline="") as f:
         writer = safecsv.Writer(f)
         if new_file:
-            writer.writerow(columns(per_car))
-        for indices, images, bad in loader:
-            rows = [_unreadable_row(pending[i], reason, per_car) for i, reason in bad]
-            if images is not None and per_car:
-                rows += _car_rows(predictor, detector, run_batch, [pending[i] for i in indices], images, batch_size)
-            elif images is not None:
-                rows += _predicted_rows(predictor.calibration, run_batch, [pending[i] for i in indices], images)
-            writer.writerows(rows)
+            writer.writerow(layout)
+        for batch in loader:
+            writer.writerows(batch_rows(predictor, detector, run_batch, pending, batch, batch_size, layout))
             f.flush()
             os.fsync(f.fileno())
-            done += len(bad) + len(indices)
+            done += len(batch[0]) + len(batch[2])
             if progress_dir is not None:
                 rate = done * world / max(time.time() - started, 1e-9)
                 rundir.write_json(progress_dir / "progress.json", {
@@ -153,8 +168,25 @@ def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_s
                     "pid": os.getpid(), "updated": time.time()})
 
 
-def columns(per_car: bool) -> list[str]:
-    return COLUMNS + CAR_COLUMNS if per_car else COLUMNS
+def columns(per_car: bool, timed: bool = False) -> list[str]:
+    return COLUMNS + CAR_COLUMNS * per_car + [TIME_COLUMN] * timed
+
+
+def batch_rows(predictor, detector, run_batch, items: list[Item], batch: tuple, batch_size: int,
+               layout: list[str]) -> list[list]:
+    """The rows of one collated batch (indices into items, images, unreadable ones, times), in `layout`'s columns:
+    every photo's, with a detector every car's."""
+    indices, images, bad, times = batch
+    per_car = detector is not None
+    rows = [_unreadable_row(items[i], reason, per_car) for i, reason in bad]
+    if images is not None and per_car:
+        rows += _car_rows(predictor, detector, run_batch, [items[i] for i in indices], images, batch_size)
+    elif images is not None:
+        rows += _predicted_rows(predictor.calibration, run_batch, [items[i] for i in indices], images)
+    if TIME_COLUMN in layout:
+        time_of = {items[i].path: when for i, when in times.items()}
+        rows = [row + [time_of[row[0]]] for row in rows]
+    return rows
 
 
 def _predicted_rows(calibration, run_batch, items: list[Item], images: torch.Tensor) -> list[list]:
@@ -267,20 +299,17 @@ def _prepare_engine(engine: str, predictor, onnx_file: Path, out: Path, items: l
         log.info("quantising to int8, calibrated on the first %d photos", min(len(items), CALIBRATION_PHOTOS))
         dataset = CollectionImages(items[:CALIBRATION_PHOTOS], predictor.image_size, predictor.resize)
         engine_input = OnnxEngine(float_file)
-        batches = [engine_input.prepare(images) for _, images, _ in DataLoader(dataset, 16, collate_fn=collate)
+        batches = [engine_input.prepare(images) for _, images, _, _ in DataLoader(dataset, 16, collate_fn=collate)
                    if images is not None]
         quantize(float_file, int8_file, batches)
     return int8_file
 
 
-def _claim(out: Path, run: str, predictor, force: bool, detector=None) -> None:
+def _claim(out: Path, run: str, predictor, force: bool, detector, layout: list[str]) -> None:
     """OUT belongs to one model (and detector): results of another are refused unless --force, which starts OUT
-    afresh."""
+    afresh. So are results with other columns (with or without times)."""
     out.mkdir(parents=True, exist_ok=True)
-    identity = {"model": _source_name(run),
-                "labels": hashlib.sha256("\n".join(predictor.labels).encode()).hexdigest()[:16]}
-    if detector is not None:  # an analysis without one keeps the identity it always had
-        identity["detector"] = _source_name(detector.source)
+    identity = identity_of(run, predictor, detector.source if detector is not None else None)
     previous = rundir.read_json(out / META)
     if previous and previous.get("identity") != identity:
         if not force:
@@ -288,6 +317,8 @@ def _claim(out: Path, run: str, predictor, force: bool, detector=None) -> None:
             raise CollectionError(f"{out} holds the results of another model ({theirs['model']}"
                                   + (f", detector {theirs['detector']}" if theirs.get("detector") else ", no detector")
                                   + "): choose another --out, or --force to replace them")
+    if not force:
+        _check_layout(out, layout)
     if previous and previous.get("identity") != identity or force:
         for name in ("predictions.csv", "summary.csv", "report.html", "progress.json"):
             (out / name).unlink(missing_ok=True)
@@ -296,17 +327,37 @@ def _claim(out: Path, run: str, predictor, force: bool, detector=None) -> None:
     rundir.write_json(out / META, {"identity": identity, "calibrated": predictor.calibration.calibrated})
 
 
+def identity_of(run, predictor, detector_source: str | None) -> dict:
+    """What an analysis's rows came from: the model (and its labels) and the detector, if any."""
+    identity = {"model": _source_name(run),
+                "labels": hashlib.sha256("\n".join(predictor.labels).encode()).hexdigest()[:16]}
+    if detector_source not in (None, "", "none"):  # an analysis without one keeps the identity it always had
+        identity["detector"] = _source_name(detector_source)
+    return identity
+
+
+def _check_layout(out: Path, layout: list[str]) -> None:
+    for part in [out / "predictions.csv", *out.glob(".predictions.rank*.csv")]:
+        with contextlib.suppress(OSError), open(part, newline="") as f:
+            header = next(csv.reader(f), None)
+            if header and header != layout:
+                said = "with" if TIME_COLUMN in header else "without"
+                raise CollectionError(f"{out} holds an analysis {said} photo times, and this one is "
+                                      f"{'without' if said == 'with' else 'with'}: choose another --out, or --force "
+                                      f"to replace it")
+
+
 def _source_name(source) -> str:
     return str(Path(source).resolve()) if "://" not in str(source) and str(source) != "coco" else str(source)
 
 
-def _merge(out: Path, parts: list[Path], per_car: bool = False) -> None:
+def _merge(out: Path, parts: list[Path], layout: list[str]) -> None:
     """Rank 0 appends the other ranks' rows (every car of a photo) that predictions.csv lacks; the parts stay for a
     later resume. Shards hold disjoint photos, so a photo's rows come from one part, together."""
     target = out / "predictions.csv"
-    done = read_done(target, per_car)
+    done = read_done(target, "cars" in layout)
     with open(target, "a", newline="") as f:
-        writer = safecsv.DictWriter(f, columns(per_car))
+        writer = safecsv.DictWriter(f, layout)
         if not done and f.tell() == 0:
             writer.writeheader()
         for part in parts:
@@ -315,16 +366,6 @@ def _merge(out: Path, parts: list[Path], per_car: bool = False) -> None:
                     writer.writerow(row)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _short_summary(counts, skipped: int, calibrated: bool, out: Path) -> dict:
-    makes = counts.counts[ALL_GROUPS]["make"]
-    statuses = ("model", "make", "unsure", "small", "no-car", "unreadable") if counts.per_car else \
-        ("model", "make", "unsure", "no-car", "unreadable")
-    return {"out": str(out), "images": counts.images[ALL_GROUPS], "skipped_not_images": skipped,
-            "calibrated": calibrated, **({"cars": counts.readable[ALL_GROUPS]} if counts.per_car else {}),
-            "status_counts": {s: counts.statuses[s] for s in statuses},
-            "groups": sorted(set(counts.images) - {ALL_GROUPS}), "top_makes": dict(makes.most_common(10))}
 
 
 def _uncalibrated() -> str:

@@ -1,7 +1,7 @@
 """A photo collection to analyse: the images behind folders, zip files and lists, each with its group.
 
 A SOURCE is a folder (walked recursively), a .zip (read in place, never extracted), or a text/CSV file listing image
-paths (CSV with a `path` column and optionally `group`). The group of an image is its first-level sub-folder under
+paths (CSV with a `path` column and optionally `group` and `time`, ISO 8601 or EXIF's form). The group of an image is its first-level sub-folder under
 the folder (in a zip: its top-level folder), the list's `group` column, or what a `path,group` CSV given as
 --group-by says. Files that are not images by their extension are skipped and counted.
 """
@@ -12,10 +12,11 @@ import io
 import os
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from ..dataset.images import is_image
+from .trends import normal_time
 
 ROOT_GROUP = "(top level)"      # images directly in a source folder, not in a sub-folder
 ALL_GROUPS = "(all)"
@@ -38,6 +39,7 @@ class Item:
     group: str
     archive: str | None = None  # the zip file, when the image is a member of one
     member: str | None = None
+    time: str = ""              # when the photo was taken (ISO 8601), from a list's time column; "" when unknown
 
     def open(self, archives: dict) -> io.BytesIO | str:
         """The file to decode: its path, or the member's bytes (the zip opened once per process, in `archives`)."""
@@ -49,18 +51,21 @@ class Item:
 
 
 def collect(sources: list[str], group_by: str = "folder") -> tuple[list[Item], int]:
-    """(images in a stable order, number of files skipped as not images). group_by: folder | none | a CSV file."""
-    items, skipped = [], 0
+    """(images in a stable order, each once, number of files skipped as not images). group_by: folder | none | a
+    CSV file. A photo two sources name (a folder and a list of it) is the first source's."""
+    items, skipped = {}, 0
     for source in sources:
         found, not_images = _items_of(Path(source))
-        items += found
+        for item in found:
+            items.setdefault(item.path, item)
         skipped += not_images
+    items = list(items.values())
     if group_by == "none":
-        items = [Item(i.path, ALL_GROUPS, i.archive, i.member) for i in items]
+        items = [replace(i, group=ALL_GROUPS) for i in items]
     elif group_by != "folder":
         groups = _group_map(Path(group_by))
-        items = [Item(i.path, groups.get(i.path, groups.get(os.path.abspath(i.path), ROOT_GROUP)), i.archive,
-                      i.member) for i in items]
+        items = [replace(i, group=groups.get(i.path, groups.get(os.path.abspath(i.path), ROOT_GROUP)))
+                 for i in items]
     return items, skipped
 
 
@@ -118,22 +123,22 @@ def _zip(path: Path) -> tuple[list[Item], int]:
 
 
 def _listed(path: Path) -> tuple[list[Item], int]:
-    """A text file with one path per line, or a CSV with a `path` column (and `group`); relative paths are taken
-    from the list's folder."""
+    """A text file with one path per line, or a CSV with a `path` column (and `group`, `time`); relative paths are
+    taken from the list's folder."""
     text = path.read_text(errors="replace")
     first = text.splitlines()[0].strip().lower() if text.strip() else ""
     if "path" in [c.strip() for c in first.split(",")]:
-        rows = [(r.get("path", "").strip(), (r.get("group") or "").strip() or ROOT_GROUP)
+        rows = [(r.get("path", "").strip(), (r.get("group") or "").strip() or ROOT_GROUP, normal_time(r.get("time")))
                 for r in csv.DictReader(io.StringIO(text))]
     else:
-        rows = [(line.strip(), ROOT_GROUP) for line in text.splitlines() if line.strip()]
+        rows = [(line.strip(), ROOT_GROUP, "") for line in text.splitlines() if line.strip()]
     items, skipped = [], 0
-    for name, group in rows:
+    for name, group, time in rows:
         if not is_image(name):
             skipped += 1
             continue
         full = name if os.path.isabs(name) else os.path.join(path.parent, name)
-        items.append(Item(full, group))
+        items.append(Item(full, group, time=time))
     return items, skipped
 
 

@@ -1,161 +1,34 @@
-"""What an analysis found, as tables and a self-contained HTML page: summary.csv and report.html.
-
-summary.csv: `group,level,name,count,share,ci_low,ci_high` — per group and for all groups together, level `make`
-(answers naming a make: status model or make) and `model` (status model), shares of the group's readable images
-with 95% Wilson intervals; level `status` holds the unsure and no-car buckets (of readable images) and unreadable
-(of all images). With a detector (predictions.csv has one row per car) the levels make, model and status count cars,
-as shares of the group's cars, and level `photos` counts photos holding at least one named car of each make (and
-`(no car)`: photos in which the detector found none), as shares of the group's readable photos.
+"""An analysis as a self-contained HTML page: report.html, drawn from the tally (carapp.analysis.summary) and
+summary.csv's rows. With a period, a section over time: each top make's share per period with its 95% band, and
+the changes between consecutive periods unlikely by chance, in words.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
-from scipy.stats import binomtest
 
-from .. import safecsv
 from ..atomic import atomic_writer
 from ..dataset.images import open_image
 from .collection import ALL_GROUPS, READ_ERRORS, item_of
+from .summary import HISTOGRAM_BINS, Tally, has_box, whole, wilson
+from .trends import ALL_PERIODS, NO_TIME, compare_periods, period_label, significant, timed_periods
 
-SUMMARY_COLUMNS = ["group", "level", "name", "count", "share", "ci_low", "ci_high"]
-THUMBNAILS = 48
-HISTOGRAM_BINS = 20
 PALETTE = qualitative.Plotly  # one colour per group, the same in both panels
-NO_CAR_PHOTOS = "(no car)"    # level photos: photos in which the detector found no car
-
-
-def has_box(row: dict) -> bool:
-    """Whether a predictions row is one car with its box (analyze --detector), not a whole photo or a photo without
-    a car. A box may start at x = 0, and pandas reads the column as numbers: only an empty cell means none."""
-    return row.get("x1") not in (None, "")
-
-
-def wilson(count: int, n: int) -> tuple[float, float]:
-    interval = binomtest(count, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(interval.low), float(interval.high)
-
-
-class Tally:
-    """What the summary and the report need, gathered in one pass over predictions.csv: a million rows become a
-    few counters, a histogram and the first unsure rows, never a list of a million dicts."""
-
-    def __init__(self):
-        self.counts: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))  # group→level→name
-        self.images, self.readable, self.statuses = Counter(), Counter(), Counter()  # photos; answers; rows
-        self.photos, self.unreadable = Counter(), Counter()  # readable and unreadable photos, per group
-        self.per_car = False  # rows are cars (analyze --detector): photos are counted when their last row is read
-        self._photo: tuple[str, str, set, int] | None = None  # (path, group, makes named, cars) being read
-        self.confidence = defaultdict(lambda: [0] * HISTOGRAM_BINS)  # status → photos per model-probability bin
-        self.unsure: list[dict] = []
-        self.refused: list[dict] = []
-        self.refusals = Counter()  # why photos were answered no-car: the reason's words, without its numbers
-
-    def add(self, row: dict) -> None:
-        status = row["status"]
-        self.statuses[status] += 1
-        car = row.get("cars") is not None and status != "unreadable"
-        if car:
-            self._add_car(row)
-        photo_without_car = car and not has_box(row)
-        for group in {row["group"], ALL_GROUPS}:
-            if not car:
-                self.images[group] += 1
-                self.photos[group] += status != "unreadable"
-                self.unreadable[group] += status == "unreadable"
-            if status == "unreadable" or photo_without_car:
-                continue
-            self.readable[group] += 1
-            levels = self.counts[group]
-            if status in ("model", "make"):
-                levels["make"][row["make"]] += 1
-            if status == "model":
-                levels["model"][row["model"]] += 1
-            if status in ("unsure", "small", "no-car"):
-                levels["status"][status] += 1
-        if row["model_prob"]:
-            self.confidence[status][min(int(float(row["model_prob"]) * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
-        if status == "unsure" and len(self.unsure) < THUMBNAILS:
-            self.unsure.append(row)
-        if status == "no-car":
-            self.refusals[(row.get("reason") or "").split(" (")[0] or "far from the training cars"] += 1
-            if len(self.refused) < THUMBNAILS:
-                self.refused.append(row)
-
-    def _add_car(self, row: dict) -> None:
-        """One car row (or a photo's no-car row): the photo is counted once its rows are all read."""
-        self.per_car = True
-        if self._photo is None or self._photo[0] != row["path"]:
-            self.finish()
-            self._photo = (row["path"], row["group"], set(), 0)
-        path, group, makes, cars = self._photo
-        if row["status"] in ("model", "make"):
-            makes.add(row["make"])
-        self._photo = (path, group, makes, cars + has_box(row))
-
-    def finish(self) -> None:
-        """Count the photo being read (per car: after its last row)."""
-        if self._photo is None:
-            return
-        _, group, makes, cars = self._photo
-        for g in {group, ALL_GROUPS}:
-            self.images[g] += 1
-            self.photos[g] += 1
-            for make in makes or ([] if cars else [NO_CAR_PHOTOS]):
-                self.counts[g]["photos"][make] += 1
-        self._photo = None
-
-
-def tally(predictions: Path) -> Tally:
-    result = Tally()
-    with open(predictions, newline="") as f:
-        for row in safecsv.DictReader(f):
-            result.add(row)
-    result.finish()
-    return result
-
-
-def summary_rows(t: Tally) -> list[dict]:
-    groups = sorted(t.images)
-    if groups != [ALL_GROUPS]:  # every group, then all of them together
-        groups = [g for g in groups if g != ALL_GROUPS] + [ALL_GROUPS]
-    out = []
-    for group in groups:
-        for level in ("make", "model", "status"):
-            for name, count in t.counts[group][level].most_common():
-                out.append(_row(group, level, name, count, t.readable[group]))
-        for name, count in t.counts[group]["photos"].most_common():
-            out.append(_row(group, "photos", name, count, t.photos[group]))
-        out.append(_row(group, "status", "unreadable", t.unreadable[group], t.images[group]))
-    return out
-
-
-def _row(group: str, level: str, name: str, count: int, n: int) -> dict:
-    low, high = wilson(count, n) if n else (0.0, 0.0)
-    return {"group": group, "level": level, "name": name, "count": count, "share": round(count / n, 6) if n else 0.0,
-            "ci_low": round(low, 6), "ci_high": round(high, 6)}
-
-
-def write_summary(out: Path, t: Tally) -> list[dict]:
-    summary = summary_rows(t)
-    with atomic_writer(out / "summary.csv", newline="") as f:
-        writer = safecsv.DictWriter(f, SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(summary)
-    return summary
+TREND_MAKES = 6               # makes drawn over time: the most frequent overall
 
 
 def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> Path:
-    statuses, unit = t.statuses, "cars" if t.per_car else "photos"
+    statuses, unit, overall = t.statuses, "cars" if t.per_car else "photos", whole(summary)
+    everything = (ALL_GROUPS, ALL_PERIODS)
     sections = [
-        f"<h1>Car makes and models: {t.readable[ALL_GROUPS]:,} cars in {t.images[ALL_GROUPS]:,} photos</h1>"
+        f"<h1>Car makes and models: {t.readable[everything]:,} cars in {t.images[everything]:,} photos</h1>"
         if t.per_car else
         f"<h1>Car makes and models in {sum(statuses.values()):,} photos</h1>",
         "<p>" + " · ".join(f"<b>{s}</b>: {statuses.get(s, 0):,}" for s in
@@ -163,17 +36,20 @@ def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> 
         + "</p>",
         "" if calibrated else "<p><i>The model is not calibrated: probabilities are raw and no photo is told apart as "
                               "'no car'. Run <code>python -m carapp calibrate</code> on it.</i></p>",
-        f"<h2>Make share per group (of {unit})</h2>", _html(make_share_figure(summary, unit=unit), first=True),
+        f"<h2>Make share per group (of {unit})</h2>",
+        _html(make_share_figure(overall, unit=unit), "make-shares", first=True),
+        *(_trend_section(t, unit) if t.period else []),
         *(["<h2>Photos holding each make</h2>",
-           _table([s for s in summary if s["group"] == ALL_GROUPS and s["level"] == "photos"][:20], "make")]
+           _table([s for s in overall if s["group"] == ALL_GROUPS and s["level"] == "photos"][:20], "make")]
           if t.per_car else []),
         "<h2>Top models</h2>",
-        _table([s for s in summary if s["group"] == ALL_GROUPS and s["level"] == "model"][:20], "model", unit),
-        "<h2>How sure the answers are</h2>", _html(confidence_figure(t, unit)),
-        f"<h2>{'Cars' if t.per_car else 'Photos'} to review (unsure)</h2>", _thumbnails(t.unsure, statuses["unsure"]),
+        _table([s for s in overall if s["group"] == ALL_GROUPS and s["level"] == "model"][:20], "model", unit),
+        "<h2>How sure the answers are</h2>", _html(confidence_figure(t, unit), "confidence"),
+        f"<h2>{'Cars' if t.per_car else 'Photos'} to review (unsure)</h2>",
+        _thumbnails(t.review("unsure"), statuses["unsure"]),
         "<h2>Why no car was named (no-car)</h2>",
         _reasons_table(t.refusals),
-        _thumbnails(t.refused, statuses["no-car"]) if t.refused else "",
+        _thumbnails(t.review("no-car"), statuses["no-car"]) if statuses["no-car"] else "",
     ]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>carapp analysis</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
@@ -185,10 +61,71 @@ def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> 
     return out / "report.html"
 
 
+def trend(t: Tally, top: int = TREND_MAKES) -> tuple[list[str], dict, dict, list]:
+    """(the top makes overall, make → period → count, period → cars or photos named or not, every comparison of
+    consecutive periods): what the chart and the sentences are drawn from."""
+    makes = [name for name, _ in sorted(t.counts[(ALL_GROUPS, ALL_PERIODS)]["make"].items(),
+                                        key=lambda kv: (-kv[1], kv[0]))][:top]
+    periods = timed_periods(p for g, p in t.images if g == ALL_GROUPS)
+    totals = {p: t.readable[(ALL_GROUPS, p)] for p in periods}
+    counts = {m: {p: t.counts[(ALL_GROUPS, p)]["make"][m] for p in periods} for m in makes}
+    return makes, counts, totals, compare_periods(counts, totals, makes)
+
+
+def trend_figure(t: Tally, unit: str = "photos") -> go.Figure:
+    """Each top make's share per period with its 95% Wilson band."""
+    makes, counts, totals, _ = trend(t)
+    periods = [p for p in totals if totals[p]]
+    fig = go.Figure()
+    for i, make in enumerate(makes):
+        colour = PALETTE[i % len(PALETTE)]
+        shares = [counts[make][p] / totals[p] for p in periods]
+        bands = [wilson(counts[make][p], totals[p]) for p in periods]
+        labels = [period_label(p) for p in periods]
+        fig.add_trace(go.Scatter(x=labels + labels[::-1], y=[b[1] for b in bands] + [b[0] for b in bands][::-1],
+                                 fill="toself", fillcolor=colour, opacity=0.15, line=dict(width=0),
+                                 hoverinfo="skip", showlegend=False, legendgroup=make))
+        fig.add_trace(go.Scatter(x=labels, y=shares, name=make, mode="lines+markers", legendgroup=make,
+                                 line=dict(color=colour),
+                                 customdata=[[counts[make][p], totals[p]] for p in periods],
+                                 hovertemplate=f"{html.escape(make)}: %{{y:.1%}} (%{{customdata[0]}} of "
+                                               f"%{{customdata[1]}} {unit})<extra></extra>"))
+    fig.update_layout(template="plotly_white", height=380, margin=dict(l=50, r=20, t=20, b=40),
+                      yaxis_title=f"share of {unit}", xaxis_title=f"{t.period}")
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    return fig
+
+
+def trend_sentences(t: Tally) -> list[str]:
+    """The changes between consecutive periods that chance is unlikely to explain, in words; or why there are none."""
+    _, _, totals, changes = trend(t)
+    untimed = t.images[(ALL_GROUPS, NO_TIME)]
+    notes = [f"{untimed:,} photos carry no time: they count in the bucket {NO_TIME}, not in any {t.period}."] \
+        if untimed else []
+    if len([p for p in totals if totals[p]]) < 2:
+        return [f"Fewer than two {t.period}s hold photos: nothing to compare over time.", *notes]
+    found = significant(changes)
+    if not found:
+        return [f"No change between consecutive {t.period}s is unlikely by chance ({len(changes)} compared, "
+                f"false-discovery rate 5%).", *notes]
+    return [c.words() for c in found] + [f"({len(found)} of {len(changes)} comparisons of consecutive {t.period}s; "
+                                         f"p adjusted for all of them, Benjamini–Hochberg)", *notes]
+
+
+def _trend_section(t: Tally, unit: str) -> list[str]:
+    counts = "".join(f"<tr><td>{html.escape(period_label(p))}</td><td>{t.images[(ALL_GROUPS, p)]:,}</td></tr>"
+                     for p in sorted({p for g, p in t.images if g == ALL_GROUPS and p != ALL_PERIODS},
+                                     key=lambda p: (p == NO_TIME, p)))
+    return [f"<h2>Over time (per {t.period}, of {unit}, 95% bands)</h2>", _html(trend_figure(t, unit), "trend"),
+            "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in trend_sentences(t)) + "</ul>",
+            f"<table><tr><th>{t.period}</th><th>photos</th></tr>{counts}</table>"]
+
+
 def make_share_figure(summary: list[dict], top: int = 12, unit: str = "photos") -> go.Figure:
     """Share of each group's photos per make (the most frequent makes overall) and, in a panel of their own, the
     photos with no make (unsure, no car, unreadable), with 95% intervals: a collection the model is unsure of shows
     as such, not as a blank. One group alone is drawn once, as the whole collection."""
+    summary = whole(summary)
     makes = [("make", s["name"]) for s in summary if s["group"] == ALL_GROUPS and s["level"] == "make"][:top]
     buckets = [("status", name) for name in ("unsure", "no-car", "unreadable")]
     groups = sorted({s["group"] for s in summary}, key=lambda g: (g == ALL_GROUPS, g))
@@ -222,9 +159,10 @@ def confidence_figure(t: Tally, unit: str = "photos") -> go.Figure:
     return fig
 
 
-def _html(fig: go.Figure, first: bool = False) -> str:
-    # plotly.js is embedded once: the page works offline and as a single file
-    return fig.to_html(full_html=False, include_plotlyjs=True if first else False)
+def _html(fig: go.Figure, name: str, first: bool = False) -> str:
+    # plotly.js is embedded once: the page works offline and as a single file; a fixed div id keeps the page the
+    # same for the same rows (summarize rebuilds analyze's report exactly)
+    return fig.to_html(full_html=False, include_plotlyjs=True if first else False, div_id=f"carapp-{name}")
 
 
 def _table(rows: list[dict], what: str, unit: str = "photos") -> str:
@@ -237,7 +175,8 @@ def _table(rows: list[dict], what: str, unit: str = "photos") -> str:
 def _reasons_table(refusals: Counter) -> str:
     if not refusals:
         return "<p>None.</p>"
-    body = "".join(f"<tr><td>{html.escape(why)}</td><td>{n}</td></tr>" for why, n in refusals.most_common())
+    body = "".join(f"<tr><td>{html.escape(why)}</td><td>{n}</td></tr>" for why, n in
+                   sorted(refusals.items(), key=lambda kv: (-kv[1], kv[0])))
     return f"<table><tr><th>reason</th><th>photos</th></tr>{body}</table>"
 
 

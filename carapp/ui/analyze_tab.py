@@ -19,7 +19,8 @@ import pandas as pd
 
 from .. import rundir, safecsv
 from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, collect, item_of
-from ..analysis.report import SUMMARY_COLUMNS, has_box, row_image
+from ..analysis.report import row_image
+from ..analysis.summary import SUMMARY_COLUMNS, has_box
 from ..atomic import atomic_writer
 from ..evaluation.answers import refusal_tag
 from ..runs import job_status
