@@ -1,6 +1,7 @@
 """The app in a real browser: Debian's chromium driven by playwright (never playwright's own browser download)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -189,10 +190,15 @@ def test_analyze_a_zip_in_the_browser(app, page, tmp_path):
     import zipfile
     rows = [r for r in csv.DictReader(open(app[1] / "tiny" / "split.csv")) if r["split"] == "test"][:12]
     data = json.loads((app[1] / "tiny" / "config.json").read_text())["data"]
+    from PIL import Image
     archive = tmp_path / "cities.zip"
     with zipfile.ZipFile(archive, "w") as z:
-        for i, r in enumerate(rows):
-            z.write(Path(data) / r["path"], f"{'north' if i % 2 else 'south'}/{i}.jpg")
+        for i, r in enumerate(rows):  # taken in January, February and April (EXIF), two without a date
+            exif, photo = Image.Exif(), io.BytesIO()
+            if i < 10:
+                exif.get_ifd(0x8769)[0x9003] = f"2026:{(1, 2, 4)[i % 3]:02d}:0{1 + i % 9} 12:00:00"
+            Image.open(Path(data) / r["path"]).save(photo, "JPEG", exif=exif)
+            z.writestr(f"{'north' if i % 2 else 'south'}/{i}.jpg", photo.getvalue())
     page.get_by_role("tab", name="Analyze").click()
     page.set_input_files("#analyze-files input[type=file]", str(archive))
     page.wait_for_function("document.querySelector('#analyze-files').innerText.includes('cities.zip')",
@@ -203,7 +209,15 @@ def test_analyze_a_zip_in_the_browser(app, page, tmp_path):
     _click_until_answered(page, "Analyze", "#analyze-progress:has-text('finished: 12/12')", timeout=120_000)
     page.locator("#analyze-shares .js-plotly-plot").wait_for(state="visible", timeout=30_000)
     assert "north" in page.locator("#analyze-shares").inner_text()
+    # over time: per month by default, per quarter on a click; the photos without a date are said, not dropped
+    page.locator("#analyze-trend .js-plotly-plot").wait_for(state="visible", timeout=30_000)
+    assert "2 photos carry no time" in page.locator("#analyze-changes").inner_text()
+    assert "April 2026" in page.locator("#analyze-trend").inner_text()
     page.screenshot(path=str(tmp_path / "analyze.png"), full_page=True)
+    page.locator("#analyze-period").get_by_text("quarter").click()
+    page.wait_for_function("document.querySelector('#analyze-trend').innerText.includes('2026-Q2')",
+                           timeout=30_000)
+    page.screenshot(path=str(tmp_path / "analyze-quarter.png"), full_page=True)
     # a second analysis, of one photo: its results replace the first's, and a gallery of one photo stays a thumbnail
     # (Gradio shrank the grid to one column: the photo filled the width, cropped beyond recognition)
     single = tmp_path / "one.zip"

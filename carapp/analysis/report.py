@@ -22,6 +22,7 @@ from .trends import ALL_PERIODS, NO_TIME, compare_periods, period_label, signifi
 
 PALETTE = qualitative.Plotly  # one colour per group, the same in both panels
 TREND_MAKES = 6               # makes drawn over time: the most frequent overall
+NOT_NAMED = "(no make named)"  # over time: the answers naming no make
 
 
 def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> Path:
@@ -62,14 +63,17 @@ def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> 
 
 
 def trend(t: Tally, top: int = TREND_MAKES) -> tuple[list[str], dict, dict, list]:
-    """(the top makes overall, make → period → count, period → cars or photos named or not, every comparison of
-    consecutive periods): what the chart and the sentences are drawn from."""
+    """(the top makes overall and NOT_NAMED, name → period → count, period → cars or photos, every comparison of
+    consecutive periods): what the chart and the sentences are drawn from. NOT_NAMED (unsure, no car, too small)
+    is followed too: a rise of it says the photos are changing away from what the model knows."""
     makes = [name for name, _ in sorted(t.counts[(ALL_GROUPS, ALL_PERIODS)]["make"].items(),
                                         key=lambda kv: (-kv[1], kv[0]))][:top]
     periods = timed_periods(p for g, p in t.images if g == ALL_GROUPS)
     totals = {p: t.readable[(ALL_GROUPS, p)] for p in periods}
     counts = {m: {p: t.counts[(ALL_GROUPS, p)]["make"][m] for p in periods} for m in makes}
-    return makes, counts, totals, compare_periods(counts, totals, makes)
+    counts[NOT_NAMED] = {p: sum(t.counts[(ALL_GROUPS, p)]["status"].values()) for p in periods}
+    names = makes + [NOT_NAMED] * any(counts[NOT_NAMED].values())
+    return names, counts, totals, compare_periods(counts, totals, names)
 
 
 def trend_figure(t: Tally, unit: str = "photos") -> go.Figure:
@@ -78,7 +82,7 @@ def trend_figure(t: Tally, unit: str = "photos") -> go.Figure:
     periods = [p for p in totals if totals[p]]
     fig = go.Figure()
     for i, make in enumerate(makes):
-        colour = PALETTE[i % len(PALETTE)]
+        colour = "#888888" if make == NOT_NAMED else PALETTE[i % len(PALETTE)]
         shares = [counts[make][p] / totals[p] for p in periods]
         bands = [wilson(counts[make][p], totals[p]) for p in periods]
         labels = [period_label(p) for p in periods]
@@ -86,7 +90,7 @@ def trend_figure(t: Tally, unit: str = "photos") -> go.Figure:
                                  fill="toself", fillcolor=colour, opacity=0.15, line=dict(width=0),
                                  hoverinfo="skip", showlegend=False, legendgroup=make))
         fig.add_trace(go.Scatter(x=labels, y=shares, name=make, mode="lines+markers", legendgroup=make,
-                                 line=dict(color=colour),
+                                 line=dict(color=colour, dash="dot" if make == NOT_NAMED else "solid"),
                                  customdata=[[counts[make][p], totals[p]] for p in periods],
                                  hovertemplate=f"{html.escape(make)}: %{{y:.1%}} (%{{customdata[0]}} of "
                                                f"%{{customdata[1]}} {unit})<extra></extra>"))
@@ -105,11 +109,21 @@ def trend_sentences(t: Tally) -> list[str]:
     if len([p for p in totals if totals[p]]) < 2:
         return [f"Fewer than two {t.period}s hold photos: nothing to compare over time.", *notes]
     found = significant(changes)
+    if not changes:
+        return [f"Every {t.period} has the same answers in the same shares (all of one kind): nothing to compare.",
+                *notes]
     if not found:
         return [f"No change between consecutive {t.period}s is unlikely by chance ({len(changes)} compared, "
                 f"false-discovery rate 5%).", *notes]
     return [c.words() for c in found] + [f"({len(found)} of {len(changes)} comparisons of consecutive {t.period}s; "
                                          f"p adjusted for all of them, Benjamini–Hochberg)", *notes]
+
+
+def trend_view(predictions: Path, period: str) -> tuple[go.Figure, list[str]]:
+    """The trend chart and its sentences for an analysis's rows, per `period` (the Analyze tab's choice)."""
+    from .summary import tally
+    t = tally(predictions, period)
+    return trend_figure(t, "cars" if t.per_car else "photos"), trend_sentences(t)
 
 
 def _trend_section(t: Tally, unit: str) -> list[str]:

@@ -20,7 +20,8 @@ import pandas as pd
 from .. import rundir, safecsv
 from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, collect, item_of
 from ..analysis.report import row_image
-from ..analysis.summary import SUMMARY_COLUMNS, has_box
+from ..analysis.summary import SUMMARY_COLUMNS, has_box, whole
+from ..analysis.trends import PERIODS
 from ..atomic import atomic_writer
 from ..evaluation.answers import refusal_tag
 from ..runs import job_status
@@ -140,7 +141,7 @@ def shown_analysis(mine: str, settings: AppSettings) -> Path | None:
     return out if out and (out / "progress.json").is_file() else None
 
 
-def status(mine: str, shown: str, settings: AppSettings):
+def status(mine: str, shown: str, settings: AppSettings, period: str = jobs.TREND_PERIOD):
     """Timer: the session's analysis's progress; its results once it has finished (shown: the one on screen)."""
     out = shown_analysis(mine, settings)
     unchanged = [gr.skip()] * RESULT_OUTPUTS
@@ -152,15 +153,15 @@ def status(mine: str, shown: str, settings: AppSettings):
         line += f", {p['images_per_sec']:.1f} photos/s, ETA {p.get('eta_seconds', 0):.0f} s"
     if p.get("status") != "finished" or shown == str(out):
         return line, shown, *unchanged
-    return line, str(out), *results(out, settings)
+    return line, str(out), *results(out, settings, period)
 
 
-RESULT_OUTPUTS = 7  # what results() fills: shares, summary, make, models, unsure, refused, downloads
+RESULT_OUTPUTS = 9  # what results() fills: shares, summary, make, models, unsure, refused, downloads, trend, changes
 
 
-def results(out: Path, settings: AppSettings) -> tuple:
+def results(out: Path, settings: AppSettings, period: str = jobs.TREND_PERIOD) -> tuple:
     from ..analysis.report import make_share_figure
-    summary = pd.read_csv(out / "summary.csv", keep_default_na=False)
+    summary = _whole_summary(out)
     rows = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     makes = summary[(summary.group == ALL_GROUPS) & (summary.level == "make")].name.tolist()
     model = rundir.read_json(out / "analysis.json", {}).get("identity", {}).get("model")
@@ -168,14 +169,29 @@ def results(out: Path, settings: AppSettings) -> tuple:
     # the models of the first make too: the same make chosen again fires no change, and left the last analysis's
     return (make_share_figure(summary.to_dict("records")), summary, gr.Dropdown(choices=makes, value=first),
             models_of(first, str(out)), unsure_gallery(rows, model), refused_gallery(rows),
-            _downloads(out, settings.public))
+            _downloads(out, settings.public), *trend_of(str(out), period))
+
+
+def _whole_summary(out: Path) -> pd.DataFrame:
+    """summary.csv's rows about the whole time (an analysis with a period holds each period's rows too)."""
+    summary = pd.read_csv(out / "summary.csv", keep_default_na=False, dtype={"name": str, "group": str})
+    return pd.DataFrame(whole(summary.to_dict("records")), columns=summary.columns)
+
+
+def trend_of(folder: str | None, period: str):
+    """The chosen analysis's makes over time, per `period`, and the changes chance is unlikely to explain."""
+    from ..analysis.report import trend_view
+    if not folder or not (Path(folder) / "predictions.csv").is_file() or period not in PERIODS:
+        return None, ""
+    figure, sentences = trend_view(Path(folder) / "predictions.csv", period)
+    return figure, "\n".join(f"- {line}" for line in sentences)
 
 
 def models_of(make: str | None, folder: str | None) -> pd.DataFrame:
     """The models of one make in the chosen analysis, all groups together."""
     if not make or not folder or not (Path(folder) / "summary.csv").is_file():
         return pd.DataFrame(columns=SUMMARY_COLUMNS)  # an empty table with its headers (None showed "1 2 3")
-    summary = pd.read_csv(Path(folder) / "summary.csv", keep_default_na=False)
+    summary = _whole_summary(Path(folder))
     rows = pd.read_csv(Path(folder) / "predictions.csv", keep_default_na=False)
     names = set(rows[(rows.make == make) & (rows.status == "model")].model)
     return summary[(summary.level == "model") & summary.name.isin(names)]
@@ -281,14 +297,22 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                              object_fit="contain", elem_classes=SIX_WIDE, elem_id="analyze-unsure")
         refused = gr.Gallery(label="Photos answered 'no car', and why", columns=6, height=260, object_fit="contain",
                              elem_classes=SIX_WIDE, elem_id="analyze-refused")
+        with gr.Row():
+            trend = gr.Plot(label="Makes over time (photos' EXIF dates; 95% bands)", elem_id="analyze-trend",
+                            scale=3)
+            with gr.Column(scale=1):
+                period = gr.Radio(list(PERIODS), value=jobs.TREND_PERIOD, label="Per", elem_id="analyze-period")
+                changes = gr.Markdown(elem_id="analyze-changes")
         downloads = gr.File(label="Downloads: predictions.csv, summary.csv, report.html", file_count="multiple")
         mine = gr.State("")  # the analysis this session started (server-side: a client cannot name another's)
         shown = gr.State("")
         timer = gr.Timer(2.0)
     button.click(lambda f, d, m, g: start(f, d, m, g, settings), [files, folder, model, group_by], [message, mine],
                  api_name="analyze")
-    timer.tick(lambda m, s: status(m, s, settings), [mine, shown],
-               [progress, shown, shares, table, make, models, gallery, refused, downloads], api_visibility="private")
+    timer.tick(lambda m, s, p: status(m, s, settings, p), [mine, shown, period],
+               [progress, shown, shares, table, make, models, gallery, refused, downloads, trend, changes],
+               api_visibility="private")
+    period.change(trend_of, [shown, period], [trend, changes], api_visibility="private")
     make.change(models_of, [make, shown], models, api_visibility="private")
     demo.load(lambda: gr.Dropdown(choices=model_choices(settings), value=default_model(settings)), None, model,
               api_visibility="private")

@@ -25,6 +25,7 @@ REQUESTED_CONFIG = "requested_config.json"  # what the app asked a new run to tr
 # every kind of job writes its progress at least every few steps or photos.
 STALL_SECONDS = float(os.environ.get("CARAPP_JOB_STALL_MINUTES") or 30) * 60
 _START_LOCK = threading.Lock()
+TREND_PERIOD = "month"                  # an analysis's report counts per month; the Analyze tab redraws per choice
 
 
 class JobError(RuntimeError):
@@ -159,9 +160,9 @@ def start_evaluation(run: str | Path, runs_dir: str | Path, split: str = "test")
 def start_analysis(sources: list[str], model: str, out: Path, runs_dir: str | Path, group_by: str = "folder",
                    detector: str | None = None) -> Path:
     """Analyse a collection in the background into `out` (predictions.csv, summary.csv, report.html); with a
-    detector, one row per car."""
+    detector, one row per car. Photos' times come from their EXIF: the report shows the shares per month."""
     args = ["analyze", *sources, "--run", model, "--out", str(out), "--group-by", group_by, "--workers", "1",
-            "--detector", detector or "none"]
+            "--detector", detector or "none", "--time", "exif", "--period", TREND_PERIOD]
     return _start(runs_dir, args, out, "analyze")
 
 
