@@ -189,11 +189,11 @@ def test_the_analyze_tab_as_a_stranger_calls_it(collection, demo_root, tiny_run,
             time.sleep(0.5)
         assert len(_rows(out / "predictions.csv")) == 2 and (out / "report.html").is_file()
         tick = fn_index_updating(url, "analyze-progress", "tick")
-        ok, seen = raw_call(url, tick, [None, None])  # a stranger's new session: nothing of the other visitor's
+        ok, seen = raw_call(url, tick, [None, None, "month"])  # a stranger's new session: nothing of the other visitor's
         assert ok and seen[0] == "No analysis yet." and "predictions" not in json.dumps(seen), seen
-        ok, seen = raw_call(url, tick, [None, None], session=owner)
+        ok, seen = raw_call(url, tick, [None, None, "month"], session=owner)
         assert ok and out.name in seen[0] and "finished" in seen[0]
-        csv_file = next(f for f in seen[-1] if f["path"].endswith("predictions.csv"))  # the downloads, last
+        csv_file = next(f for f in seen[-3] if f["path"].endswith("predictions.csv"))  # the downloads, before the trend
         with urllib.request.urlopen(f"{url}gradio_api/file={csv_file['path']}", timeout=30) as r:
             text = r.read().decode()
         assert sorted(r["path"] for r in csv.DictReader(io.StringIO(text))) == sorted(
