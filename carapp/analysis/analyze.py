@@ -100,7 +100,7 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
     items, skipped = collect(sources, group_by)
     if not items:
         raise CollectionError(f"no images found in {', '.join(sources)} ({skipped} other files skipped)")
-    layout = columns(detector is not None, time_source == "exif" or any(item.time for item in items))
+    layout = columns(detector is not None, has_times(items, time_source))
     dist = init_distributed()
     predictor = Predictor.load(run, device=device)
     onnx_file = predictor.onnx_file or shared_onnx_path(predictor, run)  # an ONNX export brings its own
@@ -170,6 +170,11 @@ def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_s
 
 def columns(per_car: bool, timed: bool = False) -> list[str]:
     return COLUMNS + CAR_COLUMNS * per_car + [TIME_COLUMN] * timed
+
+
+def has_times(items: list[Item], time_source: str) -> bool:
+    """Whether an analysis's rows carry a time column: EXIF asked for, or a list gave some photo a time."""
+    return time_source == "exif" or any(item.time for item in items)
 
 
 def batch_rows(predictor, detector, run_batch, items: list[Item], batch: tuple, batch_size: int,

@@ -27,8 +27,9 @@ import pandas as pd
 
 from .. import rundir
 from ..dataset.loader import build_transform, resize_size
-from .analyze import identity_of, batch_rows, collate, columns, decode
+from .analyze import batch_rows, collate, columns, decode, has_times, identity_of
 from .collection import READ_ERRORS, ROOT_GROUP, CollectionError, Item, collect, item_of
+from .summary import cell
 from .trends import TIME_SOURCES
 
 log = logging.getLogger("carapp")
@@ -71,10 +72,10 @@ class BatchPredictor:
     def __call__(self, batch) -> pd.DataFrame:
         frame = batch if isinstance(batch, pd.DataFrame) else pd.DataFrame({k: list(v) for k, v in batch.items()})
         timed = self.exif or "time" in frame
-        items = [Item(str(r["path"]), _text(r.get("group")) or self._group(str(r["path"])),
-                      time=_text(r.get("time"))) for r in frame.to_dict("records")]
-        decoded = [(i, *self._decode(item, row.get("bytes")))
-                   for i, (item, row) in enumerate(zip(items, frame.to_dict("records")))]
+        records = frame.to_dict("records")
+        items = [Item(str(r["path"]), cell(r.get("group")) or self._group(str(r["path"])), time=cell(r.get("time")))
+                 for r in records]
+        decoded = [(i, *self._decode(item, row.get("bytes"))) for i, (item, row) in enumerate(zip(items, records))]
         layout = columns(self.detector is not None, timed)
         rows = batch_rows(self.predictor, self.detector, self.run_batch, items, collate(decoded), self.batch_size,
                           layout)
@@ -94,10 +95,6 @@ class BatchPredictor:
         root = PurePosixPath(self.root.replace("\\", "/").split("://")[-1].rstrip("/")).parts
         rest = inside[len(root):] if inside[:len(root)] == root else inside
         return rest[0] if len(rest) > 1 else ROOT_GROUP
-
-
-def _text(value) -> str:
-    return "" if value is None or isinstance(value, float) and value != value else str(value)
 
 
 def typed(rows: list[list], layout: list[str]) -> pd.DataFrame:
@@ -147,7 +144,7 @@ def analyze_with_ray(sources: list[str], run: str, out: str | Path, detector: st
         shutil.rmtree(target)
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.load(run, device="cpu")
-    timed = time_source == "exif" or any(item.time for item in items)
+    timed = has_times(items, time_source)
     rundir.write_json(out / "analysis.json", {"identity": identity_of(run, predictor, detector),
                                               "calibrated": predictor.calibration.calibrated, "engine": "ray"})
     started = not ray.is_initialized()
