@@ -349,7 +349,7 @@ def detector_of(args):
     """The --detector of a command (or CARAPP_DETECTOR), loaded; None for the whole-photo answer."""
     from .detection.model import load_detector
     return load_detector(args.detector if args.detector is not None else os.environ.get("CARAPP_DETECTOR"),
-                         vehicles=args.vehicles)
+                         vehicles=args.vehicles, device=getattr(args, "device", "auto"))
 
 
 def cmd_evaluate(args):

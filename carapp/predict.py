@@ -238,14 +238,14 @@ def overlay_on_photo(image: Image.Image, heat, image_size: int, resize: str = "c
     return canvas
 
 
-_CACHE: dict[tuple[str, float], Predictor] = {}
+_CACHE: dict[tuple, Predictor] = {}
 
 
-def cached_predictor(source: str | Path) -> Predictor:
-    """One Predictor per model and version: loaded once, reloaded when its weights file is rewritten."""
-    key = model_version(source)
+def cached_predictor(source: str | Path, device: str = "auto") -> Predictor:
+    """One Predictor per model, version and device: loaded once, reloaded when its weights file is rewritten."""
+    key = (*model_version(source), device)
     if key not in _CACHE:
         if len(_CACHE) >= 4:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = Predictor.load(source)
+        _CACHE[key] = Predictor.load(source, device)
     return _CACHE[key]

@@ -196,7 +196,7 @@ def stop_all_jobs(runs_dir: Path, timeout: float = 60) -> None:
             os.kill(json.loads((run.path / "progress.json").read_text())["pid"], 9)
     while (job := jobs.app_job(runs_dir)) and time.time() < deadline:  # an evaluation job ends by itself
         time.sleep(0.5)
-    if job:
+    if job and not job.get("in_app"):  # an in-app job's process is this one
         os.kill(job["pid"], 9)
 
 

@@ -90,9 +90,11 @@ def collate(batch):
 
 def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "folder", batch_size: int = 32,
             workers: int = 2, device: str = "auto", force: bool = False, engine: str = "auto",
-            detector=None, time_source: str = "list", period: str | None = None) -> dict:
+            detector=None, time_source: str = "list", period: str | None = None, limit: int | None = None) -> dict:
     """`detector` (a carapp.detection.model.Detector): one row per car instead of one per photo. `time_source`: list (a
-    list's time column) or exif (that, else DateTimeOriginal); `period`: week | month | quarter counts per period."""
+    list's time column) or exif (that, else DateTimeOriginal); `period`: week | month | quarter counts per period.
+    `limit`: at most this many more photos in this call, the rest left for the next one (which resumes): a ZeroGPU
+    call's share (carapp.ui.hardware); such a call returns {"finished": False, "done", "total"} until the last."""
     from ..predict import Predictor
     out = Path(out)
     if time_source not in TIME_SOURCES or period not in (None, *PERIODS):
@@ -102,30 +104,38 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
         raise CollectionError(f"no images found in {', '.join(sources)} ({skipped} other files skipped)")
     layout = columns(detector is not None, has_times(items, time_source))
     dist = init_distributed()
+    if limit is not None and dist.world > 1:
+        raise ValueError("an analysis in limited calls runs in one process, not under torchrun")
     predictor = Predictor.load(run, device=device)
     onnx_file = predictor.onnx_file or shared_onnx_path(predictor, run)  # an ONNX export brings its own
     if predictor.onnx_file and engine not in ("auto", "onnx", "int8"):
         raise ValueError(f"{run} is an ONNX export: it runs in ONNX Runtime (--engine onnx or int8), not {engine}")
     engine = pick_engine(engine, predictor.device, len(items) * (predictor.image_size / 224) ** 2,
                          onnx_file.is_file())
+    part = out / ("predictions.csv" if dist.world == 1 else f".predictions.rank{dist.rank}.csv")
+    shard = items[dist.rank::dist.world]
     if dist.main:
         _claim(out, run, predictor, force, detector, layout)
-        rundir.write_json(out / "progress.json", {"status": "running", "done": 0, "total": len(items),
-                                                  "pid": os.getpid(), "updated": time.time()})
+        done = read_done(part, per_car=detector is not None)  # a resumed run shows what it has from the start
+        rundir.write_json(out / "progress.json", {"status": "running", "done": len(done) * dist.world,
+                                                  "total": len(items), "pid": os.getpid(), "updated": time.time()})
         model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
     dist.barrier()
     if not dist.main:  # rank 0 exported it: here it is found in the cache
         model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
-    part = out / ("predictions.csv" if dist.world == 1 else f".predictions.rank{dist.rank}.csv")
-    shard = items[dist.rank::dist.world]
-    done = read_done(part, per_car=detector is not None)
+        done = read_done(part, per_car=detector is not None)
     pending = [item for item in shard if item.path not in done]
+    left_over = len(pending) - limit if limit is not None and len(pending) > limit else 0
+    pending = pending[:len(pending) - left_over]
     log.info("%d images (%d other files skipped); %d already done, %d to go%s", len(items), skipped, len(done),
-             len(pending), "" if predictor.calibration.calibrated else "; " + _uncalibrated())
+             len(pending) + left_over, "" if predictor.calibration.calibrated else "; " + _uncalibrated())
     run_batch = TorchEngine(predictor.model, predictor.device) if engine == "torch" else OnnxEngine(model_file)
     _predict_into(part, pending, predictor, run_batch, batch_size, workers, out if dist.main else None,
-                  len(shard) - len(pending), len(shard), dist.world, detector, layout, time_source == "exif")
+                  len(shard) - len(pending) - left_over, len(shard), dist.world, detector, layout,
+                  time_source == "exif")
     dist.barrier()
+    if left_over:
+        return {"finished": False, "done": len(items) - left_over, "total": len(items)}
     if not dist.main:
         dist.close()
         return {}

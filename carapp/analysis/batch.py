@@ -54,7 +54,7 @@ class BatchPredictor:
         if time_source not in TIME_SOURCES:
             raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
         self.predictor = Predictor.load(run, device=device)
-        self.detector = load_detector(detector, vehicles)
+        self.detector = load_detector(detector, vehicles, device)
         self.exif, self.root, self.batch_size = time_source == "exif", root, batch_size
         onnx_file = self.predictor.onnx_file or shared_onnx_path(self.predictor, run)
         # a batch job is large by nature: the ONNX export pays on a CPU

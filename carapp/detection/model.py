@@ -24,6 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.transforms.v2 import functional as TF
 
 from ..checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from ..runtime import pick_device
 
 DETECTOR_KIND = "carapp-detector"   # what a detector checkpoint says it is (a classifier's best.pt is not one)
 INPUT_SIZE = (256, 192)             # width, height the detector sees (torchvision's transform resizes to it)
@@ -84,11 +85,13 @@ class Detector:
         """The cars of each photo, best score first, in the photo's pixels; `min_score` instead of the operating
         score (evaluation keeps every candidate for AP)."""
         min_score = self.min_score if min_score is None else min_score
+        device = next(self.model.parameters()).device
         found = []
         for start in range(0, len(photos), batch_size):
-            batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True)
+            batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True).to(device)
                      for p in photos[start:start + batch_size]]
             for out in self.model(batch):
+                out = {k: v.cpu() for k, v in out.items()}
                 keep = (out["scores"] >= min_score) & torch.isin(out["labels"], torch.tensor(self.car_labels))
                 boxes, scores = out["boxes"][keep], out["scores"][keep]
                 kept = without_parts(boxes, scores)
@@ -110,8 +113,16 @@ def without_parts(boxes: torch.Tensor, scores: torch.Tensor, contained: float = 
     return kept
 
 
-def load_detector(spec: str | Path | None, vehicles: bool = False) -> Detector | None:
-    """`--detector`: none (or empty), coco, a detector run directory or its checkpoint file."""
+def load_detector(spec: str | Path | None, vehicles: bool = False, device: str = "auto") -> Detector | None:
+    """`--detector`: none (or empty), coco, a detector run directory or its checkpoint file; on the GPU where there
+    is one (`device` as runtime.pick_device takes it)."""
+    detector = _load_detector(spec, vehicles)
+    if detector is not None:
+        detector.model.to(pick_device(device))
+    return detector
+
+
+def _load_detector(spec: str | Path | None, vehicles: bool) -> Detector | None:
     if spec in (None, "", "none"):
         return None
     if str(spec) == "coco":
@@ -130,16 +141,16 @@ def load_detector(spec: str | Path | None, vehicles: bool = False) -> Detector |
 _CACHE: dict[tuple, Detector] = {}
 
 
-def cached_detector(spec: str, vehicles: bool = False) -> Detector | None:
-    """load_detector, once per detector and version (a retrained run's best.pt is read again)."""
+def cached_detector(spec: str, vehicles: bool = False, device: str = "auto") -> Detector | None:
+    """load_detector, once per detector, version (a retrained run's best.pt is read again) and device."""
     if spec in (None, "", "none"):
         return None
     from ..saved import model_version
-    key = (model_version(spec) if str(spec) != "coco" else "coco", vehicles)
+    key = (model_version(spec) if str(spec) != "coco" else "coco", vehicles, device)
     if key not in _CACHE:
         if len(_CACHE) >= 2:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = load_detector(spec, vehicles)
+        _CACHE[key] = load_detector(spec, vehicles, device)
     return _CACHE[key]
 
 

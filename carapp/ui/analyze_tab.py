@@ -25,7 +25,7 @@ from ..analysis.trends import PERIODS
 from ..atomic import atomic_writer
 from ..evaluation.answers import refusal_tag
 from ..runs import job_status
-from . import jobs
+from . import hardware, jobs
 from .photos import SIX_WIDE
 from .predict_tab import default_model, model_choices, resolve_model
 from .settings import AppSettings
@@ -199,20 +199,18 @@ def models_of(make: str | None, folder: str | None) -> pd.DataFrame:
 
 def unsure_gallery(rows: pd.DataFrame, model: str | None, n: int = 12) -> list:
     """The photos the model was unsure of, with heatmaps of its best guess, to review by eye."""
-    from ..predict import cached_predictor
     unsure = rows[rows.status == "unsure"].head(n)
     if unsure.empty or not model:
         return []
-    predictor = cached_predictor(model)
-    items, archives = [], {}
+    photos, names, archives = [], [], {}
     for row in unsure.to_dict("records"):
         try:
-            photo = row_image(row, archives, draft_size=512)  # with a detector: the car's crop
+            photos.append(row_image(row, archives, draft_size=512))  # with a detector: the car's crop
         except READ_ERRORS:
             continue
-        result = predictor.predict(photo, top_k=1)
-        items.append((result.cam, f"{_name(row)}: {result.top[0][0]}? ({result.top[0][1]:.0%})"))
-    return items
+        names.append(_name(row))
+    answers = hardware.answer_photos(model, photos, {"top_k": 1}) if photos else []
+    return [(a.cam, f"{name}: {a.top[0][0]}? ({a.top[0][1]:.0%})") for a, name in zip(answers, names)]
 
 
 def _name(row: dict) -> str:

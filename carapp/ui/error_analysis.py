@@ -16,6 +16,7 @@ import pandas as pd
 from .. import exclusions
 from ..dataset.images import ImageError, open_image
 from ..runs import find_run
+from . import hardware
 from .photos import thumbnails
 from .settings import AppSettings
 
@@ -68,14 +69,13 @@ def pair_photos(name: str | None, pair: str | None, settings: AppSettings):
     report = _report(name, settings)
     if not pair or not report:
         return [], []
-    from ..predict import cached_predictor
     true, pred = (int(v) for v in pair.split(","))
     rows = [r for r in report["predictions"] if int(r["label"]) == true and int(r["pred"]) == pred][:PHOTOS]
     photos, paths = _open(report, rows)
     if not photos:
         return [], []
-    predictor = cached_predictor(find_run(settings.runs_dir, name))
-    answers = predictor.predict_many([img for img, _ in photos], top_k=1, cam=True, target=pred)
+    answers = hardware.answer_photos(str(find_run(settings.runs_dir, name)), [img for img, _ in photos],
+                                     {"top_k": 1, "cam": True, "target": pred})
     names = report["names"]
     return ([(a.cam, f"{names[true]} → {names[pred]} ({float(r['prob']):.0%})")
              for a, (_, r) in zip(answers, photos)], paths)

@@ -20,7 +20,8 @@ log = logging.getLogger("carapp")
 def needed(settings: AppSettings) -> bool:
     """Public, on a demo dataset, with no configured model and no trained run (or the first model's run was cut
     off by a restart)."""
-    if not (settings.public and settings.first_model and not settings.checkpoint and settings.is_demo_like):
+    if not (settings.public and settings.first_model and not settings.checkpoint and settings.is_demo_like
+            and not settings.zerogpu):  # ZeroGPU: a training subprocess gets no GPU (settings.training_off)
         return False
     runs = list_runs(settings.runs_dir, "classifier")
     return not any((r.path / "best.pt").is_file() for r in runs) or \
@@ -46,7 +47,7 @@ def _start(settings: AppSettings) -> None:
 def offered(settings: AppSettings) -> bool:
     """A private app with no model offers the first model on Predict, where a newcomer is (a public one trains
     it by itself)."""
-    return not settings.public and not settings.checkpoint and not any(
+    return settings.training_enabled and not settings.public and not settings.checkpoint and not any(
         (r.path / "best.pt").is_file() for r in list_runs(settings.runs_dir, "classifier"))
 
 

@@ -1,11 +1,13 @@
 """Training as a background job: a `python -m carapp train` subprocess in its own session, watched through its run
-directory. It outlives the browser tab and the app itself; after a restart, runs are found again on disk.
+directory. It outlives the browser tab and the app itself; after a restart, runs are found again on disk. On a
+ZeroGPU Space an analysis is a thread of the app instead (start_in_app), holding the same one job slot.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -13,10 +15,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from .. import exclusions, rundir
 from ..config import TrainConfig
 from ..runs import STARTING, active_run, console_tail
+from . import hardware
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder holding carapp/: where `-m carapp` is found
 JOB_FILE = ".app-job.json"              # in the runs folder: the job the app started last
@@ -25,7 +29,9 @@ REQUESTED_CONFIG = "requested_config.json"  # what the app asked a new run to tr
 # every kind of job writes its progress at least every few steps or photos.
 STALL_SECONDS = float(os.environ.get("CARAPP_JOB_STALL_MINUTES") or 30) * 60
 _START_LOCK = threading.Lock()
+log = logging.getLogger("carapp")
 TREND_PERIOD = "month"                  # an analysis's report counts per month; the Analyze tab redraws per choice
+TREND_TIMES = "exif"                    # ... by the photos' own dates
 
 
 class JobError(RuntimeError):
@@ -74,7 +80,8 @@ def app_job(runs_dir: str | Path) -> dict | None:
     quiet = time.time() - max(rundir.last_change(folder), job.get("since", 0))
     if alive and quiet < STALL_SECONDS:
         return job
-    if not reused:  # a hung job and its loader workers, or workers a dead job left behind: one process group
+    if not reused and not job.get("in_app"):  # a hung job and its loader workers, or workers a dead job left
+        # behind: one process group (an in-app job's process is this app: it is only marked ended)
         with contextlib.suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
     _mark_ended(job, folder, f"it made no progress for {quiet / 60:.0f} minutes" if alive else "its process is gone")
@@ -126,6 +133,39 @@ def _start(runs_dir: str | Path, args: list[str], folder: Path, kind: str, progr
     return folder
 
 
+def start_in_app(runs_dir: str | Path, folder: Path, kind: str, work: Callable[[], object]) -> Path:
+    """A job that runs in a thread of this app instead of a subprocess (an analysis on a ZeroGPU Space, whose GPU
+    calls must come from the app itself). It holds the one job slot as any job does; when `work` raises, its
+    progress says failed and why."""
+    runs_dir, pid = Path(runs_dir), os.getpid()
+    with _one_job(runs_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        job = {"pid": pid, "started": rundir.process_started(pid), "since": time.time(), "run": folder.name,
+               "kind": kind, "folder": str(folder), "progress": "progress.json", "in_app": True}
+        rundir.write_json(runs_dir / JOB_FILE, job)
+        rundir.write_json(folder / "progress.json", {"status": "running", "phase": STARTING, "pid": pid,
+                                                     "updated": time.time()})
+    threading.Thread(target=_run_in_app, args=(runs_dir, folder, work, job), name=f"carapp-{kind}",
+                     daemon=True).start()
+    return folder
+
+
+def _run_in_app(runs_dir: Path, folder: Path, work: Callable[[], object], job: dict) -> None:
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the job's folder says so and the slot frees
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        log.warning("the %s job %s failed: %s", job["kind"], folder.name, message)
+        with contextlib.suppress(OSError), open(folder / "console.log", "a") as console:
+            console.write(f"carapp app: this {job['kind']} job failed: {message}\n")
+        record = rundir.read_json(folder / "progress.json", {})
+        rundir.write_json(folder / "progress.json", {**record, "status": "failed", "error": message,
+                                                     "updated": time.time()})
+    finally:
+        if rundir.read_json(runs_dir / JOB_FILE) == job:
+            (runs_dir / JOB_FILE).unlink(missing_ok=True)
+
+
 def start_training(cfg: TrainConfig, runs_dir: str | Path, name: str | None = None) -> Path:
     """Start a new run in the background; one active job at a time. The trainer gets the config itself (every
     field, as config.json will hold it), not a command line rebuilt from it."""
@@ -160,9 +200,14 @@ def start_evaluation(run: str | Path, runs_dir: str | Path, split: str = "test")
 def start_analysis(sources: list[str], model: str, out: Path, runs_dir: str | Path, group_by: str = "folder",
                    detector: str | None = None) -> Path:
     """Analyse a collection in the background into `out` (predictions.csv, summary.csv, report.html); with a
-    detector, one row per car. Photos' times come from their EXIF: the report shows the shares per month."""
+    detector, one row per car. Photos' times come from their EXIF: the report shows the shares per month. On
+    ZeroGPU, a job of this app made of GPU calls (hardware.analyze_in_calls)."""
+    if hardware.on_zerogpu():  # the GPU is lent to this app's own calls only
+        options = {"time_source": TREND_TIMES, "period": TREND_PERIOD}
+        return start_in_app(runs_dir, out, "analyze", lambda: hardware.analyze_in_calls(
+            sources, model, out, group_by, detector, options))
     args = ["analyze", *sources, "--run", model, "--out", str(out), "--group-by", group_by, "--workers", "1",
-            "--detector", detector or "none", "--time", "exif", "--period", TREND_PERIOD]
+            "--detector", detector or "none", "--time", TREND_TIMES, "--period", TREND_PERIOD]
     return _start(runs_dir, args, out, "analyze")
 
 

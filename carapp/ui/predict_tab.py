@@ -21,7 +21,7 @@ from .. import rundir
 from ..config import CAM_METHODS
 from ..dataset.images import PHOTO_DRAFT_SIZE, ImageError, open_image
 from ..runs import find_run, list_runs
-from . import first_model, jobs
+from . import first_model, hardware, jobs
 from .settings import CONFIGURED, AppSettings
 from .uploads import EXAMPLES, accepted_upload
 
@@ -86,33 +86,31 @@ def predict_cars(image, model: str | None = None, *, settings: AppSettings) -> d
 
 def classify(image, model, method, target, tta, model_threshold, make_threshold, settings: AppSettings,
              find_cars: bool = False, draft: int | None = PHOTO_DRAFT_SIZE):
-    """(the Prediction, whether the model is calibrated) for a photo Gradio accepted; problems as gr.Error. With
-    find_cars and a detector, one answer per car."""
-    from ..checkpoint import CheckpointError
-    from ..predict import cached_predictor
+    """(the Prediction, whether the model is calibrated, the photo) for a photo Gradio accepted; problems as
+    gr.Error. With find_cars and a detector, one answer per car. The answer is computed in hardware.answer_photos
+    (a GPU call on ZeroGPU); the model's calibration is read here."""
     path = accepted_upload(image)
     name = image.get("orig_name") if isinstance(image, dict) else None
     try:
         photo = open_image(path, draft_size=draft)
     except ImageError as exc:
         raise gr.Error(f"{name or 'This file'}: {exc.reason}", print_exception=False) from None
-    detector = _detector(settings) if find_cars else None
     source = resolve_model(model or default_model(settings), settings)  # raises its own clear gr.Error
-    try:
-        predictor = cached_predictor(source)
-    except (CheckpointError, ValueError, OSError) as exc:
-        raise gr.Error(settings.redact(f"Cannot load the model: {exc}"), print_exception=False) from None
+    calibration = host_predictor(source, settings).calibration
     if method not in (*CAM_METHODS, "none"):
         raise gr.Error(f"Unknown heatmap method {method!r}: one of {', '.join(CAM_METHODS)} or none.",
                        print_exception=False)
-    explain = None if target in (None, "", TOP1) else target
-    thresholds = moved_thresholds(checked_thresholds(model_threshold, make_threshold), predictor.calibration.thresholds)
+    detector = settings.detector_source if find_cars else None
+    options = {"top_k": 5, "cam": method != "none", "method": method, "tta": bool(tta),
+               "thresholds": moved_thresholds(checked_thresholds(model_threshold, make_threshold),
+                                              calibration.thresholds)}
+    if not detector:  # each car's heatmap explains that car's own answer
+        options["target"] = None if target in (None, "", TOP1) else target
     with _heatmap_slot(method, settings):  # refuses with its own message
         try:
-            result = predictor.predict(photo, top_k=5, cam=method != "none", method=method, target=explain,
-                                       tta=bool(tta), thresholds=thresholds, detector=detector)
-        except ValueError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            result = hardware.answer_photos(str(source), [photo], options, detector)[0]
+        except gr.Error as exc:  # it may name the model's or the detector's folder
+            raise gr.Error(settings.redact(exc.message), print_exception=False) from None
     for answer in [result, *(result.cars or [])]:
         answer.reason = settings.redact(answer.reason)  # it may name the detector's folder
         if answer.cam is not None:
@@ -120,17 +118,18 @@ def classify(image, model, method, target, tta, model_threshold, make_threshold,
             # same heatmap at once (the same example) would share a file that is rewritten while it is sent. A
             # per-answer id in the PNG's text makes each answer its own file.
             answer.cam.info["carapp-answer"] = uuid.uuid4().hex
-    return result, predictor.calibration.calibrated, photo
+    return result, calibration.calibrated, photo
 
 
-def _detector(settings: AppSettings):
-    """The app's detector, loaded once; None without one. A detector that cannot load is a clear message."""
+def host_predictor(source, settings: AppSettings):
+    """The model as this process may hold it (hardware.host_device): for its calibration, labels and description.
+    A model that cannot load is a clear message."""
     from ..checkpoint import CheckpointError
-    from ..detection.model import cached_detector
+    from ..predict import cached_predictor
     try:
-        return cached_detector(settings.detector_source)
+        return cached_predictor(source, hardware.host_device())
     except (CheckpointError, ValueError, OSError) as exc:
-        raise gr.Error(settings.redact(f"Cannot load the car detector: {exc}"), print_exception=False) from None
+        raise gr.Error(settings.redact(f"Cannot load the model: {exc}"), print_exception=False) from None
 
 
 def no_model_message(settings: AppSettings) -> str:
@@ -141,7 +140,8 @@ def no_model_message(settings: AppSettings) -> str:
     if settings.training_enabled:
         return ("No trained model yet: press **Train the demo model** here (3-5 minutes on a 2-core CPU), train one "
                 "in the Train tab, or start the app with --checkpoint.")
-    return "No trained model yet: this app's owner has not configured one (CARAPP_CHECKPOINT)."
+    return "No trained model yet: this app's owner has not configured one (CARAPP_CHECKPOINT)." + (
+        f" {settings.training_off}" if settings.zerogpu else "")
 
 
 NO_CARS = (gr.AnnotatedImage(value=None, visible=False), gr.Radio(choices=[], value=None, visible=False), [])
@@ -256,8 +256,7 @@ def moved_thresholds(sent: dict, own: dict) -> dict:
 def model_thresholds(model: str | None, settings: AppSettings):
     """The sliders follow the chosen model's calibrated thresholds."""
     try:
-        from ..predict import cached_predictor
-        calibration = cached_predictor(resolve_model(model, settings)).calibration if model else None
+        calibration = host_predictor(resolve_model(model, settings), settings).calibration if model else None
     except Exception:  # a model that cannot load shows its error on Predict; here it only means default sliders
         calibration = None
     thresholds, note = (calibration.thresholds, calibration.note) if calibration else ({}, "")
@@ -291,8 +290,7 @@ def target_choices(model: str | None, settings: AppSettings):
         if source and source.is_dir():
             labels = rundir.label_names(source)
         elif source:
-            from ..predict import cached_predictor
-            labels = cached_predictor(source).labels
+            labels = host_predictor(source, settings).labels
     except Exception:  # a model that cannot load shows its error on Predict; here it only means no class list
         labels = []
     return gr.Dropdown(choices=[TOP1, *labels], value=TOP1)
@@ -384,8 +382,7 @@ def model_summary(model: str | None, settings: AppSettings) -> str:
     if not model:
         return no_model_message(settings)
     try:
-        from ..predict import cached_predictor
-        info = cached_predictor(resolve_model(model, settings)).describe()
+        info = host_predictor(resolve_model(model, settings), settings).describe()
     except Exception:  # a model that cannot load shows its error when a photo is classified
         return ""
     return f"**Model:** {info}"

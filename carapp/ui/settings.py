@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .hardware import on_zerogpu
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DATA = REPO / "data" / "demo"
 DETECTOR_LOOK_SECONDS = 10.0       # how long a look for a detector run in the runs folder holds
@@ -35,6 +37,7 @@ class AppSettings:
     first_model: bool = True      # public, no model, demo data: train the demo preset at start (CARAPP_FIRST_MODEL=0)
     detector: str | None = None   # --detector / CARAPP_DETECTOR: a detector run, its checkpoint, coco, or none;
                                   # unset: the newest detector run in runs_dir, if there is one
+    zerogpu: bool = False         # a ZeroGPU Space (SPACES_ZERO_GPU): GPU calls only, no training (see hardware)
 
     @property
     def detector_source(self) -> str | None:
@@ -52,7 +55,15 @@ class AppSettings:
 
     @property
     def training_enabled(self) -> bool:
-        return not self.public or self.allow_training
+        """Training and evaluation jobs: subprocesses, which never get a ZeroGPU Space's GPU."""
+        return not self.zerogpu and (not self.public or self.allow_training)
+
+    @property
+    def training_off(self) -> str:
+        """Why training is off, and what the owner can do instead."""
+        from .hardware import TRAINING_OFF
+        return TRAINING_OFF if self.zerogpu else ("Training is turned off in this public app. Its owner can allow "
+                                                  "it with `CARAPP_ALLOW_TRAINING=1` (and `CARAPP_AUTH=user:password`).")
 
     @property
     def paths_editable(self) -> bool:
@@ -109,6 +120,7 @@ def resolve_settings(data: str | None = None, checkpoint: str | None = None, run
         analyses_max_mb=float(os.environ.get("CARAPP_ANALYSES_MAX_MB") or 2000),
         first_model=os.environ.get("CARAPP_FIRST_MODEL", "1") != "0",
         detector=detector or os.environ.get("CARAPP_DETECTOR") or None,
+        zerogpu=on_zerogpu(),
     )
 
 

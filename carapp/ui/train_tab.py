@@ -11,7 +11,7 @@ import pandas as pd
 from .. import plots, rundir
 from ..config import PRESETS, batch_size_value, make_config, train_options
 from ..runs import active_run, find_run, list_runs, run_eta, status_of
-from . import jobs
+from . import hardware, jobs
 from .settings import AppSettings, ensure_data
 
 TABLE_COLUMNS = {"epoch": "Epoch", "train_loss": "Train Loss", "train_acc": "Train Accuracy",
@@ -63,7 +63,6 @@ def form_component(f, value) -> gr.components.Component:
 
 
 PUBLIC_WEIGHTS = ("none", "imagenet")   # a public app never opens a file path a visitor typed
-TRAINING_OFF = "Training is turned off on this public app."
 LR_FIND_STEPS = 100  # the range test's sweep: fastai's default length
 
 
@@ -72,7 +71,7 @@ def form_config(root: str, preset: str, options: dict | None, settings: AppSetti
     like Start when training is off. Only the form's options: the others (server folders among them) are the
     owner's, on the command line."""
     if not settings.training_enabled:
-        raise gr.Error(TRAINING_OFF, print_exception=False)
+        raise gr.Error(settings.training_off, print_exception=False)
     if not isinstance(options, dict):
         raise ValueError("the training options are one JSON object: {\"epochs\": 5, ...} (an empty {} keeps the "
                          "preset's values)")
@@ -122,7 +121,7 @@ def stop(settings: AppSettings) -> str:
     """The owner stops any run; on a public app a visitor may stop only a job this app started, never one the
     owner started from the command line."""
     if not settings.training_enabled:
-        raise gr.Error(TRAINING_OFF, print_exception=False)
+        raise gr.Error(settings.training_off, print_exception=False)
     active = active_run(settings.runs_dir)
     if active is None:
         return "No run is training."
@@ -134,7 +133,7 @@ def stop(settings: AppSettings) -> str:
 
 def resume(name: str | None, epochs: str | float | None, settings: AppSettings) -> str:
     if not settings.training_enabled:
-        raise gr.Error(TRAINING_OFF, print_exception=False)
+        raise gr.Error(settings.training_off, print_exception=False)
     run = find_run(settings.runs_dir, name)
     if run is None:
         raise gr.Error("Choose a run to resume.", print_exception=False)
@@ -243,8 +242,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
     with gr.Tab("Train"):
         device = gr.Markdown("Device: …")
         if not settings.training_enabled:
-            gr.Markdown("Training is turned off in this public app. Its owner can allow it with "
-                        "`CARAPP_ALLOW_TRAINING=1` (and `CARAPP_AUTH=user:password`).")
+            gr.Markdown(settings.training_off, elem_id="training-off")
         with gr.Group(visible=settings.training_enabled):
             with gr.Row():
                 preset = gr.Dropdown(list(PRESETS), value="demo", label="Preset",
@@ -317,5 +315,4 @@ SCROLL_LOG_TO_END = """() => { setTimeout(() => { const t = document.querySelect
 
 
 def _device_markdown() -> str:
-    from ..runtime import describe_device  # imports torch: on page load, not at start-up
-    return f"**Device:** {describe_device()}"
+    return f"**Device:** {hardware.description()}"
