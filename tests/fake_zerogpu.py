@@ -41,3 +41,9 @@ def _work(fn, payload: bytes, writer) -> None:
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller, as ZeroGPU's does
         result = ("error", exc)
     writer.send_bytes(pickle.dumps(result))
+
+
+def gradio_auto_wrap(fn):
+    """What Gradio asks of `spaces` for every event on a Space: off unless SPACES_GRADIO_AUTO_WRAP is set (the
+    package's default), so events run in the app's process and only the decorated functions get the GPU."""
+    return fn

@@ -179,7 +179,7 @@ def test_the_app_answers_on_a_zerogpu_space(tiny_run, tmp_path):
             for i in range(6):
                 write_jpeg(tmp_path / f"p{i}.jpg", (40 * i, 80, 120), size=(64, 48))
                 z.write(tmp_path / f"p{i}.jpg", f"city/p{i}.jpg")
-        message, _ = client.predict([handle_file(str(archive))], None, None, "folder", api_name="/analyze")
+        message = client.predict([handle_file(str(archive))], None, None, "folder", api_name="/analyze")  # State is not an output
         assert "Analysing" in message
         out = next((runs / "analyses").glob("analysis-*"))
         deadline = time.time() + 120
@@ -187,6 +187,7 @@ def test_the_app_answers_on_a_zerogpu_space(tiny_run, tmp_path):
             assert time.time() < deadline, p
             time.sleep(0.5)
         assert p["status"] == "finished", p
+        assert p["pid"] == app.pid  # an in-app job of GPU calls, not a training-style subprocess
         with open(out / "predictions.csv") as f:
             assert len(list(csv.DictReader(f))) == 6
         with pytest.raises(Exception, match="ZeroGPU"):
