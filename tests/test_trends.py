@@ -181,3 +181,19 @@ def test_summarize_refuses_what_is_not_predictions(tmp_path):
     assert "no such file" in cli_error("summarize", tmp_path / "missing.csv", "--out", tmp_path / "o")
     (tmp_path / "empty.csv").write_text(",".join(COLUMNS) + "\n")
     assert "no rows" in cli_error("summarize", tmp_path / "empty.csv", "--out", tmp_path / "o")
+
+
+def test_the_app_draws_no_empty_trend_chart_and_says_why(tmp_path):
+    """Photos with no car and no time (plain colours from a phone without a clock): no chart of nothing, sentences
+    instead; with months and makes, a chart with each make."""
+    from carapp.ui.analyze_tab import trend_of
+    with open(tmp_path / "predictions.csv", "w", newline="") as f:
+        writer = safecsv.Writer(f)
+        writer.writerow(COLUMNS + ["time"])
+        writer.writerows([[f"/p/{i}.jpg", "city", "no-car", "", 0.0, "", 0.0, 2.0, "[]", "No car: ...", ""]
+                          for i in range(12)])
+    figure, said = trend_of(str(tmp_path), "month")
+    assert figure is None and "12 photos carry no time" in said
+    _predictions(tmp_path / "predictions.csv", {"Aurora": dict.fromkeys(MONTHS, 0.5)}, n=20)
+    figure, _ = trend_of(str(tmp_path), "month")
+    assert figure is not None and any(trace.name == "Aurora" for trace in figure.data)

@@ -157,7 +157,7 @@ def test_an_in_app_job_holds_the_slot_and_says_why_it_failed(tmp_path):
 def test_the_app_answers_on_a_zerogpu_space(tiny_run, tmp_path):
     """`python app.py` with a Space's variables (public, ZeroGPU) and fake_zerogpu as the `spaces` package: a photo
     is answered, an analysis of a zip runs as GPU calls to the end, training is refused with what to do."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
     runs = tmp_path / "runs"
     shutil.copytree(tiny_run, runs / "tiny")
     port = free_port()

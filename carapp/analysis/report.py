@@ -119,11 +119,13 @@ def trend_sentences(t: Tally) -> list[str]:
                                          f"p adjusted for all of them, Benjamini–Hochberg)", *notes]
 
 
-def trend_view(predictions: Path, period: str) -> tuple[go.Figure, list[str]]:
-    """The trend chart and its sentences for an analysis's rows, per `period` (the Analyze tab's choice)."""
+def trend_view(predictions: Path, period: str) -> tuple[go.Figure | None, list[str]]:
+    """The trend chart and its sentences for an analysis's rows, per `period` (the Analyze tab's choice); no chart
+    when it would have no line (no make named): the sentences say why."""
     from .summary import tally
     t = tally(predictions, period)
-    return trend_figure(t, "cars" if t.per_car else "photos"), trend_sentences(t)
+    figure = trend_figure(t, "cars" if t.per_car else "photos")
+    return (figure if figure.data else None), trend_sentences(t)
 
 
 def _trend_section(t: Tally, unit: str) -> list[str]:
