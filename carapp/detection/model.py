@@ -67,6 +67,12 @@ class Detector:
     def __init__(self, model: torch.nn.Module, car_labels: tuple[int, ...], source: str, min_score: float = MIN_SCORE):
         self.model = model.eval()
         self.car_labels, self.source, self.min_score = car_labels, source, min_score
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> Detector:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
 
     @property
     def name(self) -> str:
@@ -85,10 +91,9 @@ class Detector:
         """The cars of each photo, best score first, in the photo's pixels; `min_score` instead of the operating
         score (evaluation keeps every candidate for AP)."""
         min_score = self.min_score if min_score is None else min_score
-        device = next(self.model.parameters()).device
         found = []
         for start in range(0, len(photos), batch_size):
-            batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True).to(device)
+            batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True).to(self.device)
                      for p in photos[start:start + batch_size]]
             for out in self.model(batch):
                 out = {k: v.cpu() for k, v in out.items()}
@@ -117,9 +122,7 @@ def load_detector(spec: str | Path | None, vehicles: bool = False, device: str =
     """`--detector`: none (or empty), coco, a detector run directory or its checkpoint file; on the GPU where there
     is one (`device` as runtime.pick_device takes it)."""
     detector = _load_detector(spec, vehicles)
-    if detector is not None:
-        detector.model.to(pick_device(device))
-    return detector
+    return detector.to(pick_device(device)) if detector is not None else None
 
 
 def _load_detector(spec: str | Path | None, vehicles: bool) -> Detector | None:
