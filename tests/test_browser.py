@@ -237,10 +237,16 @@ def test_analyze_a_zip_in_the_browser(app, page, tmp_path):
     page.screenshot(path=str(tmp_path / "analyze-one.png"), full_page=True)
 
 
-def test_a_newcomer_trains_the_demo_model_from_predict_and_gets_an_answer(browser, demo_root, tmp_path):
+def test_a_newcomer_trains_the_demo_model_from_predict_and_gets_an_answer(browser, demo_root, tmp_path,
+                                                                          monkeypatch):
     """A fresh clone: no model. Predict offers the demo model; its progress shows there; once it is ready the
-    Model box holds it and an example gets a real answer — without leaving the tab."""
+    Model box holds it and an example gets a real answer — without leaving the tab. The demo preset for one epoch
+    of its twelve: the newcomer's whole path in a minute (the preset's own minutes: bench/demo_preset.py)."""
     from conftest import start_app, stop_all_jobs
+
+    from carapp.config import make_config
+    from carapp.ui import first_model
+    monkeypatch.setattr(first_model, "make_config", lambda preset, **given: make_config(preset, epochs=1, **given))
     runs = tmp_path / "runs"
     demo, url = start_app(demo_root, runs)
     try:
