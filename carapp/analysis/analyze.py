@@ -90,13 +90,16 @@ def collate(batch):
 
 def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "folder", batch_size: int = 32,
             workers: int = 2, device: str = "auto", force: bool = False, engine: str = "auto",
-            detector=None, time_source: str = "list", period: str | None = None, limit: int | None = None) -> dict:
+            detector=None, time_source: str = "list", period: str | None = None, limit: int | None = None,
+            owner_pid: int | None = None) -> dict:
     """`detector` (a carapp.detection.model.Detector): one row per car instead of one per photo. `time_source`: list (a
     list's time column) or exif (that, else DateTimeOriginal); `period`: week | month | quarter counts per period.
     `limit`: at most this many more photos in this call, the rest left for the next one (which resumes): a ZeroGPU
-    call's share (carapp.ui.hardware); such a call returns {"finished": False, "done", "total"} until the last."""
+    call's share (carapp.ui.hardware); such a call returns {"finished": False, "done", "total"} until the last.
+    `owner_pid`: the process progress.json names as the job's (default this one; a ZeroGPU call's short-lived worker
+    names the app, whose job it is)."""
     from ..predict import Predictor
-    out = Path(out)
+    out, owner_pid = Path(out), owner_pid or os.getpid()
     if time_source not in TIME_SOURCES or period not in (None, *PERIODS):
         raise ValueError(f"--time must be one of {', '.join(TIME_SOURCES)} and --period one of {', '.join(PERIODS)}")
     items, skipped = collect(sources, group_by)
@@ -118,7 +121,7 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
         _claim(out, run, predictor, force, detector, layout)
         done = read_done(part, per_car=detector is not None)  # a resumed run shows what it has from the start
         rundir.write_json(out / "progress.json", {"status": "running", "done": len(done) * dist.world,
-                                                  "total": len(items), "pid": os.getpid(), "updated": time.time()})
+                                                  "total": len(items), "pid": owner_pid, "updated": time.time()})
         model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
     dist.barrier()
     if not dist.main:  # rank 0 exported it: here it is found in the cache
@@ -132,7 +135,7 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
     run_batch = TorchEngine(predictor.model, predictor.device) if engine == "torch" else OnnxEngine(model_file)
     _predict_into(part, pending, predictor, run_batch, batch_size, workers, out if dist.main else None,
                   len(shard) - len(pending) - left_over, len(shard), dist.world, detector, layout,
-                  time_source == "exif")
+                  time_source == "exif", owner_pid)
     dist.barrier()
     if left_over:
         return {"finished": False, "done": len(items) - left_over, "total": len(items)}
@@ -146,13 +149,13 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
     result = {**short_summary(counts, out, predictor.calibration.calibrated), "skipped_not_images": skipped}
     total = counts.total()
     rundir.write_json(out / "progress.json", {"status": "finished", "done": total, "total": total,
-                                              "pid": os.getpid(), "updated": time.time()})
+                                              "pid": owner_pid, "updated": time.time()})
     return result
 
 
 def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_size: int, workers: int,
                   progress_dir, already: int, total: int, world: int, detector, layout: list[str],
-                  exif: bool) -> None:
+                  exif: bool, owner_pid: int) -> None:
     """Batches of decoded images through the network (with a detector: their cars); every batch's rows appended,
     flushed and fsynced."""
     dataset = CollectionImages(pending, predictor.image_size, predictor.resize, photos=detector is not None,
@@ -175,7 +178,7 @@ def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_s
                 rundir.write_json(progress_dir / "progress.json", {
                     "status": "running", "done": already + done * world, "total": total * world,
                     "images_per_sec": rate, "eta_seconds": (total - already - done) * world / max(rate, 1e-9),
-                    "pid": os.getpid(), "updated": time.time()})
+                    "pid": owner_pid, "updated": time.time()})
 
 
 def columns(per_car: bool, timed: bool = False) -> list[str]:

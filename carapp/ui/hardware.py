@@ -132,10 +132,8 @@ def analyze_in_calls(sources: list[str], model: str, out: Path, group_by: str, d
     while True:
         started = time.monotonic()
         before = rundir.read_json(out / "progress.json", {}).get("done", 0)
-        result = call(sources, model, str(out), group_by, detector, limit, options)
-        # the call's worker wrote its own PID there: the job lives on in this process, between calls too
-        progress = rundir.read_json(out / "progress.json", {})
-        rundir.write_json(out / "progress.json", {**progress, "pid": os.getpid()})
+        # progress.json names this process, not the call's worker: the job lives on here, between calls too
+        result = call(sources, model, str(out), group_by, detector, limit, {**options, "owner_pid": os.getpid()})
         if result.get("finished", True):
             return result
         limit = next_chunk(max(result["done"] - before, 1), time.monotonic() - started)
