@@ -161,6 +161,34 @@ def test_kill_9_mid_analysis_with_a_detector_then_rerun_gives_every_car_once(sce
     assert refused.returncode == 2 and "another model" in refused.stdout and "detector" in refused.stdout
 
 
+@pytest.mark.slow
+def test_the_detector_in_onnx_runtime_finds_the_same_cars_and_is_exported_once(scenes, tiny_run, eager_detector,
+                                                                                tmp_path):
+    """`--engine onnx` runs the detector's backbone and head in ONNX Runtime too: every car found in PyTorch is
+    found, in the same box with the same score; the export is one file of the shared cache, made once."""
+    from carapp.cache import cache_dir
+    from carapp.detection.model import load_detector
+    folder, _ = scenes
+    rows, exports = {}, []
+    for attempt, engine in enumerate(("torch", "onnx", "onnx", "auto")):
+        detector = load_detector(eager_detector, device="cpu")
+        analyze([str(folder)], str(tiny_run), tmp_path / f"{engine}{attempt}", workers=0, detector=detector,
+                engine=engine)
+        assert (detector.onnx is not None) == (engine != "torch")  # auto: a small job, but exported already
+        rows[engine] = sorted(_rows(tmp_path / f"{engine}{attempt}" / "predictions.csv"),
+                              key=lambda r: (r["path"], r["car"]))
+        exports.append([f.stat().st_ino for f in cache_dir("engines").glob("detector-*.onnx")])
+    assert exports[0] == [] and len(exports[1]) == 1 and exports[1] == exports[2] == exports[3]
+    torch_rows, onnx_rows = rows["torch"], rows["onnx"]
+    assert [(r["path"], r["car"], r["cars"], r["status"] == "no-car") for r in onnx_rows] == \
+        [(r["path"], r["car"], r["cars"], r["status"] == "no-car") for r in torch_rows]
+    assert sum(r["status"] != "no-car" for r in torch_rows) >= 12  # there were cars to compare
+    for ours, theirs in zip(onnx_rows, torch_rows):
+        if ours["x1"]:
+            assert all(abs(float(ours[k]) - float(theirs[k])) <= 0.2 for k in ("x1", "y1", "x2", "y2"))
+            assert abs(float(ours["det_score"]) - float(theirs["det_score"])) <= 1e-3
+
+
 def test_a_car_at_the_photos_left_edge_is_shown_as_its_crop(tmp_path):
     """A box starting at x = 0 (a car cut by the frame) is still a box: pandas reads the column as the number 0.0,
     which the galleries once took for "no box" and showed the whole photo."""

@@ -33,7 +33,8 @@ from .. import rundir, safecsv
 from ..dataset.images import ImageError, open_image
 from ..dataset.loader import build_transform, ignore_stop_signals, resize_size
 from ..car_crops import car_crop, mark_small
-from ..engines import ENGINES, OnnxEngine, TorchEngine, export_shared, pick_engine, quantize, shared_onnx_path
+from ..engines import (ENGINES, OnnxEngine, TorchEngine, detector_engine, export_shared, pick_engine, quantize,
+                       shared_onnx_path)
 from ..runtime import init_distributed
 from .collection import READ_ERRORS, CollectionError, Item, collect
 from .summarize import META, short_summary, write_outputs
@@ -113,6 +114,7 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
     onnx_file = predictor.onnx_file or shared_onnx_path(predictor, run)  # an ONNX export brings its own
     if predictor.onnx_file and engine not in ("auto", "onnx", "int8"):
         raise ValueError(f"{run} is an ONNX export: it runs in ONNX Runtime (--engine onnx or int8), not {engine}")
+    detector_engine(detector, engine, len(items))
     engine = pick_engine(engine, predictor.device, len(items) * (predictor.image_size / 224) ** 2,
                          onnx_file.is_file())
     part = out / ("predictions.csv" if dist.world == 1 else f".predictions.rank{dist.rank}.csv")

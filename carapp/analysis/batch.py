@@ -49,7 +49,8 @@ class BatchPredictor:
     def __init__(self, run: str, detector: str | None = None, device: str = "auto", engine: str = "auto",
                  time_source: str = "list", root: str | None = None, batch_size: int = 32, vehicles: bool = False):
         from ..detection.model import load_detector
-        from ..engines import EXPORT_PAYS_OFF, OnnxEngine, TorchEngine, export_shared, pick_engine, shared_onnx_path
+        from ..engines import (EXPORT_PAYS_OFF, OnnxEngine, TorchEngine, detector_engine, export_shared, pick_engine,
+                               shared_onnx_path)
         from ..predict import Predictor
         if time_source not in TIME_SOURCES:
             raise ValueError(f"time_source must be one of {', '.join(TIME_SOURCES)}, not {time_source!r}")
@@ -61,6 +62,7 @@ class BatchPredictor:
         name = pick_engine(engine, self.predictor.device, EXPORT_PAYS_OFF, onnx_file.is_file())
         if name == "int8":
             raise ValueError("int8 needs calibration photos: use analyze --engine int8, or onnx here")
+        detector_engine(self.detector, engine, EXPORT_PAYS_OFF)
         self.run_batch = TorchEngine(self.predictor.model, self.predictor.device) if name == "torch" else \
             OnnxEngine(onnx_file if self.predictor.onnx_file else export_shared(self.predictor, onnx_file))
         photos = self.detector is not None

@@ -68,6 +68,18 @@ class Detector:
         self.model = model.eval()
         self.car_labels, self.source, self.min_score = car_labels, source, min_score
         self.device = torch.device("cpu")
+        self.onnx = None                # an ONNX Runtime session of backbone and head (run_in_onnx), or PyTorch's
+        self._levels: dict[tuple, list[tuple[int, int]]] = {}
+
+    @property
+    def exportable(self) -> bool:
+        """carapp's own FCOS: its backbone and head can run in ONNX Runtime (COCO's Faster R-CNN stays in PyTorch)."""
+        return isinstance(self.model, FCOS)
+
+    def run_in_onnx(self, session) -> Detector:
+        """Backbone and head in this ONNX Runtime session of engines.DetectorCore (carapp's FCOS, on a CPU)."""
+        self.onnx = session
+        return self
 
     def to(self, device: str | torch.device) -> Detector:
         self.device = torch.device(device)
@@ -95,13 +107,34 @@ class Detector:
         for start in range(0, len(photos), batch_size):
             batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True).to(self.device)
                      for p in photos[start:start + batch_size]]
-            for out in self.model(batch):
+            for out in self.model(batch) if self.onnx is None else self._forward_onnx(batch):
                 out = {k: v.cpu() for k, v in out.items()}
                 keep = (out["scores"] >= min_score) & torch.isin(out["labels"], torch.tensor(self.car_labels))
                 boxes, scores = out["boxes"][keep], out["scores"][keep]
                 kept = without_parts(boxes, scores)
                 found.append([Box(*map(float, boxes[i]), float(scores[i])) for i in kept])
         return found
+
+
+    def _forward_onnx(self, batch: list[torch.Tensor]) -> list[dict]:
+        """torchvision FCOS's forward at inference with its backbone and head in ONNX Runtime: the same transform,
+        anchors and box decoding, hence the same boxes."""
+        model, sizes = self.model, [tuple(photo.shape[-2:]) for photo in batch]
+        images, _ = model.transform(batch)
+        outputs = self.onnx.run(None, {"image": images.tensors.numpy()})
+        head = dict(zip(("cls_logits", "bbox_regression", "bbox_ctrness"), map(torch.from_numpy, outputs)))
+        levels = self._level_sizes(tuple(images.tensors.shape[-2:]))
+        anchors = model.anchor_generator(images, [torch.empty(1, 0, h, w) for h, w in levels])  # reads sizes only
+        counts = [h * w for h, w in levels]
+        split = {name: list(value.split(counts, dim=1)) for name, value in head.items()}
+        found = model.postprocess_detections(split, [list(a.split(counts)) for a in anchors], images.image_sizes)
+        return model.transform.postprocess(found, images.image_sizes, sizes)
+
+    def _level_sizes(self, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The feature pyramid's (height, width) per level for a batch of this size, from one PyTorch pass."""
+        if size not in self._levels:
+            self._levels[size] = [tuple(f.shape[-2:]) for f in self.model.backbone(torch.zeros(1, 3, *size)).values()]
+        return self._levels[size]
 
 
 def without_parts(boxes: torch.Tensor, scores: torch.Tensor, contained: float = CONTAINED) -> list[int]:
