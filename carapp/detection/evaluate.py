@@ -15,9 +15,9 @@ import numpy as np
 from ..dataset.images import open_image
 from ..dataset.scenes import read_scenes
 from .metrics import average_precision, count_figures, match
+from .model import CANDIDATE_SCORE  # every detection down to it counts for AP; the operating score for the rest
 
 
-CANDIDATE_SCORE = 0.05  # every detection down to this score counts for AP; the operating score for the rest
 
 
 def evaluate_detector(detector, scenes_dir: str | Path, predictor=None, batch_size: int = 8) -> dict:

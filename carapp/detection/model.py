@@ -29,6 +29,7 @@ from ..runtime import pick_device
 DETECTOR_KIND = "carapp-detector"   # what a detector checkpoint says it is (a classifier's best.pt is not one)
 INPUT_SIZE = (256, 192)             # width, height the detector sees (torchvision's transform resizes to it)
 PYRAMID = 64                        # channels of the feature pyramid and the head
+CANDIDATE_SCORE = 0.05              # the least score FCOS decodes a box for (every one counts for AP)
 MIN_SCORE = 0.3                     # detections below this score are not cars (a trained detector brings its own)
 CONTAINED = 0.7                     # a box this much inside a better one is part of that car (without_parts)
 COCO_VEHICLES = {"car": ("car",), "vehicles": ("car", "bus", "truck")}
@@ -41,7 +42,7 @@ def build_detector() -> FCOS:
                                extra_blocks=LastLevelP6P7(PYRAMID, PYRAMID))
     anchors = AnchorGenerator(((16,), (32,), (64,), (128,)), ((1.0,),) * 4)  # strides 8-64: one size per level
     return FCOS(backbone, num_classes=2, min_size=INPUT_SIZE[1], max_size=INPUT_SIZE[0],
-                anchor_generator=anchors, head=FCOSHead(PYRAMID, 1, 2, num_convs=2), score_thresh=0.05,
+                anchor_generator=anchors, head=FCOSHead(PYRAMID, 1, 2, num_convs=2), score_thresh=CANDIDATE_SCORE,
                 nms_thresh=0.5, detections_per_img=30)
 
 
@@ -103,6 +104,8 @@ class Detector:
         """The cars of each photo, best score first, in the photo's pixels; `min_score` instead of the operating
         score (evaluation keeps every candidate for AP)."""
         min_score = self.min_score if min_score is None else min_score
+        if self.exportable:  # no box under min_score is kept: decoding and NMS need not see them (the same boxes)
+            self.model.score_thresh = max(CANDIDATE_SCORE, min_score)
         found = []
         for start in range(0, len(photos), batch_size):
             batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True).to(self.device)
