@@ -104,8 +104,6 @@ class Detector:
         """The cars of each photo, best score first, in the photo's pixels; `min_score` instead of the operating
         score (evaluation keeps every candidate for AP)."""
         min_score = self.min_score if min_score is None else min_score
-        if self.exportable:  # no box under min_score is kept: decoding and NMS need not see them (the same boxes)
-            self.model.score_thresh = max(CANDIDATE_SCORE, min_score)
         found = []
         for start in range(0, len(photos), batch_size):
             batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True).to(self.device)
@@ -117,7 +115,6 @@ class Detector:
                 kept = without_parts(boxes, scores)
                 found.append([Box(*map(float, boxes[i]), float(scores[i])) for i in kept])
         return found
-
 
     def _forward_onnx(self, batch: list[torch.Tensor]) -> list[dict]:
         """torchvision FCOS's forward at inference with its backbone and head in ONNX Runtime: the same transform,
