@@ -194,6 +194,13 @@ def test_the_app_draws_no_empty_trend_chart_and_says_why(tmp_path):
                           for i in range(12)])
     figure, said = trend_of(str(tmp_path), "month")
     assert figure is None and "12 photos carry no time" in said
+    with open(tmp_path / "predictions.csv", "w", newline="") as f:  # makes named, but no photo has a time
+        writer = safecsv.Writer(f)
+        writer.writerow(COLUMNS + ["time"])
+        writer.writerows([[f"/p/{i}.jpg", "city", "model", "Aurora", 0.9, "Aurora X", 0.9, 0.1, "[]", "", ""]
+                          for i in range(12)])
+    figure, said = trend_of(str(tmp_path), "month")
+    assert figure is None and "12 photos carry no time" in said
     _predictions(tmp_path / "predictions.csv", {"Aurora": dict.fromkeys(MONTHS, 0.5)}, n=20)
     figure, _ = trend_of(str(tmp_path), "month")
     assert figure is not None and any(trace.name == "Aurora" for trace in figure.data)

@@ -121,18 +121,24 @@ def trend_sentences(t: Tally) -> list[str]:
 
 def trend_view(predictions: Path, period: str) -> tuple[go.Figure | None, list[str]]:
     """The trend chart and its sentences for an analysis's rows, per `period` (the Analyze tab's choice); no chart
-    when it would have no line (no make named): the sentences say why."""
+    when it would have no point (no make named, or no photo with a time): the sentences say why."""
     from .summary import tally
     t = tally(predictions, period)
     figure = trend_figure(t, "cars" if t.per_car else "photos")
-    return (figure if figure.data else None), trend_sentences(t)
+    return (figure if _has_points(figure) else None), trend_sentences(t)
+
+
+def _has_points(figure: go.Figure) -> bool:
+    return any(len(trace.x) for trace in figure.data)
 
 
 def _trend_section(t: Tally, unit: str) -> list[str]:
     counts = "".join(f"<tr><td>{html.escape(period_label(p))}</td><td>{t.images[(ALL_GROUPS, p)]:,}</td></tr>"
                      for p in sorted({p for g, p in t.images if g == ALL_GROUPS and p != ALL_PERIODS},
                                      key=lambda p: (p == NO_TIME, p)))
-    return [f"<h2>Over time (per {t.period}, of {unit}, 95% bands)</h2>", _html(trend_figure(t, unit), "trend"),
+    figure = trend_figure(t, unit)
+    chart = _html(figure, "trend") if _has_points(figure) else ""  # no axes of nothing when no photo has a time
+    return [f"<h2>Over time (per {t.period}, of {unit}, 95% bands)</h2>", chart,
             "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in trend_sentences(t)) + "</ul>",
             f"<table><tr><th>{t.period}</th><th>photos</th></tr>{counts}</table>"]
 
