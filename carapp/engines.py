@@ -115,9 +115,13 @@ def shared_onnx_path(predictor, source: str | Path) -> Path:
     (its weights file and their mtime, its labels, input size, the exporting torch and what its features hold),
     shared by every analysis of it, the app's and the CLI's. An export is a ~94 MB file and ~30 s of a 2-core CPU
     for a ResNet-50."""
-    key = [list(model_version(source)), predictor.labels, predictor.image_size, torch.__version__,
-           FEATURES_VERSION]
-    return cache_dir("engines") / f"model-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.onnx"
+    return _cached_export("model", [list(model_version(source)), predictor.labels, predictor.image_size,
+                                    torch.__version__, FEATURES_VERSION])
+
+
+def _cached_export(kind: str, key: list) -> Path:
+    """An export's place in the engine cache: its kind, then a hash of what makes it (_made_once prunes per kind)."""
+    return cache_dir("engines") / f"{kind}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.onnx"
 
 
 def export_shared(predictor, path: Path) -> Path:
@@ -157,8 +161,7 @@ class DetectorCore(torch.nn.Module):
 
 def detector_onnx_path(source: str | Path) -> Path:
     """Where the ONNX export of the detector behind `source` lives in the engine cache, one per detector version."""
-    key = [list(model_version(source)), torch.__version__]
-    return cache_dir("engines") / f"detector-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.onnx"
+    return _cached_export("detector", [list(model_version(source)), torch.__version__])
 
 
 def export_detector_shared(fcos: torch.nn.Module, path: Path) -> Path:

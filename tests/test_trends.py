@@ -187,20 +187,16 @@ def test_the_app_draws_no_empty_trend_chart_and_says_why(tmp_path):
     """Photos with no car and no time (plain colours from a phone without a clock): no chart of nothing, sentences
     instead; with months and makes, a chart with each make."""
     from carapp.ui.analyze_tab import trend_of
-    with open(tmp_path / "predictions.csv", "w", newline="") as f:
-        writer = safecsv.Writer(f)
-        writer.writerow(COLUMNS + ["time"])
-        writer.writerows([[f"/p/{i}.jpg", "city", "no-car", "", 0.0, "", 0.0, 2.0, "[]", "No car: ...", ""]
-                          for i in range(12)])
-    figure, said = trend_of(str(tmp_path), "month")
-    assert figure is None and "12 photos carry no time" in said
-    with open(tmp_path / "predictions.csv", "w", newline="") as f:  # makes named, but no photo has a time
-        writer = safecsv.Writer(f)
-        writer.writerow(COLUMNS + ["time"])
-        writer.writerows([[f"/p/{i}.jpg", "city", "model", "Aurora", 0.9, "Aurora X", 0.9, 0.1, "[]", "", ""]
-                          for i in range(12)])
-    figure, said = trend_of(str(tmp_path), "month")
-    assert figure is None and "12 photos carry no time" in said
+    def untimed(answer: list) -> None:  # 12 photos, each with this answer and no time
+        with open(tmp_path / "predictions.csv", "w", newline="") as f:
+            writer = safecsv.Writer(f)
+            writer.writerow(COLUMNS + ["time"])
+            writer.writerows([[f"/p/{i}.jpg", "city", *answer, ""] for i in range(12)])
+    for answer in (["no-car", "", 0.0, "", 0.0, 2.0, "[]", "No car: ..."],   # no make named
+                   ["model", "Aurora", 0.9, "Aurora X", 0.9, 0.1, "[]", ""]):  # makes named, no photo with a time
+        untimed(answer)
+        figure, said = trend_of(str(tmp_path), "month")
+        assert figure is None and "12 photos carry no time" in said
     _predictions(tmp_path / "predictions.csv", {"Aurora": dict.fromkeys(MONTHS, 0.5)}, n=20)
     figure, _ = trend_of(str(tmp_path), "month")
     assert figure is not None and any(trace.name == "Aurora" for trace in figure.data)

@@ -114,7 +114,7 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
     onnx_file = predictor.onnx_file or shared_onnx_path(predictor, run)  # an ONNX export brings its own
     if predictor.onnx_file and engine not in ("auto", "onnx", "int8"):
         raise ValueError(f"{run} is an ONNX export: it runs in ONNX Runtime (--engine onnx or int8), not {engine}")
-    detector_engine(detector, engine, len(items))
+    asked = engine  # the detector follows the rule from what was asked, not from the classifier's pick
     engine = pick_engine(engine, predictor.device, len(items) * (predictor.image_size / 224) ** 2,
                          onnx_file.is_file())
     part = out / ("predictions.csv" if dist.world == 1 else f".predictions.rank{dist.rank}.csv")
@@ -124,10 +124,12 @@ def analyze(sources: list[str], run: str, out: str | Path, group_by: str = "fold
         done = read_done(part, per_car=detector is not None)  # a resumed run shows what it has from the start
         rundir.write_json(out / "progress.json", {"status": "running", "done": len(done) * dist.world,
                                                   "total": len(items), "pid": owner_pid, "updated": time.time()})
-        model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
+        model_file = _prepare_engine(engine, predictor, onnx_file, out, items)  # after the claim: a refused OUT
+        detector_engine(detector, asked, len(items))                          # costs no export
     dist.barrier()
-    if not dist.main:  # rank 0 exported it: here it is found in the cache
+    if not dist.main:  # rank 0 exported them: here they are found in the cache
         model_file = _prepare_engine(engine, predictor, onnx_file, out, items)
+        detector_engine(detector, asked, len(items))
         done = read_done(part, per_car=detector is not None)
     pending = [item for item in shard if item.path not in done]
     left_over = len(pending) - limit if limit is not None and len(pending) > limit else 0
