@@ -6,7 +6,7 @@ Without --run it trains the demo preset (ResNet-50 from scratch, ~6 minutes on a
 outlier-exposure term too), which calibrates itself at the end. It then measures on the test split: top-1, ECE, the
 share answered "model" and their accuracy; and, on photos without a car, per family:
 - every generated kind of carapp.dataset.demo.make_no_car_images (seed 1, other images than outlier exposure's);
-  the kinds outlier exposure trains on (training/negatives.OE_KINDS) are marked, the others are held out;
+  the kinds outlier exposure trains on (dataset/negatives.OE_KINDS) are marked, the others are held out;
 - real photographs: the sample photos of scikit-image, scikit-learn and matplotlib (the "design" family: looked at
   while the signals were chosen; `pip install scikit-image matplotlib` for all 31 of them) and those bundled with
   gradio (held out: looked at only to report).
@@ -138,7 +138,7 @@ def main() -> int:
     from carapp.evaluation.answers import Calibration, class_makes_of
     from carapp.evaluation.evaluate import evaluate_run
     from carapp.rundir import label_names
-    from carapp.training.negatives import OE_KINDS
+    from carapp.dataset.negatives import OE_KINDS
     work = Path(args.keep or tempfile.mkdtemp(prefix="carapp-trust-"))
     run = Path(args.run) if args.run else train_demo(work, args.seed, args.negatives)
     config = json.loads((run / "config.json").read_text())

@@ -41,6 +41,14 @@ def crop_region(box: list[float], rule: dict) -> tuple[float, float, float, floa
     return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
+def min_box_side(rule: dict, input_size: int) -> int:
+    """The shortest box side a car is named at: its crop (the box, or the box with its context) must not be
+    enlarged more than twice to the model's input (CarNET refuses boxes under 180 px for its 224-px models). With a
+    context rule the crop is larger than the box, so a smaller box will do: 21 px for the demo's 64-px model."""
+    grows = min(rule.get("width", 1.0), rule.get("height", 1.0)) if rule.get("kind") == "context" else 1.0
+    return max(16, round(input_size / 2 / max(grows, 1.0)))
+
+
 def mark_small(answer, short_side: float, min_box: int) -> None:
     """A car whose box's shorter side is under min_box is `small`, not named, and says why (an Answer or a
     Prediction: anything with status and reason)."""

@@ -21,7 +21,7 @@ from . import rundir
 from .cam import METHODS, gradcam_from_features, overlay, package_cam
 from .dataset.images import open_image
 from .dataset.loader import build_transform, letterbox_box, resize_size, to_input
-from .car_crops import BOX, DEFAULT_CONTEXT, car_crop, mark_small
+from .car_crops import BOX, DEFAULT_CONTEXT, car_crop, mark_small, min_box_side
 from .detection.model import Box, Detector
 from .engines import OnnxEngine
 from .evaluation.answers import Calibration, class_makes_of, first_words
@@ -120,9 +120,8 @@ class Predictor:
 
     @property
     def min_box(self) -> int:
-        """Cars whose box's shorter side is below this are `small`, not named: their crop would be enlarged more
-        than twice to the model's input (CarNET refuses boxes under 180 px for its 224-px models)."""
-        return max(16, self.image_size // 2)
+        """Cars whose box's shorter side is below this are `small`, not named (car_crops.min_box_side)."""
+        return min_box_side(self.crop_rule, self.image_size)
 
     def predict_cars(self, images: list[Image.Image], detector: Detector, top_k: int = 5, cam: bool = False,
                      method: str = "gradcam", tta: bool = False, thresholds: dict | None = None,
@@ -140,8 +139,8 @@ class Predictor:
         min_box = self.min_box if min_box is None else min_box
         crops = [(i, box, car_crop(images[i], box.as_list(), self.crop_rule)) for i, boxes in enumerate(found)
                  for box in boxes]
-        answers = self.predict_many([c for _, _, c in crops], top_k, cam, method, None, tta, thresholds) \
-            if crops else []
+        answers = self.predict_many([c for _, _, c in crops], top_k, cam, method, None, tta, thresholds,
+                                    cars=True) if crops else []
         cars: list[list[Prediction]] = [[] for _ in images]
         for (i, box, _), car in zip(crops, answers):
             car.box, car.det_score = box.as_list(), box.score
@@ -153,19 +152,20 @@ class Predictor:
         return [_photo_answer(mine, whole.get(i), detector) for i, mine in enumerate(cars)]
 
     def predict_many(self, images: list[Image.Image], top_k: int = 5, cam: bool = True, method: str = "gradcam",
-                     target: int | str | None = None, tta: bool = False,
-                     thresholds: dict | None = None) -> list[Prediction]:
-        """One batched forward pass for several photos; the default heatmaps come from that same pass."""
+                     target: int | str | None = None, tta: bool = False, thresholds: dict | None = None,
+                     cars: bool = False) -> list[Prediction]:
+        """One batched forward pass for several photos; the default heatmaps come from that same pass. `cars`: the
+        photos are crops of cars a detector found (judged "not a car" by trust.CAR_SIGNALS alone)."""
         if cam and method not in METHODS:
             raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(METHODS)}")
         images = [im.convert("RGB") for im in images]
         if self.onnx is not None:
-            return self._predict_onnx(images, top_k, tta, thresholds)
+            return self._predict_onnx(images, top_k, tta, thresholds, cars)
         x = self.prepare(images)
         with torch.inference_mode():
             logits, pooled, features = forward(self.model, x, tta)
             answers = self.calibration.answers(logits.float().cpu().numpy(), pooled.float().cpu().numpy(),
-                                               min(top_k, len(self.labels)), thresholds)
+                                               min(top_k, len(self.labels)), thresholds, cars)
             preds = [Prediction.of(a) for a in answers]
             if not cam:
                 return preds
@@ -180,12 +180,12 @@ class Predictor:
             pred.cam, pred.explained = overlay_on_photo(im, heat, self.image_size, self.resize), self.labels[t]
         return preds
 
-    def _predict_onnx(self, images: list[Image.Image], top_k: int, tta: bool, thresholds: dict | None):
+    def _predict_onnx(self, images: list[Image.Image], top_k: int, tta: bool, thresholds: dict | None, cars: bool):
         batch = torch.stack([self.transform(im) for im in images])
         logits, pooled = self.onnx(batch)
         if tta:  # as forward() does: the logits averaged with the mirrored photo's
             logits = (logits + self.onnx(batch.flip(-1))[0]) / 2
-        answers = self.calibration.answers(logits, pooled, min(top_k, len(self.labels)), thresholds)
+        answers = self.calibration.answers(logits, pooled, min(top_k, len(self.labels)), thresholds, cars)
         return [Prediction.of(a) for a in answers]
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:

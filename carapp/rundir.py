@@ -56,9 +56,10 @@ def read_split(run: Path, bboxes_by_path: dict | None = None) -> Split:
 
 
 def read_run_split(run: Path, cfg) -> Split:
-    """The frozen split of a run, with the dataset's car boxes when the run crops to them (cfg: its TrainConfig)."""
+    """The frozen split of a run, with the dataset's car boxes when the run uses them (cfg: its TrainConfig: it crops
+    to them, or moves cars onto backdrops)."""
     boxes = None
-    if cfg.crop_bbox:
+    if cfg.crop_bbox or cfg.backdrops:
         index = index_dataset(cfg.data, cfg.format)
         boxes = dict(zip(index.paths, index.bboxes))
     return read_split(run, boxes)

@@ -159,7 +159,7 @@ def test_photos_without_a_car_are_not_named_as_cars(demo_root, tmp_path):
     import importlib.util
 
     from carapp.dataset.demo import make_no_car_images
-    from carapp.training.negatives import OE_KINDS
+    from carapp.dataset.negatives import OE_KINDS
     run = tmp_path / "run"
     cli_json("train", "--data", demo_root, "--run-dir", run, "--epochs", "8", "--patience", "8",
              "--negatives", "generated", *FAST_TRAIN)

@@ -14,7 +14,7 @@ from PIL import Image
 from carapp import rundir
 from carapp.checkpoint import CheckpointError
 from carapp.dataset.scenes import make_demo_scenes
-from carapp.car_crops import BOX, car_crop, crop_region, measure_context
+from carapp.car_crops import BOX, car_crop, crop_region, measure_context, min_box_side
 from carapp.detection.metrics import average_precision, count_figures, operating_score
 from carapp.detection.model import Detector, load_detector
 from carapp.detection.train import detector_config, train_detector
@@ -98,6 +98,9 @@ def test_the_crop_follows_how_the_classifier_trained():
     assert context["dy"] < 0  # the photos' centre sits above their cars
     x1, y1, x2, y2 = crop_region([100, 100, 140, 120], context)
     assert (x2 - x1, y2 - y1) == pytest.approx((64, 48)) and (y1 + y2) / 2 < 110
+    # the smallest box named: its crop enlarged at most twice to the input; the context makes the crop larger
+    assert min_box_side(BOX, 224) == 112 and min_box_side(context, 224) == 70 and min_box_side(context, 32) == 16
+    assert min_box_side({"kind": "context", "width": 1.45, "height": 1.6}, 64) == 22  # the demo model
     photo = Image.new("RGB", (160, 120), (200, 10, 10))
     crop = car_crop(photo, [130, 90, 160, 120], context)  # runs past the corner: filled with the photo's colour
     assert crop.size == (48, 72) and crop.getpixel((0, 0)) == (200, 10, 10)

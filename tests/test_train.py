@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, cli_error, cli_json, run_cli
@@ -183,6 +184,34 @@ def test_config_refuses_values_no_run_can_train_with():
     for field, value in (("image_size", 8), ("dropout", 1.0), ("lr", -1e-3), ("backbone", "vgg16")):
         with pytest.raises(ValueError, match=field):
             make_config("demo", **{field: value})
+    with pytest.raises(ValueError, match="backdrops .*only with --negatives"):
+        make_config("demo", negatives="", backdrops=0.3)  # the backdrops are the negatives' photos
+    assert make_config("demo").backdrops == 0.15 and make_config("demo", negatives="").backdrops == 0  # both off
+
+
+def test_backdrops_move_the_car_onto_a_photo_without_one_the_same_way_on_every_draw(tmp_path):
+    """--backdrops: the labelled box stays where it was, everything around it is the backdrop; whether a sample moves
+    and onto which backdrop is its seed's business (a resumed run sees the very same photos)."""
+    from carapp.dataset.loader import CarImages, build_transform
+    from carapp.dataset.negatives import Backdrops
+    (tmp_path / "neg").mkdir()
+    Image.new("RGB", (50, 40), (0, 200, 0)).save(tmp_path / "neg" / "green.png")
+    Image.new("RGB", (80, 60), (200, 0, 0)).save(tmp_path / "photo.png")
+    box = [21, 11, 60, 40]  # 1-based, inclusive: pixels 20..59 x 10..39
+    always = Backdrops(str(tmp_path / "neg"), 1.0)
+    moved = always.place(Image.open(tmp_path / "photo.png").convert("RGB"), box, always.pick(7))
+    assert moved.size == (80, 60) and moved.getpixel((20, 10)) == moved.getpixel((59, 39)) == (200, 0, 0)
+    assert moved.getpixel((19, 10)) == moved.getpixel((60, 39)) == moved.getpixel((0, 0)) == (0, 200, 0)
+    third = Backdrops(str(tmp_path / "neg"), 0.3)
+    picks = [third.pick(seed) for seed in range(1000)]
+    assert picks == [third.pick(seed) for seed in range(1000)] and 0.25 < np.mean([p is not None for p in picks]) < 0.35
+    images = CarImages(str(tmp_path), ["photo.png"], [0], [box], build_transform(32, False), image_size=32,
+                       backdrops=always)
+    seeded, plain = images[(0, 5)][1][0], images[0][1][0]  # evaluation (no seed) never moves a car
+    assert (seeded[1] > 150).any() and not (plain[1] > 150).any()
+    cropped = CarImages(str(tmp_path), ["photo.png"], [0], [box], build_transform(32, False), crop_bbox=True,
+                        image_size=32, backdrops=always)
+    assert not (cropped[(0, 5)][1][0][1] > 150).any()  # a run trained on the box alone has no background to move
 
 
 def _exact_config(demo_root):
@@ -267,11 +296,12 @@ def test_outlier_exposure_resumes_exactly_and_refuses_a_wrong_folder(demo_root, 
     make_no_car_images(tmp_path / "neg", 12, seed=3)
     import dataclasses
 
-    def config():
-        return dataclasses.replace(_exact_config(demo_root), negatives=str(tmp_path / "neg"))
+    def config():  # half the cars on the negatives too: their draws must resume as exactly
+        return dataclasses.replace(_exact_config(demo_root), negatives=str(tmp_path / "neg"), backdrops=0.5)
     straight = tmp_path / "straight"
     train(config(), straight)
-    assert "outlier exposure: 12 photos without a car" in (straight / "train.log").read_text()
+    log_text = (straight / "train.log").read_text()
+    assert "outlier exposure: 12 photos without a car" in log_text and "backdrops: 50% of the training cars" in log_text
     calls = []
     monkeypatch.setattr(rundir, "stop_requested", lambda run: calls.append(1) or len(calls) == 6)
     stopped = tmp_path / "stopped"
@@ -284,6 +314,9 @@ def test_outlier_exposure_resumes_exactly_and_refuses_a_wrong_folder(demo_root, 
     plain = tmp_path / "plain"
     train(_exact_config(demo_root), plain)
     assert read_metrics(plain)[0]["train_loss"] != read_metrics(straight)[0]["train_loss"]
+    # the limit a found car is judged by: validation cars moved onto the negatives (a run without them has none)
+    limits = [json.loads((run / "calibration.json").read_text())["thresholds"] for run in (straight, plain)]
+    assert limits[0]["ood_car"] > 0 and "ood_car" not in limits[1]
     for wrong, said in ((tmp_path / "absent", "not a folder"), (tmp_path / "empty", "no photos")):
         (tmp_path / "empty").mkdir(exist_ok=True)
         message = cli_error("train", "--data", demo_root, "--run-dir", tmp_path / f"bad-{wrong.name}",
@@ -295,7 +328,7 @@ def test_outlier_exposure_resumes_exactly_and_refuses_a_wrong_folder(demo_root, 
 def test_generated_negatives_are_made_once_and_survive_an_unwritable_cache(tmp_path, monkeypatch, caplog):
     import tempfile
 
-    from carapp.training.negatives import GENERATED_COUNT, negatives_folder
+    from carapp.dataset.negatives import GENERATED_COUNT, negatives_folder
     blocked = tmp_path / "cache-is-a-file"
     blocked.write_text("")
     monkeypatch.setenv("CARAPP_CACHE", str(blocked))

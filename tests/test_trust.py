@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from carapp.evaluation import trust
-from carapp.evaluation.trust import (FarScore, FeatureBank, StageGaussians, accept_threshold, answer_status, auroc,
-                                     coverage_curve, ece, fit_temperature, make_probs, nll, ood_threshold,
-                                     reliability_bins, selective_metrics, softmax)
+from carapp.evaluation.trust import (CAR_SIGNALS, FarScore, FeatureBank, StageGaussians, accept_threshold,
+                                     answer_status, auroc, coverage_curve, ece, fit_temperature, make_probs, nll,
+                                     ood_threshold, reliability_bins, selective_metrics, softmax)
 
 # ---------------------------------------------------------------------------------------------- calibration
 
@@ -213,6 +213,39 @@ def test_far_score_is_on_the_scale_of_the_validation_cars_and_names_its_signal()
     quiet = logits[:5] * 0 - 5.0                # no class responds: low energy
     score, signals = far.score(val[:5], quiet)
     assert (score > 1.5).all() and set(signals) == {"energy"}
+
+
+def test_a_detected_car_is_judged_by_its_shapes_and_class_responses_not_its_colours():
+    """A car the detector found sits in a street of another kind: its colour statistics may be unlike every training
+    photo, and that alone must not make it "not a car"; no class responding still does."""
+    from carapp.evaluation.answers import Calibration
+    rng = np.random.default_rng(2)
+    far, val, logits = far_score(rng)
+    odd = val[:5].copy()
+    odd[:, 16 + 8:] += 6.0                      # layer1's statistics only
+    score, signals = far.score(odd, logits[:5], only=CAR_SIGNALS)
+    assert (score < 1.5).all() and set(signals) <= set(CAR_SIGNALS)
+    calibration = Calibration(["A x", "A y", "B x", "B y"], ["A", "A", "B", "B"], 1.0,
+                              {"model": 0.5, "make": 0.5, "ood": 1.5}, far, True)
+    assert {a.status for a in calibration.answers(logits[:5], odd)} == {"no-car"}
+    assert "no-car" not in {a.status for a in calibration.answers(logits[:5], odd, cars=True)}
+    quiet = logits[:5] * 0 - 5.0
+    assert {a.status for a in calibration.answers(quiet, val[:5], cars=True)} == {"no-car"}
+    between = val[:5].copy()
+    between[:, :16] = rng.normal(size=(5, 16))  # shapes unlike the training cars': layer3 far
+    scores = far.score(between, logits[:5], only=CAR_SIGNALS)[0]
+    limits = {"model": 0.5, "make": 0.5, "ood": float(scores.min()) - 0.1, "ood_car": float(scores.max()) + 0.1}
+    calibration.thresholds = limits  # cars moved onto other backgrounds set a found car's own, higher limit
+    assert {a.status for a in calibration.answers(logits[:5], between, cars=True)} != {"no-car"}
+    refused = calibration.answers(logits[:5], between)
+    assert {a.status for a in refused} == {"no-car"} and "shown on other backgrounds" not in refused[0].reason
+    own = calibration.answers(logits[:5], between, cars=True, thresholds={"ood": limits["ood"]})  # a caller's limit
+    assert {a.status for a in own} == {"no-car"}
+    limits["ood_car"] = limits["ood"] - 0.05
+    said = calibration.answers(logits[:5], between, cars=True)[0]
+    assert said.status == "no-car" and "validation cars shown on other backgrounds score below" in said.reason
+    old = FarScore(far.bank)  # a run calibrated before the stage statistics: its one signal still counts
+    assert old.score(odd[:, :16], logits[:5], only=CAR_SIGNALS)[1] == ["layer3"] * 5
 
 
 def test_far_score_save_load_round_trip_and_an_old_bank_alone(tmp_path):

@@ -231,7 +231,7 @@ def _car_rows(predictor, detector, run_batch, items: list[Item], photos: list, b
     for start in range(0, len(cars), batch_size):
         crops = [car_crop(photos[i], box.as_list(), predictor.crop_rule) for i, _, box in cars[start:start + batch_size]]
         logits, features = run_batch(torch.stack([predictor.transform(crop) for crop in crops]))
-        answers += predictor.calibration.answers(logits, features, 5)
+        answers += predictor.calibration.answers(logits, features, 5, cars=True)
     rows = [[item.path, item.group, "no-car", "", "", "", "", "", "", detector.no_car_reason, 0, 0, "", "", "", "", ""]
             for i, item in enumerate(items) if not found[i]]
     for (i, k, box), a in zip(cars, answers):

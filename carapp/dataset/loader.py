@@ -83,25 +83,33 @@ def to_input(images: torch.Tensor, device: torch.device, channels_last: bool = F
     return x.contiguous(memory_format=torch.channels_last) if channels_last and device.type == "cuda" else x
 
 
-def split_images(cfg, split, which: str, train: bool = False) -> "CarImages":
-    """One split of a run (cfg: its TrainConfig; split: a data.Split) as a dataset: training augmentation when
-    `train`, the evaluation transform otherwise; the pre-resized copy of the dataset when there is one."""
+def split_images(cfg, split, which: str, train: bool = False, backdrops=None) -> "CarImages":
+    """One split of a run (cfg: its TrainConfig; split: a dataset.split.Split) as a dataset: training augmentation
+    when `train`, the evaluation transform otherwise; the pre-resized copy of the dataset when there is one.
+    `backdrops` (dataset.negatives.Backdrops): some training cars are moved onto photos without a car."""
     from .resized import ResizedCache
     paths, labels, boxes = split.subset(which)
     transform = build_transform(cfg.image_size, train, cfg.jitter, cfg.resize)
     return CarImages(cfg.data, paths, labels, boxes, transform, cfg.crop_bbox, cfg.image_size,
-                     ResizedCache.find(cfg.data, cfg.image_size))
+                     ResizedCache.find(cfg.data, cfg.image_size), backdrops)
 
 
 class CarImages(Dataset):
-    """Images of a split; an unreadable file yields None so the batch goes on without it."""
+    """Images of a split; an unreadable file yields None so the batch goes on without it. Boxes (1-based x1 y1 x2
+    y2) crop the photo with `crop_bbox`; with `backdrops`, a seeded sample may have its car moved onto a backdrop."""
 
     def __init__(self, root: str, paths: list[str], labels: list[int], bboxes: list | None = None,
-                 transform=None, crop_bbox: bool = False, image_size: int = 224, cache=None):
+                 transform=None, crop_bbox: bool = False, image_size: int = 224, cache=None, backdrops=None):
         self.root, self.paths, self.labels, self.cache = root, paths, labels, cache
-        self.bboxes = bboxes if (bboxes is not None and crop_bbox) else [None] * len(paths)
+        self.bboxes = bboxes if bboxes is not None else [None] * len(paths)
+        self.crop_bbox = crop_bbox
+        self.backdrops = backdrops if not crop_bbox else None  # a crop to the box shows no background to move
         self.transform = transform
         self.draft_size = resize_size(image_size)
+
+    def boxed(self) -> int:
+        """How many of the images have a car box."""
+        return sum(box is not None for box in self.bboxes)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -115,11 +123,15 @@ class CarImages(Dataset):
         if hit:  # the pre-resized copy (carapp.dataset.resized); boxes scale with it
             path, scale = hit
             bbox = [v * scale for v in bbox] if bbox else None
-        try:
-            img = open_image(path, bbox, draft_size=self.draft_size)
+        backdrop = self.backdrops.pick(seed) if self.backdrops and seed is not None and bbox else None
+        try:  # a car to move is decoded at full size: its box is in the file's pixels
+            img = open_image(path, bbox if self.crop_bbox else None,
+                             draft_size=self.draft_size if backdrop is None else None)
         except (ImageError, OSError) as exc:
             log.debug("skipping %s: %s", self.paths[i], exc)
             return i, None
+        if backdrop is not None:
+            img = self.backdrops.place(img, bbox, backdrop)
         if seed is None:
             return i, (self.transform(img), self.labels[i])
         rng = torch.default_generator  # the CPU stream the transforms draw from (torch.manual_seed costs 100x more)

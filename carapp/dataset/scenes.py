@@ -30,7 +30,7 @@ SCENE_CARS = (0, 1, 1, 2, 2, 2, 3, 3, 4, 4)  # how many cars a scene holds: draw
 SCENES_FILE = "scenes.json"
 SCENE_WIDTHS = {"road": (0.12, 0.6), "other": (0.08, 0.7)}  # a car's width, as a share of the photo's
 # backdrops of the "other" style: kinds no carapp training sees (outlier exposure and the detector's negatives use
-# training.negatives.OE_KINDS: scene, leaves, noise, shapes)
+# dataset.negatives.OE_KINDS: scene, leaves, noise, shapes)
 OTHER_BACKDROPS = ("fractal", "texture", "gradient")
 MIN_VISIBLE = 0.5  # a car less than half in view (behind nearer cars, or out of the frame) is left out
 _SCENE_TAG = 0x7363656E  # "scen": keeps these draws apart from the demo photos'

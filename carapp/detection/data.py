@@ -160,9 +160,9 @@ def validation_set(photos: list[BoxedPhoto], seed: int, count: int = VAL_MOSAICS
 
 
 def negative_paths(spec: str) -> list[str]:
-    """The photos without a car a --negatives value names (training.negatives: a folder, or `generated`)."""
+    """The photos without a car a --negatives value names (dataset.negatives: a folder, or `generated`)."""
     if not spec:
         return []
-    from ..training.negatives import negative_photos
+    from ..dataset.negatives import negative_photos
     folder, paths = negative_photos(spec)
     return [os.path.join(folder, p) for p in paths]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..rundir import read_json
-from .trust import SIGNAL_SHORT, SIGNAL_WORDS, FarScore, FeatureBank, answer_status, make_probs, softmax
+from .trust import CAR_SIGNALS, SIGNAL_SHORT, SIGNAL_WORDS, FarScore, FeatureBank, answer_status, make_probs, softmax
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +67,24 @@ class Calibration:
     def probs(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits, self.temperature)
 
-    def ood_scores(self, features: np.ndarray | None, logits: np.ndarray) -> tuple[np.ndarray | None, list]:
+    def ood_scores(self, features: np.ndarray | None, logits: np.ndarray,
+                   cars: bool = False) -> tuple[np.ndarray | None, list]:
+        """The "not a car" scores and the signal that set each; `cars`: of detected cars (trust.CAR_SIGNALS)."""
         if self.far is None or features is None:
             return None, [None] * len(logits)
-        return self.far.score(features, logits)
+        return self.far.score(features, logits, CAR_SIGNALS if cars else None)
 
     def answers(self, logits: np.ndarray, features: np.ndarray | None = None, top_k: int = 5,
-                thresholds: dict | None = None) -> list[Answer]:
-        """One Answer per row of logits; `thresholds` overrides the stored ones (the app's sliders)."""
+                thresholds: dict | None = None, cars: bool = False) -> list[Answer]:
+        """One Answer per row of logits; `thresholds` overrides the stored ones (the app's sliders); `cars`: the
+        rows are crops of cars a detector found."""
         probs = self.probs(logits)
         make_names, by_make = make_probs(probs, self.class_makes)
-        scores, signals = self.ood_scores(features, logits)
+        scores, signals = self.ood_scores(features, logits, cars)
         limits = {**self.thresholds, **(thresholds or {})}
+        moved = cars and limits.get("ood_car") is not None and "ood" not in (thresholds or {})
+        if moved:  # a found car stands in a street of another kind: judged as cars on other backgrounds are
+            limits["ood"] = limits["ood_car"]
         out = []
         for i, row in enumerate(probs):
             best = np.argsort(-row)[:top_k]
@@ -88,7 +94,7 @@ class Calibration:
             answer = Answer(status, [(self.labels[j], float(row[j])) for j in best],
                             (make_names[makes[0]], float(by_make[i, makes[0]])),
                             [(make_names[j], float(by_make[i, j])) for j in makes], score, signals[i])
-            answer.reason = reason(answer, limits)
+            answer.reason = reason(answer, limits, moved)
             out.append(answer)
         return out
 
@@ -107,15 +113,17 @@ def _load_far_score(folder: Path, info: dict) -> FarScore | None:
         return None
 
 
-def reason(answer: Answer, limits: dict) -> str:
-    """Why an answer has its status, in words and numbers: the threshold passed or missed, or what refused it."""
+def reason(answer: Answer, limits: dict, moved: bool = False) -> str:
+    """Why an answer has its status, in words and numbers: the threshold passed or missed, or what refused it
+    (`moved`: the "not a car" limit is the one of validation cars shown on other backgrounds)."""
     (name, prob), (make, make_prob) = answer.top[0], answer.make
     if answer.status == "no-car":
         words = SIGNAL_WORDS.get(answer.ood_signal or "layer3", SIGNAL_WORDS["layer3"])
-        return (f"Not a car: {words} (far-from-training score {answer.ood_score:.2f}; "
-                f"99% of the validation cars score below {limits['ood']:.2f}).")
+        return (f"Not a car: {words} (far-from-training score {answer.ood_score:.2f}; 99% of the validation cars"
+                f"{' shown on other backgrounds' if moved else ''} score below {limits['ood']:.2f}).")
     checked = "" if answer.ood_score is None or limits.get("ood") is None else \
-        f" Far-from-training score {answer.ood_score:.2f}, under the {limits['ood']:.2f} where 'not a car' begins."
+        f" Far-from-training score {answer.ood_score:.2f}, under the {limits['ood']:.2f} where 'not a car' begins" \
+        f"{' for a car found in a photo' if moved else ''}."
     if answer.status == "model":
         return f"{name}: {prob:.0%}, at or above the {limits['model']:.0%} a model answer needs.{checked}"
     missed = f"the best model, {name}, has {prob:.0%}, under the {limits['model']:.0%} a model answer needs"

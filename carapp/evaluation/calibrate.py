@@ -7,7 +7,8 @@ Training calls this after its last epoch; older runs can be calibrated afterward
   the NLL without raising the ECE, else 1, with the fitted one as `temperature_fitted`), ECE and NLL before and after, the reliability bins, and the thresholds: `model` and `make` are the lowest confidences at which the
   accepted validation answers reach the target accuracy with 90% confidence (one-sided Wilson bound: the observed
   share alone overshoots on new photos when the validation split holds only a handful of errors); `ood` is the
-  feature-space distance that 99% of validation cars stay below.
+  feature-space distance that 99% of validation cars stay below; `ood_car` (a run trained with --negatives), the one a
+  car a detector found is judged by: 99% of the validation cars stay below it when moved onto those negatives.
 - feature_bank.npz: the pooled layer3 features of up to 20 training images per class (their k-NN distance is one
   "not a car" signal), and feature_stats.npz: Gaussians of the early stages' channel statistics of the same images,
   and the scale of every signal on the validation cars. The "not a car" score is the largest scaled signal
@@ -15,6 +16,7 @@ Training calls this after its last epoch; older runs can be calibrated afterward
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -28,12 +30,13 @@ from .. import rundir
 from ..cam import stage_widths
 from ..checkpoint import CheckpointError
 from ..dataset.index import index_dataset
-from ..dataset.loader import make_loader
+from ..dataset.loader import make_loader, split_images
+from ..dataset.negatives import Backdrops
 from ..car_crops import BOX, DEFAULT_CONTEXT, measure_context
 from .answers import BANK_FILE, CALIBRATION_FILE, STATS_FILE, class_makes_of, first_words
 from .evaluate import collect_outputs, load_run_model, split_dataset
-from .trust import (FarScore, FeatureBank, StageGaussians, accept_threshold, ece, fit_temperature, make_probs, nll,
-                    ood_threshold, reliability_bins, softmax)
+from .trust import (CAR_SIGNALS, FarScore, FeatureBank, StageGaussians, accept_threshold, ece, fit_temperature,
+                    make_probs, nll, ood_threshold, reliability_bins, softmax)
 
 BANK_IMAGES_PER_CLASS = 20  # 18,540 at 927 classes: a 38 MB bank that scores a batch in milliseconds
 OOD_KEEP = 0.99              # share of validation cars that must stay below the "not a car" threshold
@@ -59,6 +62,9 @@ def calibrate_run(run: str | Path, target_accuracy: float = 0.95, workers: int =
     thresholds = _thresholds(after, val.labels, class_makes_of(run, names) or first_words(names),
                              target_accuracy)
     thresholds["ood"] = ood_threshold(far.score(val.features, val.logits)[0], OOD_KEEP)
+    car_limit = car_ood_threshold(run, cfg, far, model, dev, workers, batch_size)
+    if car_limit is not None:
+        thresholds["ood_car"] = car_limit
     far.bank.save(run / BANK_FILE)
     far.save_stages(run / STATS_FILE)
     crop = car_crop_rule(cfg)
@@ -82,6 +88,29 @@ def fit_far_score(model, train_features: np.ndarray, val_features: np.ndarray, v
     far = FarScore(bank, StageGaussians.fit(train_features[:, width:], low))
     far.set_scale(val_features, val_logits, OOD_KEEP)
     return far
+
+
+def car_ood_threshold(run: Path, cfg, far: FarScore, model, dev, workers: int, batch_size: int) -> float | None:
+    """The "not a car" limit of a car a detector found: the score (trust.CAR_SIGNALS) that 99% of the validation cars
+    stay below when shown on the run's --negatives photos instead of their own background, their boxes kept where
+    they were. A found car stands in a street of another kind; measured on held-out scenes (bench/detect.py) the
+    limit of cars on their own background refused a third of the found cars. None (the photo's limit serves) when the
+    run has no negatives, trains on the box alone (no background), or its dataset has no boxes."""
+    if not cfg.negatives or cfg.crop_bbox:
+        return None
+    try:
+        backdrops = Backdrops(cfg.negatives, 1.0)
+        frozen = rundir.read_run_split(run, dataclasses.replace(cfg, crop_bbox=True))  # with the boxes
+    except (OSError, ValueError) as exc:  # a run calibrated away from its negatives' folder or its dataset
+        log.warning("cannot move the validation cars onto other backgrounds (%s): found cars get the photo's limit",
+                    exc)
+        return None
+    dataset = split_images(cfg, frozen, "val", backdrops=backdrops)
+    boxed = [(i, i) for i, box in enumerate(dataset.bboxes) if box]  # (index, seed): each car moved, the same way
+    if not boxed:
+        return None
+    moved = collect_outputs(model, make_loader(dataset, batch_size, workers, boxed), dev, cfg.amp)
+    return ood_threshold(far.score(moved.features, moved.logits, CAR_SIGNALS)[0], OOD_KEEP)
 
 
 def car_crop_rule(cfg) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 from ..config import TrainConfig
 from ..dataset.loader import EpochSampler, make_loader, split_images, to_input
+from ..dataset.negatives import Backdrops
 from ..dataset.split import Split
 from ..losses import FocalLoss, class_alpha
 from ..model import build_model
@@ -94,7 +95,12 @@ class Trainer:
 
     def build_loaders(self) -> None:
         cfg, dist = self.cfg, self.dist
-        train_set = split_images(cfg, self.split, "train", train=True)
+        backdrops = Backdrops(cfg.negatives, cfg.backdrops) if cfg.backdrops else None
+        train_set = split_images(cfg, self.split, "train", train=True, backdrops=backdrops)
+        if backdrops:
+            log.info("backdrops: %.0f%% of the training cars shown on %d photos without a car (%s); %d of %d "
+                     "training photos have the box it needs", 100 * cfg.backdrops, len(backdrops), cfg.negatives,
+                     train_set.boxed(), len(train_set))
         num_samples = cfg.steps_per_epoch * cfg.batch_size * dist.world if cfg.steps_per_epoch else len(train_set)
         self.sampler = EpochSampler(train_set.labels, cfg.sampler == "weighted", num_samples, cfg.seed, dist.rank,
                                     dist.world)
