@@ -207,6 +207,9 @@ def test_a_slider_left_where_the_model_put_it_keeps_the_exact_threshold():
     assert predict_tab.slider_value(own["model"]) == 0.99 and predict_tab.slider_value(own["make"]) == 0.87
     assert predict_tab.moved_thresholds({"model": 0.99, "make": 0.87}, own) == {}
     assert predict_tab.moved_thresholds({"model": 0.5, "make": 0.87}, own) == {"model": 0.5}
+    page = ("photo", "run", "gradcam", "top-1", False, 0.5, 0.5, True)  # the sliders at their 0.5
+    assert predict_tab.page_thresholds(*page, False)[5:7] == (None, None)  # untouched: the model's own
+    assert predict_tab.page_thresholds(*page, True) == page                # moved by a person: theirs
 
 
 def _trainer_pids(runs) -> set[int]:

@@ -205,6 +205,15 @@ def cam_label(method: str) -> gr.Image:
     return gr.Image(label=f"Where it looked ({shown})")
 
 
+def page_thresholds(image, model, method, target, tta, model_threshold, make_threshold, find_cars, moved) -> tuple:
+    """The page's inputs for show_answer, the sliders' values kept only when a person moved one: until the chosen
+    model's thresholds reach the sliders they show 0.5, and a photo dropped at once was named from 50% where the
+    model was calibrated to name from 85% (seen walking Predict). None stands for the model's own threshold."""
+    if not moved:
+        model_threshold = make_threshold = None
+    return image, model, method, target, tta, model_threshold, make_threshold, find_cars
+
+
 def checked_thresholds(model_threshold, make_threshold) -> dict:
     """The sliders' values (blank: the model's own calibrated thresholds); a raw API call cannot go outside (0, 1)."""
     thresholds = {}
@@ -317,7 +326,7 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                                 "they start at the values chosen on the validation split for 95% accuracy.")
                     with gr.Row():
                         model_threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Name the model from",
-                                                    info=MODEL_SLIDER_INFO)
+                                                    info=MODEL_SLIDER_INFO, elem_id="model-threshold")
                         make_threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Name the make from")
                     tta = gr.Checkbox(label="Also look at the mirrored photo (flip TTA: a second forward pass)")
                 find_cars = gr.Checkbox(value=True, label="Find every car in the photo (the car detector)",
@@ -358,10 +367,14 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                      concurrency_id="classify")
     cars_button.click(lambda img, m=None: predict_cars(img, m, settings=settings), [image, model], cars_json,
                       api_name="predict_cars", preprocess=False, concurrency_limit=2, concurrency_id="classify")
-    shown = lambda *values: show_answer(*values, settings=settings)  # noqa: E731
+    moved = gr.State(False)  # a person moved a threshold slider since the model was chosen
+    shown = lambda *values: show_answer(*page_thresholds(*values), settings=settings)  # noqa: E731
     for event in (button.click, image.change):  # an upload, a pasted photo or an example is classified at once
-        event(shown, [*inputs, find_cars], [*outputs, boxes, car, views], preprocess=False, concurrency_limit=2,
-              concurrency_id="classify", api_visibility="private")
+        event(shown, [*inputs, find_cars, moved], [*outputs, boxes, car, views], preprocess=False,
+              concurrency_limit=2, concurrency_id="classify", api_visibility="private")
+    for slider in (model_threshold, make_threshold):
+        slider.input(lambda: True, None, moved, api_visibility="private")
+    model.change(lambda: False, None, moved, api_visibility="private")
     car.input(show_car, [car, views], outputs, api_visibility="private")
     boxes.select(clicked_car, views, [car, *outputs], api_visibility="private")
     method.change(cam_label, method, cam, api_visibility="private")
