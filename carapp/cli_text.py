@@ -77,13 +77,16 @@ def train(r: dict) -> str:
 def calibrate(r: dict) -> str:
     t = r["thresholds"]
     from .evaluation.answers import threshold_note
+    from .evaluation.trust import CAR_SIGNALS
     kept = "" if r.get("temperature_fitted", r["temperature"]) == r["temperature"] else \
         f" (the fitted {r['temperature_fitted']:.3f} made validation worse: not used)"
     return "\n".join(filter(None, [
         f"temperature {r['temperature']:.3f}{kept}; validation ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f}",
         f"answer thresholds: model {t['model']:.3f}, make {t['make']:.3f}",
         f"'not a car' above {t['ood']:.3f} on the largest of: {', '.join(r['ood_signals'])} (each scaled on the "
-        f"validation cars)" if t.get("ood") is not None and r.get("ood_signals") else "", threshold_note(r)]))
+        f"validation cars)" if t.get("ood") is not None and r.get("ood_signals") else "",
+        f"a car a detector found: 'not a car' above {t['ood_car']:.3f} on {', '.join(CAR_SIGNALS)} (the validation "
+        f"cars moved onto the negatives)" if t.get("ood_car") is not None else "", threshold_note(r)]))
 
 
 def export(r: dict) -> str:

@@ -49,7 +49,8 @@ def test_predict_cars_returns_every_car_as_the_cli_does(public_cars, scene, tiny
 def test_the_predict_tab_numbers_the_cars_and_keeps_every_cars_answer(public_cars, scene):
     index = fn_index_updating(public_cars, "cars-found", "change")
     upload = {"path": raw_upload(public_cars, scene), "meta": {"_type": "gradio.FileData"}}
-    ok, data = raw_call(public_cars, index, [*photo(upload["path"]), True])
+    # the page's own event: the photo's inputs, "find every car", and the sliders-moved state (the server keeps it)
+    ok, data = raw_call(public_cars, index, [*photo(upload["path"]), True, None])
     assert ok, data
     label, cam, answer, makes, boxes, chooser, views = data
     names = [a["label"] for a in boxes["value"]["annotations"]] if "value" in boxes else \

@@ -59,8 +59,8 @@ class Calibration:
             return cls(labels, makes)
         thresholds = {**DEFAULT_THRESHOLDS, **info.get("thresholds", {})}
         far = _load_far_score(folder, info)
-        if far is None:
-            thresholds["ood"] = None
+        if far is None:  # no score to compare with either limit
+            thresholds["ood"] = thresholds["ood_car"] = None
         return cls(labels, makes, float(info.get("temperature", 1.0)), thresholds, far, True, threshold_note(info),
                    info.get("car_crop"))
 
