@@ -55,14 +55,13 @@ def read_split(run: Path, bboxes_by_path: dict | None = None) -> Split:
                  class_info=[{k: v for k, v in c.items() if k != "index"} for c in labels])
 
 
-def read_run_split(run: Path, cfg) -> Split:
-    """The frozen split of a run, with the dataset's car boxes when the run uses them (cfg: its TrainConfig: it crops
-    to them, or moves cars onto backdrops)."""
-    boxes = None
-    if cfg.crop_bbox or cfg.backdrops:
+def read_run_split(run: Path, cfg, boxes: bool = False) -> Split:
+    """The frozen split of a run (cfg: its TrainConfig), with the dataset's car boxes when asked (`boxes`) or when
+    the run uses them: it crops to them, or moves cars onto backdrops."""
+    if boxes or cfg.crop_bbox or cfg.backdrops:
         index = index_dataset(cfg.data, cfg.format)
-        boxes = dict(zip(index.paths, index.bboxes))
-    return read_split(run, boxes)
+        return read_split(run, dict(zip(index.paths, index.bboxes)))
+    return read_split(run)
 
 
 def label_names(run: Path) -> list[str]:

@@ -16,7 +16,6 @@ Training calls this after its last epoch; older runs can be calibrated afterward
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -100,7 +99,7 @@ def car_ood_threshold(run: Path, cfg, far: FarScore, model, dev, workers: int, b
         return None
     try:
         backdrops = Backdrops(cfg.negatives, 1.0)
-        frozen = rundir.read_run_split(run, dataclasses.replace(cfg, crop_bbox=True))  # with the boxes
+        frozen = rundir.read_run_split(run, cfg, boxes=True)
     except (OSError, ValueError) as exc:  # a run calibrated away from its negatives' folder or its dataset
         log.warning("cannot move the validation cars onto other backgrounds (%s): found cars get the photo's limit",
                     exc)

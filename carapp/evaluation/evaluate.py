@@ -183,7 +183,7 @@ def _both_crops(model, run: Path, cfg: TrainConfig, split: str, batch_size: int,
     is the report's figure, the other is one more pass over the split (a reproduction of the CompCars GoogLeNet
     scored 91.1% on whole photos and 68.1% on tighter crops: a figure means little without its crop)."""
     flipped = dataclasses.replace(cfg, crop_bbox=not cfg.crop_bbox)
-    frozen = rundir.read_run_split(run, dataclasses.replace(cfg, crop_bbox=True))  # with the boxes
+    frozen = rundir.read_run_split(run, cfg, boxes=True)
     if not any(b for b, s in zip(frozen.bboxes, frozen.splits) if s == split):
         return {}
     out = collect_outputs(model, make_loader(split_images(flipped, frozen, split), batch_size, workers), dev,

@@ -71,6 +71,8 @@ class Trainer:
         self.criterion = FocalLoss(class_alpha(split.counts("train"), cfg.alpha), cfg.gamma,
                                    label_smoothing=cfg.label_smoothing).to(self.device)
         self.optimizer = make_optimizer(self.net, cfg)
+        # made once: a halved batch rebuilds the loaders, not the list of backdrops
+        self.backdrops = Backdrops(cfg.negatives, cfg.backdrops) if cfg.backdrops else None
         self.build_loaders()
         self.negatives = Negatives(cfg, dist.rank) if cfg.negatives else None
         if self.negatives:
@@ -95,7 +97,7 @@ class Trainer:
 
     def build_loaders(self) -> None:
         cfg, dist = self.cfg, self.dist
-        backdrops = Backdrops(cfg.negatives, cfg.backdrops) if cfg.backdrops else None
+        backdrops = self.backdrops
         train_set = split_images(cfg, self.split, "train", train=True, backdrops=backdrops)
         if backdrops:
             log.info("backdrops: %.0f%% of the training cars shown on %d photos without a car (%s); %d of %d "
