@@ -136,7 +136,7 @@ def test_kill_9_at_any_moment_then_rerun_gives_every_image_exactly_once(collecti
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    run_cli(*args[3:])
+    cli_json(*args[3:])  # the rerun, in this process
     paths = [r["path"] for r in _rows(out / "predictions.csv")]
     assert len(paths) == len(set(paths)) == len(truth) + 1
     assert json.loads((out / "progress.json").read_text())["status"] == "finished"

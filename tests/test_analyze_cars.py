@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, cli_json, run_cli
+from conftest import ROOT, cli_error, cli_json
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -151,14 +151,14 @@ def test_kill_9_mid_analysis_with_a_detector_then_rerun_gives_every_car_once(sce
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    run_cli(*args, "--out", tmp_path / "cut")
+    cli_json(*args, "--out", tmp_path / "cut")  # the rerun, in this process
     def cells(out):  # noqa: E306
         return sorted((r["path"], r["car"], r["x1"], r["status"], r["model"]) for r in _rows(out / "predictions.csv"))
     assert cells(tmp_path / "cut") == cells(tmp_path / "whole") and whole["cars"] > whole["images"]
     assert json.loads((tmp_path / "cut" / "progress.json").read_text())["status"] == "finished"
-    refused = run_cli("analyze", str(folder), "--run", str(tiny_run), "--out", tmp_path / "cut", "--detector",
-                      "none", "--json", check=False)  # a per-car OUT is not mixed with per-photo rows
-    assert refused.returncode == 2 and "another model" in refused.stdout and "detector" in refused.stdout
+    refused = cli_error("analyze", str(folder), "--run", str(tiny_run), "--out", tmp_path / "cut", "--detector",
+                        "none")  # a per-car OUT is not mixed with per-photo rows
+    assert "another model" in refused and "detector" in refused
 
 
 @pytest.mark.slow

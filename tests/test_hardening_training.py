@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST_TRAIN, ROOT, build_compcars, cli_json, run_cli, write_jpeg
+from conftest import FAST_TRAIN, ROOT, build_compcars, cli_error, cli_json, write_jpeg
 
 from carapp import rundir
 from carapp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -159,24 +159,29 @@ def test_kill_9_at_random_moments_then_resume(demo_root, tmp_path):
     rng = random.Random(2026)
     args = ["train", "--data", demo_root, "--epochs", "8", "--steps-per-epoch", "2", "--patience", "99", *FAST_TRAIN]
     killed_alive = 0
-    for trial in range(4):
-        run = tmp_path / f"trial{trial}"
-        proc = subprocess.Popen([sys.executable, "-m", "carapp", *map(str, args), "--run-dir", run], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 10.0))  # start-up takes ~4 s; each epoch ~1 s, with two checkpoint writes
-        killed_alive += proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if (run / "config.json").exists():
-            result = cli_json("train", "--resume", run)
-        else:  # killed during start-up, before the split was frozen: nothing to resume, so start again
-            said = run_cli("train", "--resume", run, check=False).stderr  # killed before or after its mkdir
-            assert "to resume from" in said or "does not exist: nothing to resume" in said, said
-            result = cli_json(*args, "--run-dir", run)
-        assert result["status"] == "finished", trial
-        assert [m["epoch"] for m in rundir.read_metrics(run)] == list(range(1, 9)), trial
-        assert load_checkpoint(run / "last.pt")["epoch"] == 8
-        assert not list(run.glob(".*.tmp")) and not (run / "train.lock").exists()
+    for pair in ((0, 1), (2, 3)):  # two trainers at a time, each killed at its own moment: the waits overlap
+        procs = {trial: subprocess.Popen([sys.executable, "-m", "carapp", *map(str, args), "--run-dir",
+                                          tmp_path / f"trial{trial}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL) for trial in pair}
+        started = time.monotonic()
+        # start-up takes ~4 s; each epoch ~1 s, with two checkpoint writes
+        for trial, moment in sorted(((t, rng.uniform(3.0, 10.0)) for t in pair), key=lambda tm: tm[1]):
+            time.sleep(max(0.0, started + moment - time.monotonic()))
+            killed_alive += procs[trial].poll() is None
+            procs[trial].send_signal(signal.SIGKILL)
+            procs[trial].wait()
+        for trial in pair:  # resumed one after the other, in this process
+            run = tmp_path / f"trial{trial}"
+            if (run / "config.json").exists():
+                result = cli_json("train", "--resume", run)
+            else:  # killed during start-up, before the split was frozen: nothing to resume, so start again
+                said = cli_error("train", "--resume", run)  # killed before or after its mkdir
+                assert "to resume from" in said or "does not exist: nothing to resume" in said, said
+                result = cli_json(*args, "--run-dir", run)
+            assert result["status"] == "finished", trial
+            assert [m["epoch"] for m in rundir.read_metrics(run)] == list(range(1, 9)), trial
+            assert load_checkpoint(run / "last.pt")["epoch"] == 8
+            assert not list(run.glob(".*.tmp")) and not (run / "train.lock").exists()
     assert killed_alive >= 3  # the kills hit running trainers, not finished ones
 
 

@@ -221,13 +221,18 @@ def _exact_config(demo_root):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_root, tmp_path_factory):
+def uninterrupted_run(demo_root, tmp_path_factory):
     from carapp.training.train import train
     run = tmp_path_factory.mktemp("exact") / "straight"
     before = logging.getLogger("carapp").level
     train(_exact_config(demo_root), run)
     assert logging.getLogger("carapp").level == before  # a caller's logging is left as it was
-    return read_metrics(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return read_metrics(uninterrupted_run)
 
 
 @pytest.mark.slow
@@ -287,7 +292,8 @@ def test_a_stop_pressed_for_one_trainer_never_stops_the_next(tmp_path):
 
 
 @pytest.mark.slow
-def test_outlier_exposure_resumes_exactly_and_refuses_a_wrong_folder(demo_root, tmp_path, monkeypatch):
+def test_outlier_exposure_resumes_exactly_and_refuses_a_wrong_folder(demo_root, tmp_path, monkeypatch,
+                                                                     uninterrupted_run):
     """--negatives: the photos without a car a step sees come from (seed, epoch, step) alone, so a run stopped
     mid-epoch and resumed logs the same figures as one never stopped; the term moves the loss (it is really added)."""
     from carapp import rundir
@@ -311,8 +317,7 @@ def test_outlier_exposure_resumes_exactly_and_refuses_a_wrong_folder(demo_root, 
     keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
     assert [{k: m[k] for k in keys} for m in read_metrics(stopped)] == [{k: m[k] for k in keys}
                                                                         for m in read_metrics(straight)]
-    plain = tmp_path / "plain"
-    train(_exact_config(demo_root), plain)
+    plain = uninterrupted_run  # the same options without negatives
     assert read_metrics(plain)[0]["train_loss"] != read_metrics(straight)[0]["train_loss"]
     # the limit a found car is judged by: validation cars moved onto the negatives (a run without them has none)
     limits = [json.loads((run / "calibration.json").read_text())["thresholds"] for run in (straight, plain)]
