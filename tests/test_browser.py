@@ -115,6 +115,11 @@ def test_untouched_sliders_are_the_models_thresholds_and_a_moved_one_counts(app,
     page.locator("#answer:has-text('a model answer needs')").wait_for(state="visible", timeout=120_000)
     assert f"{calibrated:.0%} a model answer needs" in page.locator("#answer").inner_text()
     page.get_by_text("Answer thresholds").click()
+    # a person moves the slider once it shows the model's threshold: one moved while the model is still loading
+    # goes back to the model's value when that arrives (seen once in a loaded suite), and the answer follows it
+    shown = min(max(round(calibrated, 2), 0.01), 0.99)
+    page.wait_for_function("v => Math.abs(parseFloat(document.querySelector('#model-threshold input[type=number]')"
+                           ".value) - v) < 1e-6", arg=shown, timeout=60_000)
     page.locator("#model-threshold input[type=number]").fill("0.05")
     page.locator("#model-threshold input[type=number]").press("Enter")
     page.get_by_role("button", name="Classify", exact=True).click()

@@ -367,14 +367,14 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                      concurrency_id="classify")
     cars_button.click(lambda img, m=None: predict_cars(img, m, settings=settings), [image, model], cars_json,
                       api_name="predict_cars", preprocess=False, concurrency_limit=2, concurrency_id="classify")
-    moved = gr.State(False)  # a person moved a threshold slider since the model was chosen
+    moved = gr.State(False)  # a person moved a threshold slider since the model's thresholds arrived
     shown = lambda *values: show_answer(*page_thresholds(*values), settings=settings)  # noqa: E731
     for event in (button.click, image.change):  # an upload, a pasted photo or an example is classified at once
         event(shown, [*inputs, find_cars, moved], [*outputs, boxes, car, views], preprocess=False,
               concurrency_limit=2, concurrency_id="classify", api_visibility="private")
     for slider in (model_threshold, make_threshold):
         slider.input(lambda: True, None, moved, api_visibility="private")
-    model.change(lambda: False, None, moved, api_visibility="private")
+    model.change(lambda: False, None, moved, api_visibility="private")  # at once: a new model, its own thresholds
     car.input(show_car, [car, views], outputs, api_visibility="private")
     boxes.select(clicked_car, views, [car, *outputs], api_visibility="private")
     method.change(cam_label, method, cam, api_visibility="private")
@@ -385,7 +385,9 @@ def build(settings: AppSettings, demo: gr.Blocks) -> None:
                       api_visibility="private")
     timer.tick(lambda m: first_model_tick(m, settings), model, [model_line, timer, model], api_visibility="private")
     model.change(lambda m: target_choices(m, settings), model, target, api_visibility="private")
-    model.change(lambda m: model_thresholds(m, settings), model, [model_threshold, make_threshold],
+    # and again with its thresholds, in one update: a slider moved while the model loads goes back to what the
+    # model says, and the page then shows the thresholds it answers with
+    model.change(lambda m: (*model_thresholds(m, settings), False), model, [model_threshold, make_threshold, moved],
                  api_visibility="private")
     model.change(lambda m: model_summary(m, settings), model, model_line, api_visibility="private")
 
