@@ -117,7 +117,8 @@ def test_untouched_sliders_are_the_models_thresholds_and_a_moved_one_counts(app,
     page.get_by_text("Answer thresholds").click()
     # a person moves the slider once it shows the model's threshold: one moved while the model is still loading
     # goes back to the model's value when that arrives (seen once in a loaded suite), and the answer follows it
-    shown = min(max(round(calibrated, 2), 0.01), 0.99)
+    from carapp.ui.predict_tab import slider_value
+    shown = slider_value(calibrated)  # where the slider shows the model's threshold
     page.wait_for_function("v => Math.abs(parseFloat(document.querySelector('#model-threshold input[type=number]')"
                            ".value) - v) < 1e-6", arg=shown, timeout=60_000)
     page.locator("#model-threshold input[type=number]").fill("0.05")
