@@ -1,10 +1,17 @@
 """Shared fixtures: small datasets the tests make themselves, and an isolated index cache."""
 from __future__ import annotations
 
+import os
+
+# The suite runs in two pytest-xdist workers (pytest.ini: -n 2), one a core. Each worker, and every process it starts,
+# computes on one OpenMP thread: two workers of two threads each would fight over two cores (a 2026-12-03 try of
+# xdist without this was slower than one process; with it: docs/BENCHMARKS.md). Set before numpy or torch loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
