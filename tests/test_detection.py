@@ -163,3 +163,35 @@ def test_a_box_on_part_of_a_car_is_no_second_car():
     # the front half of car 0 goes; a neighbour overlapping it a little and a far box stay
     assert without_parts(boxes, scores) == [0, 2, 3]
     assert without_parts(boxes[:0], scores[:0]) == []
+
+
+def test_a_large_photo_gets_the_boxes_of_its_small_copy_in_its_own_pixels(eager_detector, tmp_path):
+    """The detector scales a photo down to its input itself (antialiased, as its training mosaics were): a scene 3x
+    larger gives the same cars, in its own pixels."""
+    records = make_demo_scenes(tmp_path, 3, seed=5)
+    detector = load_detector(eager_detector)
+    for record in records:
+        photo = Image.open(tmp_path / record["image"])  # 320 x 240
+        large = photo.resize((photo.width * 3, photo.height * 3), Image.BICUBIC)
+        small_boxes, large_boxes = detector.detect([photo, large])
+        assert small_boxes and large_boxes
+        best_small, best_large = small_boxes[0], large_boxes[0]
+        assert best_large.score == pytest.approx(best_small.score, abs=0.05)
+        scaled = [v * 3 for v in best_small.as_list()]
+        assert all(abs(a - b) <= 0.03 * 960 for a, b in zip(best_large.as_list(), scaled)), (best_large, scaled)
+
+
+def test_boxes_decoded_from_the_operating_score_are_those_every_candidate_gives(eager_detector, tmp_path):
+    """The detector decodes only candidates that can reach the score asked for: the same cars as keeping every
+    candidate and dropping the lower scores afterwards."""
+    records = make_demo_scenes(tmp_path, 6, seed=7)
+    photos = [Image.open(tmp_path / r["image"]) for r in records]
+    detector = load_detector(eager_detector)
+    every = detector.detect(photos, min_score=0.05)
+    scores = sorted(b.score for boxes in every for b in boxes)
+    assert len(scores) >= 8
+    for score in (scores[len(scores) // 2], scores[-3]):  # a half of the boxes, then the best three
+        asked = detector.detect(photos, min_score=score)
+        assert [[(b.as_list(), b.score) for b in boxes] for boxes in asked] == \
+            [[(b.as_list(), b.score) for b in boxes if b.score >= score] for boxes in every]
+    assert detector.model.score_thresh == 0.05  # the shared model keeps its own threshold

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import copy
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from ..checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from ..runtime import pick_device
 
 DETECTOR_KIND = "carapp-detector"   # what a detector checkpoint says it is (a classifier's best.pt is not one)
-INPUT_SIZE = (256, 192)             # width, height the detector sees (torchvision's transform resizes to it)
+INPUT_SIZE = (256, 192)             # width, height the detector sees (its mosaics; photos are scaled to fit it)
 PYRAMID = 64                        # channels of the feature pyramid and the head
 CANDIDATE_SCORE = 0.05              # the least score FCOS decodes a box for (every one counts for AP)
 MIN_SCORE = 0.3                     # detections below this score are not cars (a trained detector brings its own)
@@ -71,6 +72,7 @@ class Detector:
         self.device = torch.device("cpu")
         self.onnx = None                # an ONNX Runtime session of backbone and head (run_in_onnx), or PyTorch's
         self._levels: dict[tuple, list[tuple[int, int]]] = {}
+        self._decoders: dict[float, torch.nn.Module] = {}  # the model decoding from a score on (_forward)
 
     @property
     def exportable(self) -> bool:
@@ -106,20 +108,48 @@ class Detector:
         min_score = self.min_score if min_score is None else min_score
         found = []
         for start in range(0, len(photos), batch_size):
-            batch = [TF.to_dtype(TF.to_image(p.convert("RGB")), torch.float32, scale=True).to(self.device)
-                     for p in photos[start:start + batch_size]]
-            for out in self.model(batch) if self.onnx is None else self._forward_onnx(batch):
+            chunk = photos[start:start + batch_size]
+            small = [self._input_photo(p) for p in chunk]
+            batch = [TF.to_dtype(TF.to_image(p), torch.float32, scale=True).to(self.device) for p in small]
+            for out, photo, seen in zip(self._forward(batch, min_score), chunk, small):
                 out = {k: v.cpu() for k, v in out.items()}
                 keep = (out["scores"] >= min_score) & torch.isin(out["labels"], torch.tensor(self.car_labels))
                 boxes, scores = out["boxes"][keep], out["scores"][keep]
+                boxes = boxes * torch.tensor([photo.width / seen.width, photo.height / seen.height] * 2)
                 kept = without_parts(boxes, scores)
                 found.append([Box(*map(float, boxes[i]), float(scores[i])) for i in kept])
         return found
 
-    def _forward_onnx(self, batch: list[torch.Tensor]) -> list[dict]:
+    def _input_photo(self, photo: Image.Image) -> Image.Image:
+        """The photo (RGB) at the size the model's transform would scale it to, scaled by PIL: an antialiased
+        reduction as the training mosaics' cells had (the transform's interpolation aliases a 3x reduction), and
+        far less to normalise and copy than the whole photo. One already small enough is left as it is, and so is any
+        photo for a model without torchvision's detection transform (it takes photos as they are)."""
+        transform = getattr(self.model, "transform", None)
+        scale = (min(transform.min_size[-1] / min(photo.size), transform.max_size / max(photo.size))
+                 if transform is not None else 1.0)
+        if photo.mode not in ("RGB", "L"):  # transparency and palettes: as RGB shows them, before any scaling
+            photo = photo.convert("RGB")
+        if scale < 1:
+            photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))),
+                                 Image.BILINEAR)
+        return photo.convert("RGB")
+
+    def _forward(self, batch: list[torch.Tensor], min_score: float) -> list[dict]:
+        """The model's detections, decoded only for candidates that can reach `min_score` (each kept box is
+        decoded and compared in Python: most of the decoding time at evaluation's low candidate score)."""
+        model = self._decoders.get(min_score, self.model)
+        if isinstance(model, FCOS) and model is self.model:
+            # a shallow copy: a threshold of its own, the same weights (threads may share self.model); a box NMS
+            # keeps at `min_score` or more is only ever suppressed by a better one, so the boxes given are the same
+            model = self._decoders[min_score] = copy.copy(self.model)
+            model.score_thresh = max(self.model.score_thresh, min_score - 1e-6)
+        return model(batch) if self.onnx is None else self._forward_onnx(model, batch)
+
+    def _forward_onnx(self, model: torch.nn.Module, batch: list[torch.Tensor]) -> list[dict]:
         """torchvision FCOS's forward at inference with its backbone and head in ONNX Runtime: the same transform,
         anchors and box decoding, hence the same boxes."""
-        model, sizes = self.model, [tuple(photo.shape[-2:]) for photo in batch]
+        sizes = [tuple(photo.shape[-2:]) for photo in batch]
         images, _ = model.transform(batch)
         outputs = self.onnx.run(None, {"image": images.tensors.numpy()})
         head = dict(zip(("cls_logits", "bbox_regression", "bbox_ctrness"), map(torch.from_numpy, outputs)))

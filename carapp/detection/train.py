@@ -54,7 +54,7 @@ class DetectorConfig:
 
 
 # the demo set on a 2-core CPU in minutes (docs/BENCHMARKS.md says how many)
-DETECTOR_PRESETS = {"": {}, "demo": dict(epochs=24, steps_per_epoch=40, batch_size=8, lr=2e-3)}
+DETECTOR_PRESETS = {"": {}, "demo": dict(epochs=48, steps_per_epoch=40, batch_size=8, lr=2e-3)}
 WARMUP_STEPS = 50
 
 
