@@ -72,7 +72,7 @@ class Detector:
         self.device = torch.device("cpu")
         self.onnx = None                # an ONNX Runtime session of backbone and head (run_in_onnx), or PyTorch's
         self._levels: dict[tuple, list[tuple[int, int]]] = {}
-        self._decoders: dict[float, torch.nn.Module] = {}  # the model decoding from a score on (_forward)
+        self._decoders: dict[float, torch.nn.Module] = {}  # by the least score decoded (_decoder)
 
     @property
     def exportable(self) -> bool:
@@ -136,15 +136,21 @@ class Detector:
         return photo.convert("RGB")
 
     def _forward(self, batch: list[torch.Tensor], min_score: float) -> list[dict]:
-        """The model's detections, decoded only for candidates that can reach `min_score` (each kept box is
-        decoded and compared in Python: most of the decoding time at evaluation's low candidate score)."""
-        model = self._decoders.get(min_score, self.model)
-        if isinstance(model, FCOS) and model is self.model:
-            # a shallow copy: a threshold of its own, the same weights (threads may share self.model); a box NMS
-            # keeps at `min_score` or more is only ever suppressed by a better one, so the boxes given are the same
-            model = self._decoders[min_score] = copy.copy(self.model)
-            model.score_thresh = max(self.model.score_thresh, min_score - 1e-6)
+        model = self._decoder(min_score)
         return model(batch) if self.onnx is None else self._forward_onnx(model, batch)
+
+    def _decoder(self, min_score: float) -> torch.nn.Module:
+        """carapp's FCOS decoding only the candidates that can reach `min_score`, not every one down to
+        CANDIDATE_SCORE that a prediction drops at once: a shallow copy with a threshold of its own and the same
+        weights, as threads may share self.model. A box NMS keeps at `min_score` or more is only ever suppressed by a
+        better one, so the boxes given are the same."""
+        if not isinstance(self.model, FCOS):
+            return self.model
+        if min_score not in self._decoders:
+            decoder = copy.copy(self.model)
+            decoder.score_thresh = max(self.model.score_thresh, min_score - 1e-6)
+            self._decoders[min_score] = decoder
+        return self._decoders[min_score]
 
     def _forward_onnx(self, model: torch.nn.Module, batch: list[torch.Tensor]) -> list[dict]:
         """torchvision FCOS's forward at inference with its backbone and head in ONNX Runtime: the same transform,
