@@ -195,3 +195,45 @@ def test_boxes_decoded_from_the_operating_score_are_those_every_candidate_gives(
         assert [[(b.as_list(), b.score) for b in boxes] for boxes in asked] == \
             [[(b.as_list(), b.score) for b in boxes if b.score >= score] for boxes in every]
     assert detector.model.score_thresh == 0.05  # the shared model keeps its own threshold
+
+
+def test_a_zoomed_out_mosaic_keeps_its_boxes_on_its_cars():
+    """A training mosaic shrunk onto a backdrop (small cars with room around them): each box still frames its car,
+    at the smaller size."""
+    from carapp.detection.data import _zoom_out
+    canvas = Image.new("RGB", (256, 192), (0, 0, 0))
+    canvas.paste((255, 255, 255), (40, 30, 200, 150))  # the "car"
+    boxes = np.array([[40, 30, 200, 150]], dtype=np.float32)
+    for seed in range(5):
+        zoomed, moved = _zoom_out(canvas, boxes, np.random.default_rng(seed), negatives=[])
+        x1, y1, x2, y2 = moved[0]
+        assert zoomed.size == canvas.size and 0.3 * 160 - 1 <= x2 - x1 <= 0.8 * 160 + 1
+        pixels = np.asarray(zoomed.convert("L"), dtype=np.float32)
+        inside = pixels[round(y1) + 1:round(y2) - 1, round(x1) + 1:round(x2) - 1]
+        assert inside.min() >= 250, seed  # the white car fills its moved box
+        ring = np.concatenate([pixels[round(y1) - 3:round(y1) - 1, round(x1):round(x2)].ravel(),
+                               pixels[round(y2) + 1:round(y2) + 3, round(x1):round(x2)].ravel()])
+        assert ring.max() <= 5, seed    # and the black photo around it is outside
+
+
+def test_cars_pasted_over_each_other_are_labelled_only_while_half_in_view(tmp_path):
+    """Cars pasted one in front of another onto a photo without a car: every box given shows its car on at least half
+    its area (a car hidden behind later ones is no car to find), and overlapping cars do occur."""
+    from carapp.detection.data import BoxedPhoto, _paste_cars
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    photos = []
+    for k, colour in enumerate(colours):
+        Image.new("RGB", (40, 20), colour).save(tmp_path / f"{k}.png")
+        photos.append(BoxedPhoto(str(tmp_path / f"{k}.png"), (0.0, 0.0, 40.0, 20.0)))
+    overlapping = 0
+    for seed in range(200):
+        cell = Image.new("RGB", (100, 80), (0, 0, 0))
+        boxes = _paste_cars(cell, photos, np.random.default_rng(seed))
+        pixels = np.asarray(cell)
+        for x1, y1, x2, y2 in boxes:
+            region = pixels[y1:y2, x1:x2].reshape(-1, 3)
+            most = max(int((region == colour).all(1).sum()) for colour in colours)
+            assert most >= 0.5 * len(region), (seed, boxes)
+        overlapping += any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+                           for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert overlapping >= 10

@@ -4,9 +4,11 @@ A CompCars photo holds one labelled car, most of the frame; the photos a detecto
 size. So each training image is a mosaic: a k x k grid (k from MOSAIC_GRIDS) of photos, each scaled into its cell,
 boxes with it; k = 1 keeps whole photos, k = 4 makes cars a quarter of their size. A quarter of the cells show a
 photo without a car instead (`--negatives`, by default the generated ones outlier exposure uses): backgrounds,
-textures and clutter are then something the detector has seen and learned are not cars. Which photos and which grid a
-step gets comes from (seed, epoch, step) alone: a resumed run sees the very same images. The held-out photos (a
-fixed share, by seed) make the validation mosaics that AP50 is measured on.
+textures and clutter are then something the detector has seen and learned are not cars. Half the mosaics are cut to a
+window (larger cars, cars cut by the frame); some of the coarser ones are shrunk onto such a photo instead (small cars
+far off, with open ground around them). Which photos and which grid a step gets comes from (seed, epoch, step)
+alone: a resumed run sees the very same images. The held-out photos (a fixed share, by seed) make the validation
+mosaics that AP50 is measured on.
 """
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ from .model import INPUT_SIZE
 
 MOSAIC_GRIDS = (1, 2, 2, 3, 3, 4, 4, 5, 6)
 WINDOWS = 0.5           # share of mosaics of which a random window is kept (cars cut by its frame, larger cars)
+ZOOM_OUT = 0.4          # share of the coarser mosaics (ZOOM_GRIDS) shrunk onto a photo without a car (smaller cars,
+ZOOM_GRIDS = 3          # with room around them); a finer grid's cars are small enough already
 NEGATIVE_CELLS = 0.25   # share of mosaic cells that get a photo without a car (the detector's outlier exposure)
-PASTED = 0.5            # share of those that get 1-2 cars (their box's contents) pasted on, at any size and place
+PASTED = 0.5            # share of those that get cars (their box's contents) pasted on, at any size and place,
+PASTE_MOST = 3          # up to this many, one in front of another
 RECOLOURED = 0.5        # share of cells whose colours are shifted (hue, saturation, brightness; some grey)
 VAL_MOSAICS = 60
 _TAG = 0x646574  # "det": keeps these draws apart from the classifier's
@@ -92,17 +97,23 @@ def mosaic(photos: list[BoxedPhoto], rng: np.random.Generator, size=INPUT_SIZE,
                 x1, x2 = image.width - x2, image.width - x1
             boxes.append([left + x1 * sx, top + y1 * sy, left + x2 * sx, top + y2 * sy])
     boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-    if rng.random() < WINDOWS:
+    reframe = rng.random()
+    if reframe < WINDOWS:
         canvas, boxes = _window(canvas, boxes, rng)
+    elif k <= ZOOM_GRIDS and reframe < WINDOWS + ZOOM_OUT:
+        canvas, boxes = _zoom_out(canvas, boxes, rng, negatives)
     target = {"boxes": torch.from_numpy(boxes), "labels": torch.ones(len(boxes), dtype=torch.int64)}
     return TF.to_dtype(TF.to_image(canvas), torch.float32, scale=True), target
 
 
 def _paste_cars(cell: Image.Image, photos: list[BoxedPhoto], rng: np.random.Generator) -> list[list[float]]:
-    """Paste 1-2 cars (the contents of their boxes) onto a cell without one, in place: cars on backgrounds their
-    photos never had, at sizes and places of their own, so a car is its shape, not its road. Returns their boxes."""
+    """Paste 1-3 cars (the contents of their boxes) onto a cell without one, in place: cars on backgrounds their
+    photos never had, at sizes and places of their own, so a car is its shape, not its road. A later car is in front
+    of an earlier one; a car left less than MIN_VISIBLE in view is no car to find (as scenes label them), one half
+    hidden keeps its whole box. Returns the boxes of the cars in view."""
+    owner = np.full((cell.height, cell.width), -1, dtype=np.int16)  # which pasted car each pixel shows
     boxes = []
-    for _ in range(int(rng.integers(1, 3))):
+    for _ in range(int(rng.integers(1, PASTE_MOST + 1))):
         photo = photos[int(rng.integers(len(photos)))]
         try:
             car = open_image(photo.path).crop(tuple(round(v) for v in photo.box))
@@ -113,10 +124,13 @@ def _paste_cars(cell: Image.Image, photos: list[BoxedPhoto], rng: np.random.Gene
         w = h * car.width / max(car.height, 1)
         if w < 2 or h < 2:
             continue
-        x, y = rng.uniform(0, cell.width - w), rng.uniform(0, cell.height - h)
-        cell.paste(car.resize((max(1, round(w)), max(1, round(h))), Image.BILINEAR), (round(x), round(y)))
-        boxes.append([round(x), round(y), round(x) + max(1, round(w)), round(y) + max(1, round(h))])
-    return boxes
+        x, y = round(rng.uniform(0, cell.width - w)), round(rng.uniform(0, cell.height - h))
+        w, h = max(1, round(w)), max(1, round(h))
+        cell.paste(car.resize((w, h), Image.BILINEAR), (x, y))
+        owner[y:y + h, x:x + w] = len(boxes)
+        boxes.append([x, y, x + w, y + h])
+    shown = np.bincount(owner[owner >= 0].ravel(), minlength=len(boxes))
+    return [box for box, seen in zip(boxes, shown) if seen >= MIN_VISIBLE * (box[2] - box[0]) * (box[3] - box[1])]
 
 
 def _recolour(cell: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -144,6 +158,27 @@ def _window(canvas: Image.Image, boxes: np.ndarray, rng: np.random.Generator) ->
     moved = (clipped[keep] - [x0, y0, x0, y0]) * scale
     window = canvas.resize(canvas.size, Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
     return window, moved[(moved[:, 2] - moved[:, 0] >= 2) & (moved[:, 3] - moved[:, 1] >= 2)].astype(np.float32)
+
+
+def _zoom_out(canvas: Image.Image, boxes: np.ndarray, rng: np.random.Generator,
+              negatives: list[str]) -> tuple[Image.Image, np.ndarray]:
+    """The mosaic shrunk to 30-80% of its size at a random place on a photo without a car (or a plain colour): the
+    smallest cars a mosaic's grid makes, smaller still, and cars with open ground around them rather than a cell's
+    frame -- the cars a street photo shows far away."""
+    share = rng.uniform(0.3, 0.8)
+    w, h = max(1, round(canvas.width * share)), max(1, round(canvas.height * share))
+    x0, y0 = int(rng.integers(0, canvas.width - w + 1)), int(rng.integers(0, canvas.height - h + 1))
+    backdrop = Image.new("RGB", canvas.size, tuple(int(c) for c in rng.integers(0, 256, 3)))
+    if negatives:
+        try:
+            backdrop = _recolour(open_image(negatives[int(rng.integers(len(negatives)))]).resize(canvas.size,
+                                                                                                  Image.BILINEAR), rng)
+        except (ImageError, OSError):
+            pass  # an unreadable photo: the plain colour
+    backdrop.paste(canvas.resize((w, h), Image.BILINEAR), (x0, y0))
+    scale = np.array([w / canvas.width, h / canvas.height] * 2, dtype=np.float32)
+    moved = boxes * scale + np.array([x0, y0, x0, y0], dtype=np.float32)
+    return backdrop, moved[(moved[:, 2] - moved[:, 0] >= 2) & (moved[:, 3] - moved[:, 1] >= 2)].astype(np.float32)
 
 
 def training_batch(photos: list[BoxedPhoto], batch_size: int, seed: int, epoch: int, step: int,
