@@ -26,8 +26,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from .. import rundir
-from ..dataset.loader import build_transform, resize_size
-from .analyze import batch_rows, collate, columns, decode, has_times, identity_of
+from .analyze import batch_rows, collate, columns, decode, has_times, identity_of, reading
 from .collection import READ_ERRORS, ROOT_GROUP, CollectionError, Item, collect, item_of
 from .summary import cell
 from .trends import TIME_SOURCES
@@ -65,10 +64,8 @@ class BatchPredictor:
         detector_engine(self.detector, engine, EXPORT_PAYS_OFF)
         self.run_batch = TorchEngine(self.predictor.model, self.predictor.device) if name == "torch" else \
             OnnxEngine(onnx_file if self.predictor.onnx_file else export_shared(self.predictor, onnx_file))
-        photos = self.detector is not None
-        self.draft = None if photos else resize_size(self.predictor.image_size)
-        self.transform = None if photos else build_transform(self.predictor.image_size, False,
-                                                             resize=self.predictor.resize)
+        self.draft, self.transform = reading(self.predictor.image_size, self.predictor.resize,
+                                             photos=self.detector is not None)
         self.archives: dict = {}
 
     def __call__(self, batch) -> pd.DataFrame:
@@ -78,9 +75,10 @@ class BatchPredictor:
         items = [Item(str(r["path"]), cell(r.get("group")) or self._group(str(r["path"])), time=cell(r.get("time")))
                  for r in records]
         decoded = [(i, *self._decode(item, row.get("bytes"))) for i, (item, row) in enumerate(zip(items, records))]
-        layout = columns(self.detector is not None, timed)
-        rows = batch_rows(self.predictor, self.detector, self.run_batch, items, collate(decoded), self.batch_size,
-                          layout)
+        per_car = self.detector is not None
+        layout = columns(per_car, timed)
+        rows = batch_rows(self.predictor, self.detector, self.run_batch, items, collate(decoded, photos=per_car),
+                          self.batch_size, layout)
         return typed(rows, layout)
 
     def _decode(self, item: Item, data) -> tuple:
