@@ -114,6 +114,10 @@ def test_one_row_per_car_and_summary_counts_cars_and_photos(scenes, naming_run, 
     assert sum(small) == sum(row["status"] == "small" for row in rows)
     report = (tmp_path / "out" / "report.html").read_text()
     assert f"{cars} cars in {len(records)} photos" in report and "Photos holding each make" in report
+    from carapp.ui.analyze_tab import results
+    from carapp.ui.settings import resolve_settings
+    shares = results(tmp_path / "out", resolve_settings(None, None, str(tmp_path / "runs")))[0]
+    assert shares.layout.yaxis.title.text == "share of cars"  # the Analyze tab's chart says what it counts
 
 
 def test_a_photo_is_done_only_when_all_its_cars_are_written(tmp_path):

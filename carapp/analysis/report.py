@@ -26,7 +26,7 @@ NOT_NAMED = "(no make named)"  # over time: the answers naming no make
 
 
 def write_report(out: Path, t: Tally, summary: list[dict], calibrated: bool) -> Path:
-    statuses, unit, overall = t.statuses, "cars" if t.per_car else "photos", whole(summary)
+    statuses, unit, overall = t.statuses, counted(t.per_car), whole(summary)
     everything = (ALL_GROUPS, ALL_PERIODS)
     sections = [
         f"<h1>Car makes and models: {t.readable[everything]:,} cars in {t.images[everything]:,} photos</h1>"
@@ -119,12 +119,17 @@ def trend_sentences(t: Tally) -> list[str]:
                                          f"p adjusted for all of them, Benjamini–Hochberg)", *notes]
 
 
+def counted(per_car: bool) -> str:
+    """What an analysis's shares are of: cars when it was made with a detector (a row per car), else photos."""
+    return "cars" if per_car else "photos"
+
+
 def trend_view(predictions: Path, period: str) -> tuple[go.Figure | None, list[str]]:
     """The trend chart and its sentences for an analysis's rows, per `period` (the Analyze tab's choice); no chart
     when it would have no point (no make named, or no photo with a time): the sentences say why."""
     from .summary import tally
     t = tally(predictions, period)
-    figure = trend_figure(t, "cars" if t.per_car else "photos")
+    figure = trend_figure(t, counted(t.per_car))
     return (figure if _has_points(figure) else None), trend_sentences(t)
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from .. import rundir, safecsv
 from ..analysis.collection import ALL_GROUPS, READ_ERRORS, CollectionError, collect, item_of
-from ..analysis.report import row_image
+from ..analysis.report import counted, make_share_figure, row_image
 from ..analysis.summary import SUMMARY_COLUMNS, has_box, whole
 from ..analysis.trends import PERIODS
 from ..atomic import atomic_writer
@@ -160,14 +160,14 @@ RESULT_OUTPUTS = 9  # what results() fills: shares, summary, make, models, unsur
 
 
 def results(out: Path, settings: AppSettings, period: str = jobs.TREND_PERIOD) -> tuple:
-    from ..analysis.report import make_share_figure
     summary = _whole_summary(out)
     rows = pd.read_csv(out / "predictions.csv", keep_default_na=False)
     makes = summary[(summary.group == ALL_GROUPS) & (summary.level == "make")].name.tolist()
     model = rundir.read_json(out / "analysis.json", {}).get("identity", {}).get("model")
     first = makes[0] if makes else None
+    unit = counted("cars" in rows.columns)  # made with a detector: a row per car, and the shares are of cars
     # the models of the first make too: the same make chosen again fires no change, and left the last analysis's
-    return (make_share_figure(summary.to_dict("records")), summary, gr.Dropdown(choices=makes, value=first),
+    return (make_share_figure(summary.to_dict("records"), unit=unit), summary, gr.Dropdown(choices=makes, value=first),
             models_of(first, str(out)), unsure_gallery(rows, model), refused_gallery(rows),
             _downloads(out, settings.public), *trend_of(str(out), period))
 
