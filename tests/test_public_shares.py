@@ -173,23 +173,27 @@ def test_public_analyses_expire_by_age_then_by_size_and_the_running_one_stays(tm
 
 def test_an_upload_larger_than_an_analysis_may_send_is_refused_before_it_is_stored(demo_root, tiny_run, tmp_path):
     from gradio.utils import get_upload_folder
+    token = uuid.uuid4().hex  # in this test's file names: the upload folder is shared with tests running beside it
+
+    def stored() -> list[str]:
+        return [p.name for p in Path(get_upload_folder()).rglob(f"*{token}*")]
+
     with serving(demo_root, tiny_run, tmp_path / "runs", public=True, analyze_max_mb=1) as url:
         def send(files: int, chunked: bool = False) -> int:
             boundary = uuid.uuid4().hex
             size = 1_000 if chunked else 800_000  # refused for its missing length: a large one dies mid-send
-            body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"p{i}.jpg\""
-                            f"\r\nContent-Type: image/jpeg\r\n\r\n".encode() + os.urandom(size) + b"\r\n"
-                            for i in range(files)) + f"--{boundary}--\r\n".encode()
+            body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+                            f"filename=\"p{i}-{token}.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n".encode()
+                            + os.urandom(size) + b"\r\n" for i in range(files)) + f"--{boundary}--\r\n".encode()
             headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
             if chunked:  # an iterable body without a Content-Length: http.client sends it chunked
                 body = iter([body])
             status, answer = http_request(url, "gradio_api/upload", body, headers)
             answer.read()
             return status
-        before = {str(p) for p in Path(get_upload_folder()).rglob("*")}
         assert send(3) == 413 and send(1, chunked=True) == 411
-        assert {str(p) for p in Path(get_upload_folder()).rglob("*")} == before  # nothing stored
-        assert send(1) == 200
+        assert stored() == []  # nothing stored
+        assert send(1) == 200 and stored() == [f"p0-{token}.jpg"]  # and one that fits is
 
 
 @pytest.mark.slow
