@@ -208,3 +208,24 @@ def test_a_car_at_the_photos_left_edge_is_shown_as_its_crop(tmp_path):
     whole = {"path": str(photo), "x1": ""}
     assert car["x1"] == 0 and has_box(car) and not has_box(whole)
     assert row_image(car, {}).size == (44, 24) and row_image(whole, {}).size == (320, 240)
+
+
+@pytest.mark.slow
+def test_photos_through_shared_memory_or_the_pipe_give_the_same_cars(scenes, tiny_run, eager_detector, tmp_path,
+                                                                      monkeypatch):
+    """Loader workers hand whole photos over in shared memory while /dev/shm has room, else through the pipe (a
+    container's 64 MB /dev/shm would kill them): the same rows either way."""
+    from carapp.analysis import analyze as analyze_module
+    from carapp.detection.model import load_detector
+    folder, records = scenes
+    photo = open_image(folder / records[0]["image"])
+    rows = {}
+    for name, room in (("shared", 0), ("pipe", 1 << 62)):
+        monkeypatch.setattr(analyze_module, "SHARED_MEMORY_ROOM", room)
+        given = analyze_module.handed_over(photo)
+        assert isinstance(given, torch.Tensor) == (name == "shared")
+        analyze([str(folder)], str(tiny_run), tmp_path / name, workers=2, batch_size=4, engine="torch",
+                detector=load_detector(eager_detector, device="cpu"))
+        rows[name] = sorted((r["path"], r["car"], r["x1"], r["y2"], r["status"], r["model"], r["model_prob"])
+                            for r in _rows(tmp_path / name / "predictions.csv"))
+    assert rows["shared"] == rows["pipe"] and sum(r[1] not in ("", "0") for r in rows["pipe"]) >= 3

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -49,17 +50,18 @@ COLUMNS = ["path", "group", "status", "make", "make_prob", "model", "model_prob"
 CAR_COLUMNS = ["car", "cars", "x1", "y1", "x2", "y2", "det_score"]  # with a detector: this car (0, 1, ...) of `cars`
 TIME_COLUMN = "time"  # last, when the photos have times: ISO 8601, "" for a photo without one
 CALIBRATION_PHOTOS = 64   # photos that set the int8 activation ranges
+SHARED_MEMORY_ROOM = 2 << 30  # free /dev/shm under which a photo goes through the pipe instead (handed_over)
 
 
 class CollectionImages(Dataset):
     """Decoded, eval-transformed images of a collection; an unreadable one yields its reason instead. With
-    `photos=True` the decoded photos themselves, at full size, as pixels (photo_pixels): a detector's, whose cars
-    are cropped from them."""
+    `photos=True` the decoded photos themselves, at full size: a detector's, whose cars are cropped from them (with
+    `shared`, as loader workers hand them over: handed_over)."""
 
     def __init__(self, items: list[Item], image_size: int, resize: str = "crop", photos: bool = False,
-                 exif: bool = False):
+                 shared: bool = False, exif: bool = False):
         self.items, self.exif = items, exif
-        self.draft, self.transform = reading(image_size, resize, photos)
+        self.draft, self.transform = reading(image_size, resize, photos, shared)
         self.archives: dict = {}  # zip files, opened once per worker process
 
     def __len__(self) -> int:
@@ -73,19 +75,28 @@ class CollectionImages(Dataset):
             return i, None, f"cannot read ({exc})", item.time
 
 
-def reading(image_size: int, resize: str, photos: bool) -> tuple:
+def reading(image_size: int, resize: str, photos: bool, shared: bool = False) -> tuple:
     """How a collection's photos are decoded: (the JPEG draft size, the transform after decoding). The classifier's
-    input, or for a detector the whole photo's pixels."""
+    input, or for a detector the whole photo (`shared`: as a loader worker hands it over to the main process)."""
     if photos:
-        return None, photo_pixels
+        return None, handed_over if shared else whole_photo
     return resize_size(image_size), build_transform(image_size, False, resize=resize)
 
 
-def photo_pixels(photo: Image.Image) -> torch.Tensor:
-    """A decoded photo as a uint8 height x width x RGB tensor: a loader worker hands a tensor over in shared memory,
-    where a PIL image is pickled through a pipe (1.4 MB for an 800 x 600 photo: a fifth of per-car analyze's time
-    went there)."""
-    return torch.from_numpy(np.array(photo))
+def whole_photo(photo: Image.Image) -> Image.Image:
+    return photo
+
+
+def handed_over(photo: Image.Image) -> torch.Tensor | Image.Image:
+    """A decoded photo as a loader worker hands it over: its pixels as a uint8 height x width x RGB tensor, which
+    PyTorch passes in shared memory, while /dev/shm has SHARED_MEMORY_ROOM free; else the PIL image, pickled through
+    a pipe (1.4 MB for an 800 x 600 photo: a fifth of per-car analyze's time went there). A container's /dev/shm is
+    64 MB unless set larger, and a full one kills the workers with a bus error; without /dev/shm, the pipe too."""
+    try:
+        room = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        room = 0
+    return torch.from_numpy(np.array(photo)) if room >= SHARED_MEMORY_ROOM else photo
 
 
 def decode(source, item: Item, draft: int | None, transform, exif: bool) -> tuple:
@@ -181,10 +192,11 @@ def _predict_into(part: Path, pending: list[Item], predictor, run_batch, batch_s
                   exif: bool, owner_pid: int) -> None:
     """Batches of decoded images through the network (with a detector: their cars); every batch's rows appended,
     flushed and fsynced."""
-    dataset = CollectionImages(pending, predictor.image_size, predictor.resize, photos=detector is not None,
-                               exif=exif)
+    per_car = detector is not None
+    dataset = CollectionImages(pending, predictor.image_size, predictor.resize, photos=per_car,
+                               shared=workers > 0, exif=exif)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        collate_fn=partial(collate, photos=detector is not None),
+                        collate_fn=partial(collate, photos=per_car),
                         worker_init_fn=ignore_stop_signals if workers else None)
     new_file = not part.exists() or part.stat().st_size == 0
     started, done = time.time(), 0
@@ -243,9 +255,10 @@ def _answer_row(item: Item, a) -> list:
 
 
 def _car_rows(predictor, detector, run_batch, items: list[Item], pixels: list, batch_size: int) -> list[list]:
-    """Every car of these photos: found in one detector pass, cropped as the classifier trained, classified in
-    batches; a photo without a car gets one `no-car` row with an empty box."""
-    photos = [Image.fromarray(p.numpy()) for p in pixels]
+    """Every car of these photos (PIL images, or their pixels from shared memory): found in one detector pass,
+    cropped as the classifier trained, classified in batches; a photo without a car gets one `no-car` row with an
+    empty box."""
+    photos = [Image.fromarray(p.numpy()) if isinstance(p, torch.Tensor) else p for p in pixels]
     found = detector.detect(photos)
     cars = [(i, k, box) for i, boxes in enumerate(found) for k, box in enumerate(boxes)]
     answers = []
