@@ -260,7 +260,10 @@ def http_request(url: str, path: str, body: bytes | None = None, headers: dict |
     where = urllib.parse.urlparse(url)
     conn = http.client.HTTPConnection(where.hostname, where.port, timeout=timeout,
                                       source_address=(source, 0) if source else None)
-    conn.request("POST" if body is not None else "GET", where.path.rstrip("/") + "/" + path, body, headers or {})
+    try:
+        conn.request("POST" if body is not None else "GET", where.path.rstrip("/") + "/" + path, body, headers or {})
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server refused and closed before the body was all sent: its answer is there to read
     response = conn.getresponse()
     return response.status, response
 
