@@ -9,13 +9,15 @@
 # Run the dry run after changing a bench script's options: a lent GPU's minutes are too few to spend on a typo.
 # It leaves out torch.compile (minutes on a CPU) and runs DDP as one gloo process; its figures mean nothing.
 #
-# About 8 minutes on one H200. Each figure is its own bench script with its own JSON on stdout; this script keeps
+# About 8 minutes on one H200 before the detect step (estimated at 3 more: not yet run on a GPU). Each figure is its own bench script with its own JSON on stdout; this script keeps
 # going when one fails (its log says why) and prints a summary at the end:
 #   train_*      bench/train_throughput.py: (a) model-bound img/s, (b) with the real loader, (b)/(a)  [goals: >= 3,000
 #                img/s for ResNet-50 at 224 px, (b)/(a) >= 0.9]; bf16 + channels_last (default), + torch.compile,
 #                + the pre-resized copy
 #   predict_cam  bench/predict_cam.py: predict + Grad-CAM / predict alone on the GPU  [goal <= 1.15]
 #   analyze      bench/analyze_throughput.py: analyze img/s against one photo at a time  [goal >= 2,000 img/s]
+#   detect       bench/detect.py --speed-only: analyze per car (detector) against whole photo, 800 x 600 scenes
+#                [goal >= 0.33x]; models trained there for a few epochs (their speed, not their accuracy, counts)
 #   ddp          torchrun on every local GPU (nccl): two short epochs of the demo set, images/s from progress.json
 # Needs torch, torchvision, pillow, scipy, scikit-learn, pandas, safetensors, onnx (no gradio).
 # A bench script exits 1 when its goal is missed but still prints its figure; a step that prints no JSON is broken.
@@ -62,10 +64,12 @@ WORKERS=$(( $(nproc) < 16 ? $(nproc) : 16 ))
 # The real sizes; SMOKE=1 shrinks each to seconds, so that a dry run shows every step works before a GPU is lent.
 TRAIN="--batch-size 256 --workers $WORKERS"; CAM="--runs 30"
 ANALYZE="--photos 2048 --batch-size 256 --workers $WORKERS --runs 2"
+DETECT="--photos 512 --pairs 3 --workers $WORKERS --detector-epochs 4 --classifier-epochs 4"
 DDP="--image-size 224 --batch-size 128 --epochs 2 --workers 4"; NPROC=$GPUS
 if [ "${SMOKE:-0}" = 1 ]; then
   TRAIN="--backbone resnet18 --batch-size 4 --image-size 64 --steps 1 --warmup 1 --images 16 --workers 1"
   CAM="--runs 1"; ANALYZE="--photos 8 --batch-size 4 --workers 1 --runs 1"
+  DETECT="--photos 8 --pairs 1 --workers 1 --detector-epochs 1 --classifier-epochs 1"
   DDP="--backbone resnet18 --image-size 32 --batch-size 16 --epochs 1 --workers 0"; NPROC=1
 fi
 
@@ -74,6 +78,7 @@ run train_bf16 "$PY" bench/train_throughput.py --device "$DEVICE" $TRAIN
 run train_cache "$PY" bench/train_throughput.py --device "$DEVICE" $TRAIN --cache
 run predict_cam "$PY" bench/predict_cam.py --device "$DEVICE" $CAM
 run analyze "$PY" bench/analyze_throughput.py --device "$DEVICE" --engine torch $ANALYZE
+run detect "$PY" bench/detect.py --speed-only --device "$DEVICE" $DETECT
 
 if [ "$NPROC" -ge 1 ]; then
   "$PY" -m carapp demo-data --out "$OUT/demo" --force > /dev/null 2>&1
