@@ -9,8 +9,9 @@
 # Run the dry run after changing a bench script's options: a lent GPU's minutes are too few to spend on a typo.
 # It leaves out torch.compile (minutes on a CPU) and runs DDP as one gloo process; its figures mean nothing.
 #
-# About 8 minutes on one H200 before the detect step (estimated at 3 more: not yet run on a GPU). Each figure is its own bench script with its own JSON on stdout; this script keeps
-# going when one fails (its log says why) and prints a summary at the end:
+# About 8 minutes on one H200 before the detect step (estimated at 3 more: not yet run on a GPU). Each figure is its
+# own bench script with its own JSON on stdout; this script keeps going when one fails (its log says why) and prints
+# a summary at the end:
 #   train_*      bench/train_throughput.py: (a) model-bound img/s, (b) with the real loader, (b)/(a)  [goals: >= 3,000
 #                img/s for ResNet-50 at 224 px, (b)/(a) >= 0.9]; bf16 + channels_last (default), + torch.compile,
 #                + the pre-resized copy

@@ -88,17 +88,22 @@ def _scene(rng, size: tuple[int, int], style: str = "road") -> tuple[Image.Image
 def _visible(placed: list, width: int, height: int, share: float = MIN_VISIBLE) -> list:
     """The cars (far to near) of which at least `share` of the drawn pixels stay in view: a car hidden behind nearer
     ones, or mostly outside the frame, is not drawn (no one could label it, nor a detector find it)."""
-    owner = np.full((height, width), -1, dtype=np.int16)  # which car each pixel shows, nearest last
-    masks = []
-    for i, (ground, _, sprite, x) in enumerate(placed):
-        alpha = np.asarray(sprite.getchannel("A")) >= 64
-        left, top = round(x), round(ground - sprite.height)
-        y0, y1, x0, x1 = max(0, top), min(height, top + alpha.shape[0]), max(0, left), min(width, left + alpha.shape[1])
-        part = alpha[y0 - top:y1 - top, x0 - left:x1 - left] if y1 > y0 and x1 > x0 else np.zeros((0, 0), bool)
-        owner[y0:y1, x0:x1][part] = i
-        masks.append(max(int(alpha.sum()), 1))
-    shown = np.bincount(owner[owner >= 0].ravel(), minlength=len(placed))
-    return [p for p, seen, total in zip(placed, shown, masks) if seen / total >= share]
+    layers = [(np.asarray(sprite.getchannel("A")) >= 64, round(x), round(ground - sprite.height))
+              for ground, _, sprite, x in placed]
+    return [p for p, seen in zip(placed, shares_in_view(layers, width, height)) if seen >= share]
+
+
+def shares_in_view(layers: list[tuple[np.ndarray, int, int]], width: int, height: int) -> list[float]:
+    """For layers drawn far to near onto a width x height frame, each a boolean mask at (left, top) that may run past
+    the frame: the share of each one's pixels left in view, inside the frame and not behind a later layer."""
+    owner = np.full((height, width), -1, dtype=np.int16)  # which layer each pixel shows, nearest last
+    for i, (mask, left, top) in enumerate(layers):
+        y0, y1 = max(0, top), min(height, top + mask.shape[0])
+        x0, x1 = max(0, left), min(width, left + mask.shape[1])
+        if y1 > y0 and x1 > x0:
+            owner[y0:y1, x0:x1][mask[y0 - top:y1 - top, x0 - left:x1 - left]] = i
+    shown = np.bincount(owner[owner >= 0].ravel(), minlength=len(layers))
+    return [seen / max(int(mask.sum()), 1) for seen, (mask, _, _) in zip(shown, layers)]
 
 
 def make_demo_scenes(out: str | os.PathLike, count: int, seed: int = 0,

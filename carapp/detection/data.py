@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..dataset.images import ImageError, open_image
 from ..dataset.index import index_dataset
-from ..dataset.scenes import MIN_VISIBLE  # a car less than half in view is no car to find, as scenes label them
+from ..dataset.scenes import MIN_VISIBLE, shares_in_view  # a car less than half in view is no car to find
 from .model import INPUT_SIZE
 
 MOSAIC_GRIDS = (1, 2, 2, 3, 3, 4, 4, 5, 6)
@@ -111,7 +111,6 @@ def _paste_cars(cell: Image.Image, photos: list[BoxedPhoto], rng: np.random.Gene
     photos never had, at sizes and places of their own, so a car is its shape, not its road. A later car is in front
     of an earlier one; a car left less than MIN_VISIBLE in view is no car to find (as scenes label them), one half
     hidden keeps its whole box. Returns the boxes of the cars in view."""
-    owner = np.full((cell.height, cell.width), -1, dtype=np.int16)  # which pasted car each pixel shows
     boxes = []
     for _ in range(int(rng.integers(1, PASTE_MOST + 1))):
         photo = photos[int(rng.integers(len(photos)))]
@@ -127,10 +126,9 @@ def _paste_cars(cell: Image.Image, photos: list[BoxedPhoto], rng: np.random.Gene
         x, y = round(rng.uniform(0, cell.width - w)), round(rng.uniform(0, cell.height - h))
         w, h = max(1, round(w)), max(1, round(h))
         cell.paste(car.resize((w, h), Image.BILINEAR), (x, y))
-        owner[y:y + h, x:x + w] = len(boxes)
         boxes.append([x, y, x + w, y + h])
-    shown = np.bincount(owner[owner >= 0].ravel(), minlength=len(boxes))
-    return [box for box, seen in zip(boxes, shown) if seen >= MIN_VISIBLE * (box[2] - box[0]) * (box[3] - box[1])]
+    layers = [(np.ones((y2 - y1, x2 - x1), dtype=bool), x1, y1) for x1, y1, x2, y2 in boxes]
+    return [box for box, seen in zip(boxes, shares_in_view(layers, cell.width, cell.height)) if seen >= MIN_VISIBLE]
 
 
 def _recolour(cell: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -157,7 +155,7 @@ def _window(canvas: Image.Image, boxes: np.ndarray, rng: np.random.Generator) ->
     scale = canvas.width / w
     moved = (clipped[keep] - [x0, y0, x0, y0]) * scale
     window = canvas.resize(canvas.size, Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-    return window, moved[(moved[:, 2] - moved[:, 0] >= 2) & (moved[:, 3] - moved[:, 1] >= 2)].astype(np.float32)
+    return window, _labelled(moved)
 
 
 def _zoom_out(canvas: Image.Image, boxes: np.ndarray, rng: np.random.Generator,
@@ -177,8 +175,12 @@ def _zoom_out(canvas: Image.Image, boxes: np.ndarray, rng: np.random.Generator,
             pass  # an unreadable photo: the plain colour
     backdrop.paste(canvas.resize((w, h), Image.BILINEAR), (x0, y0))
     scale = np.array([w / canvas.width, h / canvas.height] * 2, dtype=np.float32)
-    moved = boxes * scale + np.array([x0, y0, x0, y0], dtype=np.float32)
-    return backdrop, moved[(moved[:, 2] - moved[:, 0] >= 2) & (moved[:, 3] - moved[:, 1] >= 2)].astype(np.float32)
+    return backdrop, _labelled(boxes * scale + np.array([x0, y0, x0, y0], dtype=np.float32))
+
+
+def _labelled(boxes: np.ndarray) -> np.ndarray:
+    """The boxes still worth a label after a mosaic is reframed: at least 2 px each way (float32)."""
+    return boxes[(boxes[:, 2] - boxes[:, 0] >= 2) & (boxes[:, 3] - boxes[:, 1] >= 2)].astype(np.float32)
 
 
 def training_batch(photos: list[BoxedPhoto], batch_size: int, seed: int, epoch: int, step: int,
